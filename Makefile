@@ -1,0 +1,30 @@
+# Two commands: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.headgain-installed
+
+.PHONY: demo test install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (the pinned CPU wheel on machines without one), then headgain and its
+# compiled extension, built against that torch (no build isolation).
+$(STAMP): $(PY) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install setuptools wheel ninja pytest
+	$(PY) -m pip install --no-build-isolation -e .
+	$(PY) -c "import headgain, sys; ok = headgain.extension_available(); print('headgain extension:', 'built' if ok else headgain.ops.extension_error()); sys.exit(0 if ok else 1)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m headgain.demo
+
+test: $(STAMP)
+	HEADGAIN_REQUIRE_EXTENSION=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf build headgain/*.so *.egg-info

@@ -1,0 +1,26 @@
+"""headgain: training-free functional-head rescaling for vision-language models.
+
+Measure how much attention each decoder head pays to image tokens, then amplify the
+shallow heads that look at the image (perception) and the deep heads that do not
+(reasoning), scaling their outputs before the output projection.
+"""
+
+from .config import ConfigError, HeadGainConfig, presets
+from .handle import Handle, HeadGainError, attach
+from .ops import extension_available
+from .registry import ArchError, ArchMap, register_arch, registered_archs
+
+__all__ = [
+    "attach",
+    "Handle",
+    "HeadGainConfig",
+    "presets",
+    "ArchMap",
+    "register_arch",
+    "registered_archs",
+    "extension_available",
+    "ConfigError",
+    "ArchError",
+    "HeadGainError",
+]
+__version__ = "0.1.0"

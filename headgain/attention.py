@@ -1,0 +1,158 @@
+"""Per-forward visual bookkeeping and the visual-ratio read-out at one attention call.
+
+`ForwardState` is built once per top-level forward pass (prefill or one decoding step)
+from the model's inputs; every decoder layer then reads S_v for its heads with
+`layer_ratios`, either from the attention probabilities (eager) or by recomputing only
+the i* row(s) from queries and keys (sdpa, flash and other fused kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+
+__all__ = ["ForwardState", "layer_ratios"]
+
+
+@dataclass
+class ForwardState:
+    """What every layer of one forward pass shares.
+
+    Attributes:
+        visual: (B, T) bool, True at visual positions of the whole sequence so far
+            (cached prompt + this pass); padding is never visual.
+        num_queries: Nq, the number of positions in this pass.
+        istar: (B,) int64, index of the last real token of each sample within this pass.
+        query_weights: (B, Nq) float32 weights of the query rows (one-hot at i*, or
+            uniform over the text rows for ``query="mean_text"``).
+        rows: "last" or "mean_text", which rows the fused path recomputes.
+        has_visual: (B,) bool, whether a sample holds any visual token.
+    """
+
+    visual: torch.Tensor
+    num_queries: int
+    istar: torch.Tensor
+    query_weights: torch.Tensor
+    rows: str
+    has_visual: torch.Tensor
+    _key_visual: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        current_visual: torch.Tensor,
+        valid: torch.Tensor | None,
+        previous_visual: torch.Tensor | None,
+        query: str,
+    ) -> "ForwardState":
+        """Args:
+        current_visual: (B, Nq) bool visual positions of this pass.
+        valid: (B, Nq) bool real (non-padding) positions of this pass, or None (all real).
+        previous_visual: (B, T_past) bool from the earlier passes of this prompt, or None.
+        query: "last" or "mean_text".
+        """
+        b, nq = current_visual.shape
+        if valid is not None:
+            current_visual = current_visual & valid
+            istar = (nq - 1) - torch.argmax(valid.flip(1).to(torch.int8), dim=1)
+        else:
+            istar = torch.full((b,), nq - 1, dtype=torch.long, device=current_visual.device)
+        one_hot = torch.nn.functional.one_hot(istar, nq).to(torch.float32)
+        if query == "mean_text":
+            text = ~current_visual if valid is None else valid & ~current_visual
+            count = text.sum(1, keepdim=True)
+            weights = torch.where(count > 0, text.float() / count.clamp(min=1), one_hot)
+        else:
+            weights = one_hot
+        visual = current_visual if previous_visual is None else torch.cat([previous_visual, current_visual], 1)
+        return cls(visual, nq, istar, weights, query, visual.any(1))
+
+    def key_visual(self, num_keys: int) -> torch.Tensor:
+        """(B, Nk) bool: visual flags of the keys a layer sees.
+
+        Dynamic and sliding-window caches hold the last Nk positions; a static cache holds
+        Nk >= T slots whose tail is empty.
+        """
+        got = self._key_visual.get(num_keys)
+        if got is None:
+            t = self.visual.shape[1]
+            if num_keys <= t:
+                got = self.visual[:, t - num_keys :]
+            else:
+                got = torch.nn.functional.pad(self.visual, (0, num_keys - t), value=False)
+            self._key_visual[num_keys] = got
+        return got
+
+    def mask_rows(self, attention_mask: torch.Tensor | None, num_keys: int, sliding_window: int | None):
+        """(B, R, Nk) bool or additive rows of the mask for the recomputed query rows, or None."""
+        key = (id(attention_mask), num_keys, sliding_window)
+        if key in self._masks:
+            return self._masks[key][1]
+        b = self.visual.shape[0]
+        if attention_mask is not None and attention_mask.dim() == 4:
+            rows = attention_mask[:, 0].expand(b, -1, -1)[..., -num_keys:]
+            if self.rows == "last":
+                rows = rows.gather(1, self.istar[:, None, None].expand(b, 1, rows.shape[-1]))
+        else:
+            rows = self._causal_rows(attention_mask, num_keys, sliding_window)
+        # keep the mask object alive while its id is a cache key
+        self._masks[key] = (attention_mask, rows)
+        return rows
+
+    def _causal_rows(self, padding: torch.Tensor | None, num_keys: int, sliding_window: int | None) -> torch.Tensor:
+        t = self.visual.shape[1]
+        device = self.visual.device
+        offset = t - num_keys if num_keys <= t else 0
+        key_pos = torch.arange(num_keys, device=device) + offset  # (Nk,)
+        if self.rows == "last":
+            q_pos = (t - self.num_queries + self.istar)[:, None]  # (B, 1)
+        else:
+            q_pos = (t - self.num_queries + torch.arange(self.num_queries, device=device))[None].expand(len(self.istar), -1)
+        allowed = key_pos[None, None, :] <= q_pos[:, :, None]
+        allowed = allowed & (key_pos < t)[None, None, :]
+        if sliding_window:
+            allowed = allowed & (key_pos[None, None, :] > q_pos[:, :, None] - sliding_window)
+        if padding is not None and padding.dim() == 2:
+            allowed = allowed & padding[:, None, -num_keys:].to(torch.bool)
+        return allowed
+
+
+def layer_ratios(
+    state: ForwardState,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    kwargs: dict,
+) -> torch.Tensor:
+    """S_v of every head of one layer: (B, H) float32.
+
+    Args:
+        query: (B, H, Nq, D) queries as given to the attention function.
+        key: (B, Hkv, Nk, D) keys after the cache update.
+        attention_mask: what the attention function received (4D bool/additive, 2D
+            padding or None).
+        weights: the probabilities (B, H, Nq, Nk) when the backend returned them.
+    """
+    num_keys = key.shape[2]
+    visual = state.key_visual(num_keys)
+    if weights is not None and weights.dim() == 4 and weights.shape[-1] == num_keys:
+        return ops.ratio_from_probs(weights, visual, state.query_weights)
+    b, h, _, d = query.shape
+    if state.rows == "last":
+        rows = query.gather(2, state.istar[:, None, None, None].expand(b, h, 1, d))
+        row_weights = state.query_weights.new_ones((b, 1))
+    else:
+        rows = query
+        row_weights = state.query_weights
+    mask = state.mask_rows(attention_mask, num_keys, kwargs.get("sliding_window"))
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = getattr(module, "scaling", d**-0.5)
+    softcap = kwargs.get("softcap") or 0.0
+    return ops.ratio_from_qk(rows, key, mask, visual, row_weights, float(scaling), float(softcap))

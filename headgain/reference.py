@@ -1,0 +1,114 @@
+"""Pure-PyTorch reference of headgain's ops.
+
+These functions define what the compiled ops in ``csrc/`` compute; tests compare the two,
+and `headgain.ops` falls back to them when the extension is not built. Shapes:
+
+* B batch, H (= Hq) query heads, Hkv key/value heads (H % Hkv == 0), D head width,
+  Nq queries of the current pass, Nk keys, R selected query rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ratio_from_probs", "ratio_from_qk", "head_gains", "scale_heads"]
+
+
+def ratio_from_probs(probs: torch.Tensor, visual: torch.Tensor, query_weights: torch.Tensor) -> torch.Tensor:
+    """Visual attention share read from attention probabilities.
+
+    Args:
+        probs: (B, H, Nq, Nk) float32/bfloat16/float16, post-softmax, any strides.
+        visual: (B, Nk) bool, True where the key is a visual token.
+        query_weights: (B, Nq) float32; row q of sample b counts with this weight
+            (one-hot at i* for the paper's ratio, 1/|text| on text rows for the mean).
+
+    Returns:
+        (B, H) float32: ``sum_q w[b, q] * sum_{j visual} probs[b, h, q, j]``.
+    """
+    vis = torch.einsum("bhqk,bk->bhq", probs.float(), visual.float())
+    return torch.einsum("bhq,bq->bh", vis, query_weights.float())
+
+
+def ratio_from_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    visual: torch.Tensor,
+    row_weights: torch.Tensor,
+    scaling: float,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Visual attention share recomputed from query rows and keys (no probability matrix).
+
+    Args:
+        q: (B, H, R, D) the query rows whose attention is read.
+        k: (B, Hkv, Nk, D) keys; query head h reads key head ``h // (H // Hkv)``.
+        mask: None (every key allowed), or (B, R, Nk) bool (True = attend) or float
+            (added to the scores; -inf or a large negative value = masked).
+        visual: (B, Nk) bool.
+        row_weights: (B, R) float32; rows with weight 0 are skipped (may be fully masked).
+        scaling: multiplies q.k; softcap: when > 0, scores become softcap * tanh(s / softcap).
+
+    Returns:
+        (B, H) float32 ``sum_r w[b, r] * sum_{j visual} softmax_j(scores[b, h, r, :])``.
+    """
+    b, h, r, d = q.shape
+    hkv = k.shape[1]
+    qg = q.float().reshape(b, hkv, h // hkv, r, d)
+    scores = torch.einsum("bgird,bgkd->bgirk", qg, k.float()) * scaling
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.reshape(b, h, r, -1)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        else:
+            scores = scores + mask[:, None].float()
+    probs = torch.softmax(scores, dim=-1)
+    vis = (probs * visual[:, None, None, :].float()).sum(-1)
+    w = row_weights.float()
+    vis = torch.where(w[:, None, :] > 0, vis, torch.zeros((), dtype=vis.dtype, device=vis.device))
+    return torch.einsum("bhr,br->bh", vis, w)
+
+
+def head_gains(
+    ratios: torch.Tensor,
+    has_visual: torch.Tensor,
+    tau_perc: float,
+    tau_reas: float,
+    g_perc: float,
+    g_reas: float,
+    g_neutral: float,
+) -> torch.Tensor:
+    """Per-head gains of one layer from its visual ratios.
+
+    Args:
+        ratios: (B, H) float32 S_v.
+        has_visual: (B,) bool; samples without visual tokens get gain 1 on every head.
+        tau_perc: ``ratio >= tau_perc`` is a perception head (pass > 1 where the layer
+            holds none); tau_reas: ``ratio <= tau_reas`` is a reasoning head (pass < 0
+            where the layer holds none); perception wins ties.
+        g_perc, g_reas, g_neutral: gains of the three classes.
+
+    Returns:
+        (B, H) float32 gains.
+    """
+    perc = ratios >= tau_perc
+    reas = ratios <= tau_reas
+    gains = torch.where(perc, g_perc, torch.where(reas, g_reas, g_neutral)).float()
+    return torch.where(has_visual[:, None], gains, torch.ones((), dtype=gains.dtype, device=gains.device))
+
+
+def scale_heads(out: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """``out * gains`` per head, out of place.
+
+    Args:
+        out: (B, N, H, D) head outputs, any float dtype.
+        gains: (B, H) float32.
+
+    Returns:
+        (B, N, H, D) in ``out``'s dtype: ``out[b, n, h, :] * gains[b, h]``, multiplied
+        in float32 and rounded once to ``out``'s dtype.
+    """
+    return (out.float() * gains[:, None, :, None].float()).to(out.dtype)
