@@ -10,16 +10,46 @@ import glob
 import os
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def build_with_cuda():
+    """CUDA kernels when torch is a CUDA build and a toolkit is found (never from whether
+    a GPU is visible: build hosts often have none). HEADGAIN_FORCE_CPU=1 or
+    HEADGAIN_FORCE_CUDA=1 overrides the decision."""
+    import torch
+
+    if _flag("HEADGAIN_FORCE_CPU"):
+        return False
+    if _flag("HEADGAIN_FORCE_CUDA"):
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
 
 
 def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
         return []
-    return [CppExtension("headgain._C", sources, extra_compile_args={"cxx": ["-O3"]})]
+    cxx = ["-O3"]
+    if not build_with_cuda():
+        print("headgain: building the CPU extension (set HEADGAIN_FORCE_CUDA=1 to build the CUDA kernels)")
+        return [CppExtension("headgain._C", sources, extra_compile_args={"cxx": cxx})]
+    # csrc/cuda/check_*.cu are torch-free compile checks of the kernels, not part of the build.
+    cuda = sorted(p for p in glob.glob(os.path.join("csrc", "cuda", "*.cu")) if not os.path.basename(p).startswith("check_"))
+    print("headgain: building the CPU and CUDA extension (set HEADGAIN_FORCE_CPU=1 for CPU only)")
+    return [
+        CUDAExtension(
+            "headgain._C",
+            sources + cuda,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        )
+    ]
 
 
 setup(

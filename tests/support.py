@@ -1,0 +1,94 @@
+"""Independent references for the tests: eager attention probabilities and a plain
+forward pre-hook on each output projection, written without headgain's code paths."""
+
+from __future__ import annotations
+
+import torch
+
+from headgain.registry import get_arch, resolve_layers
+from headgain.tiny import IMAGE_ID, VIDEO_ID, tiny_model
+
+
+def token_inputs(batch_lengths=(14, 10), image_span=(3, 8), seed=0, vocab=290):
+    """Left-padded input_ids with IMAGE_ID at ``image_span`` of each unpadded prompt."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(batch_lengths)
+    ids = torch.zeros(len(batch_lengths), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, length in enumerate(batch_lengths):
+        row = torch.randint(4, vocab, (length,), generator=g)
+        row[image_span[0] : image_span[1]] = IMAGE_ID
+        ids[i, n - length :] = row
+        mask[i, n - length :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def visual_of(input_ids, attention_mask=None, ids=(IMAGE_ID, VIDEO_ID)):
+    vis = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i in ids:
+        vis |= input_ids == i
+    if attention_mask is not None:
+        vis &= attention_mask.bool()
+    return vis
+
+
+def reference_ratios(attentions, visual, istar=None):
+    """(L, B, H) float32: sum over visual keys of eager probabilities at row i*.
+
+    attentions: per layer (B, H, Nq, Nk); visual: (B, Nk) bool (already aligned to keys);
+    istar: (B,) row index, default the last row.
+    """
+    out = []
+    for a in attentions:
+        b, h, nq, nk = a.shape
+        rows = a[torch.arange(b), :, (istar if istar is not None else torch.full((b,), nq - 1))]  # (B, H, Nk)
+        out.append((rows.float() * visual[:, None, -nk:].float()).sum(-1))
+    return torch.stack(out)
+
+
+def attach_gain_hooks(model, gains_per_call, arch_map=None):
+    """Scale each head's o_proj input by gains[l] (B, H): a plain pre-hook per layer.
+
+    gains_per_call: a list; each top-level call of ``model`` pops the next (L, B, H) tensor.
+    Returns a remove() callable.
+    """
+    arch = get_arch(model, arch_map)
+    layers = resolve_layers(model, arch)
+    heads = getattr(model.config.get_text_config(), arch.num_heads)
+    current = {}
+    handles = [model.register_forward_pre_hook(lambda m, a: current.__setitem__("g", gains_per_call.pop(0)))]
+
+    def make(layer):
+        def hook(mod, args):
+            (x,) = args
+            b, n, width = x.shape
+            g = current["g"][layer].to(x.device)
+            return ((x.view(b, n, heads, width // heads).float() * g[:, None, :, None]).to(x.dtype).view(b, n, width),)
+
+        return hook
+
+    for layer, (_, module) in enumerate(layers):
+        handles.append(getattr(module, arch.o_proj).register_forward_pre_hook(make(layer)))
+    return lambda: [h.remove() for h in handles]
+
+
+def twin_models(model_type, dtype=torch.float32, **kw):
+    """An sdpa model and an eager model with identical weights."""
+    a = tiny_model(model_type, "sdpa", dtype=dtype, **kw)
+    b = tiny_model(model_type, "eager", dtype=dtype, **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def mixed_cfg(ratios, num_layers):
+    """A config whose thresholds split the measured ratios, so every class occurs."""
+    import headgain
+
+    shallow = ratios[: max(1, num_layers // 2)].flatten()
+    deep = ratios[num_layers // 2 :].flatten()
+    tau_perc = float(shallow.median())
+    tau_reas = min(float(deep.quantile(0.4)), tau_perc - 1e-4)
+    return headgain.HeadGainConfig(
+        l_perc=num_layers // 2, l_reas=max(1, num_layers // 2 - 1), tau_perc=tau_perc, tau_reas=max(tau_reas, 0.0),
+        g_perc=1.5, g_reas=1.7,
+    )

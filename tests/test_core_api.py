@@ -1,0 +1,276 @@
+"""Identity, detach, errors, config, dtypes and query modes of the core API."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import headgain
+from headgain import ArchMap, HeadGainConfig
+from headgain.tiny import IMAGE_ID, tiny_model
+from support import reference_ratios, token_inputs, visual_of
+
+CFG = dict(l_perc=1, l_reas=2, tau_perc=0.3, tau_reas=0.29, g_perc=1.5, g_reas=1.7)
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _hook_count(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_disabled_and_unit_gains_are_bitwise_identity(backend):
+    model = tiny_model("qwen2_5_vl", backend)
+    inputs = token_inputs()
+    before = _logits(model, inputs)
+    handle = headgain.attach(model, cfg=CFG)
+    assert not torch.equal(_logits(model, inputs), before), "the config must change the output"
+    handle.enabled = False
+    assert torch.equal(_logits(model, inputs), before)
+    assert handle.last_ratios is not None and torch.equal(handle.last_gains, torch.ones_like(handle.last_gains))
+    handle.enabled = True
+    handle.cfg = dict(CFG, g_perc=1.0, g_reas=1.0)
+    assert torch.equal(_logits(model, inputs), before)
+
+
+def test_detach_restores_everything_and_reattach_works():
+    model = tiny_model("llava", "sdpa")
+    inputs = token_inputs()
+    before = _logits(model, inputs)
+    hooks = _hook_count(model)
+    impl = model.config.text_config._attn_implementation
+    handle = headgain.attach(model, cfg=CFG)
+    name = model.config.text_config._attn_implementation
+    assert name != impl and name in ALL_ATTENTION_FUNCTIONS
+    with pytest.raises(headgain.HeadGainError, match="already attached"):
+        headgain.attach(model, cfg=CFG)
+    _logits(model, inputs)
+    handle.detach()
+    handle.detach()  # idempotent
+    assert model.config.text_config._attn_implementation == impl
+    assert name not in ALL_ATTENTION_FUNCTIONS._global_mapping and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    assert _hook_count(model) == hooks and not hasattr(model, "_headgain_handle")
+    assert torch.equal(_logits(model, inputs), before)
+    with headgain.attach(model, cfg=CFG) as again:
+        assert not torch.equal(_logits(model, inputs), before)
+    assert not again.attached
+    assert torch.equal(_logits(model, inputs), before)
+
+
+def test_vision_tower_untouched():
+    model = tiny_model("qwen2_5_vl", "sdpa")
+    vision_impl = model.config.vision_config._attn_implementation
+    with headgain.attach(model, cfg=CFG):
+        assert model.config.vision_config._attn_implementation == vision_impl
+
+
+def test_sample_without_visual_tokens_is_untouched_and_warned_once():
+    model = tiny_model("qwen2_5_vl", "sdpa")
+    inputs = token_inputs()
+    inputs["input_ids"][1][inputs["input_ids"][1] == IMAGE_ID] = 5
+    handle = headgain.attach(model, cfg=CFG)
+    with pytest.warns(RuntimeWarning, match="no visual tokens"):
+        _logits(model, inputs)
+    gains = handle.last_gains
+    assert torch.equal(gains[:, 1], torch.ones_like(gains[:, 1])) and (gains[:, 0] != 1).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _logits(model, inputs)
+
+
+def test_set_visual_mask_for_inputs_embeds():
+    model = tiny_model("qwen2_5_vl", "sdpa")
+    inputs = token_inputs()
+    visual = visual_of(inputs["input_ids"], inputs["attention_mask"])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    by_ids = headgain.attach(model, cfg=CFG)
+    _logits(model, inputs)
+    expected = by_ids.last_ratios
+    by_ids.detach()
+    handle = headgain.attach(model, cfg=CFG)
+    handle.set_visual_mask(visual)
+    _logits(model, {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]})
+    torch.testing.assert_close(handle.last_ratios, expected, atol=1e-6, rtol=1e-5)
+    handle.set_visual_mask(visual[:, :-1])
+    with pytest.raises(headgain.HeadGainError, match=r"visual mask has shape \(2, 13\) but the prompt is \(2, 14\)"):
+        _logits(model, {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]})
+    with pytest.raises(headgain.HeadGainError, match="must be 2-D"):
+        handle.set_visual_mask(visual[0])
+    with pytest.raises(headgain.HeadGainError, match="bool or hold only 0 and 1"):
+        handle.set_visual_mask(visual.float() * 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    model = tiny_model("qwen2_5_vl", "sdpa", dtype=dtype)
+    ref = tiny_model("qwen2_5_vl", "eager", dtype=dtype)
+    ref.load_state_dict(model.state_dict())
+    inputs = token_inputs()
+    handle = headgain.attach(model, cfg=dict(CFG, g_perc=1.0, g_reas=1.0))
+    _logits(model, inputs)
+    assert handle.last_ratios.dtype == torch.float32
+    with torch.no_grad():
+        out = ref(**inputs, output_attentions=True)
+    expected = reference_ratios(out.attentions, visual_of(inputs["input_ids"], inputs["attention_mask"]))
+    torch.testing.assert_close(handle.last_ratios, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_mean_text_query_matches_eager_reference(backend):
+    model = tiny_model("llava", backend)
+    ref = tiny_model("llava", "eager")
+    ref.load_state_dict(model.state_dict())
+    inputs = token_inputs()
+    handle = headgain.attach(model, cfg=dict(CFG, g_perc=1.0, g_reas=1.0, query="mean_text"))
+    _logits(model, inputs)
+    with torch.no_grad():
+        out = ref(**inputs, output_attentions=True)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    visual = visual_of(ids, mask)
+    text = mask & ~visual
+    expected = []
+    for attn in out.attentions:  # (B, H, N, N)
+        per_row = (attn * visual[:, None, None, :].float()).sum(-1)  # (B, H, N)
+        expected.append((per_row * text[:, None, :]).sum(-1) / text.sum(-1, keepdim=True))
+    torch.testing.assert_close(handle.last_ratios, torch.stack(expected), atol=2e-5, rtol=1e-4)
+
+
+def test_cfg_is_live_and_validated_against_the_model():
+    model = tiny_model("qwen2_5_vl", "sdpa")
+    handle = headgain.attach(model, cfg=CFG)
+    with pytest.raises(headgain.ConfigError, match="l_perc=7 outside the model: its decoder has 4 layers"):
+        handle.cfg = "ocean-r1-7b"
+    handle.cfg = dict(CFG, tau_perc=1.0, tau_reas=0.0)
+    _logits(model, token_inputs())
+    assert torch.equal(handle.last_gains, torch.ones_like(handle.last_gains))
+    handle.detach()
+    with pytest.raises(headgain.ConfigError, match="outside the model"):
+        headgain.attach(model)  # the default preset needs 8 layers
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_default_preset_on_a_model_deep_enough():
+    model = tiny_model("qwen2_5_vl", "sdpa", layers=8)
+    with headgain.attach(model) as handle:
+        assert handle.cfg == headgain.presets["ocean-r1-7b"]
+
+
+# ---------------------------------------------------------------------- errors
+def test_unknown_model_type_lists_registered():
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=50))
+    with pytest.raises(headgain.ArchError, match=r"no architecture map registered for model_type 'llama'; registered: .*qwen2_5_vl"):
+        headgain.attach(model, cfg=dict(CFG, l_reas=1))
+    with headgain.attach(model, ArchMap("model.layers.*.self_attn", visual_token_ids=()), dict(CFG, l_reas=1)):
+        pass
+
+
+def test_arch_map_errors_leave_the_model_untouched():
+    model = tiny_model("qwen2_5_vl", "sdpa")
+    with pytest.raises(headgain.ArchError, match=r"matches no module .*Closest module names: model.language_model.layers.0.self_attn"):
+        headgain.attach(model, ArchMap("model.language_model.layer.*.self_attn"), CFG)
+    with pytest.raises(headgain.ArchError, match="vision-tower modules only"):
+        headgain.attach(model, ArchMap("model.visual.blocks.*.attn"), CFG)
+    model.config.text_config.odd_heads = 3
+    with pytest.raises(headgain.ArchError, match="3 heads do not divide .*o_proj input width 64"):
+        headgain.attach(model, ArchMap("model.language_model.layers.*.self_attn", num_heads="odd_heads"), CFG)
+    with pytest.raises(headgain.ArchError, match="exactly one"):
+        ArchMap("model.language_model.layers.self_attn")
+    with pytest.raises(headgain.ArchError, match="unknown architecture map 'nope'"):
+        headgain.attach(model, "nope", CFG)
+    with pytest.raises(headgain.ArchError, match="visual token id attributes"):
+        headgain.attach(model, ArchMap("model.language_model.layers.*.self_attn", visual_token_ids=("no_such_id",)), CFG)
+    assert model.config.text_config._attn_implementation == "sdpa" and not hasattr(model, "_headgain_handle")
+    with pytest.raises(headgain.ArchError, match="already registered"):
+        headgain.register_arch("qwen2_5_vl", ArchMap("model.layers.*.self_attn"))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(tau_perc=1.5), r"tau_perc=1.5 must be a number in \[0, 1\]"),
+        (dict(tau_reas=0.5, tau_perc=0.2), "tau_reas=0.5 must be below tau_perc=0.2"),
+        (dict(g_perc=0.0), "g_perc=0.0 must be a finite number > 0"),
+        (dict(g_reas=-1), "g_reas=-1 must be a finite number > 0"),
+        (dict(l_perc=-1), "l_perc=-1 must be a non-negative integer"),
+        (dict(l_reas=1.5), "l_reas=1.5 must be a non-negative integer"),
+        (dict(strategy="boost"), "strategy='boost' is not one of enhance, attenuate, bipolar, mixed"),
+        (dict(query="first"), "query='first' is not one of last, mean_text"),
+        (dict(beta=1.2), "beta=1.2 must be a number with 0 < beta < 1"),
+        (dict(strategy="mixed", enhance_classes=["neutral"]), "needs disjoint"),
+        (dict(enhance_classes=["heads"]), "enhance_classes holds"),
+    ],
+)
+def test_invalid_config_values(fields, message):
+    with pytest.raises(headgain.ConfigError, match=message):
+        HeadGainConfig(**fields)
+
+
+def test_config_json_round_trip_presets_and_coercion(tmp_path):
+    cfg = HeadGainConfig(strategy="mixed", alpha=1.3, beta=0.7, attenuate_classes=("neutral",), query="mean_text")
+    assert HeadGainConfig.from_json(cfg.to_json()) == cfg
+    path = tmp_path / "cfg.json"
+    cfg.to_json(str(path))
+    assert HeadGainConfig.from_json(str(path)) == cfg
+    assert json.loads(path.read_text())["alpha"] == 1.3
+    assert set(headgain.presets) == {"kimi-vl-a3b-thinking", "ocean-r1-7b", "r1-onevision"}
+    kimi = HeadGainConfig.from_preset("kimi-vl-a3b-thinking")
+    assert (kimi.l_reas, kimi.tau_reas, kimi.g_reas, kimi.l_perc, kimi.tau_perc, kimi.g_perc) == (5, 0.01, 1.40, 10, 0.27, 1.20)
+    with pytest.raises(headgain.ConfigError, match="unknown preset 'gpt'; available presets"):
+        HeadGainConfig.from_preset("gpt")
+    with pytest.raises(headgain.ConfigError, match=r"unknown HeadGainConfig field\(s\) \['gain'\]"):
+        HeadGainConfig.coerce({"gain": 2})
+    with pytest.raises(headgain.ConfigError, match="not valid JSON"):
+        HeadGainConfig.from_json("{nope")
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        (dict(strategy="enhance"), {"perception": 1.2, "reasoning": 1.4, "neutral": 1.0}),
+        (dict(strategy="attenuate", beta=0.5), {"perception": 1.0, "reasoning": 1.0, "neutral": 0.5}),
+        (dict(strategy="bipolar", beta=0.5), {"perception": 1.2, "reasoning": 1.4, "neutral": 0.5}),
+        (dict(strategy="bipolar", beta=0.5, alpha=1.1), {"perception": 1.1, "reasoning": 1.1, "neutral": 0.5}),
+        (dict(strategy="mixed", beta=0.5, enhance_classes=["perception"], attenuate_classes=["reasoning"]),
+         {"perception": 1.2, "reasoning": 0.5, "neutral": 1.0}),
+    ],
+)
+def test_strategies_assign_the_documented_gains(fields, expected):
+    cfg = HeadGainConfig(g_perc=1.2, g_reas=1.4, **fields)
+    assert cfg.class_gains() == expected
+
+
+def test_strategy_gains_reach_the_heads():
+    model = tiny_model("qwen2_5_vl", "sdpa")
+    handle = headgain.attach(model, cfg=dict(CFG, strategy="bipolar", beta=0.5))
+    _logits(model, token_inputs())
+    ratios, gains = handle.last_ratios, handle.last_gains
+    layers = torch.arange(handle.num_layers)[:, None, None]
+    perc = (layers <= 1) & (ratios >= 0.3)
+    reas = (layers >= 2) & (ratios <= 0.29) & ~perc
+    expected = torch.where(perc, 1.5, torch.where(reas, 1.7, 0.5))
+    assert torch.equal(gains, expected)
+
+
+def test_flash_attention_where_installed():
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed (needs a CUDA GPU)")
+    if not torch.cuda.is_available():
+        pytest.skip("flash attention needs a CUDA GPU")
+    model = tiny_model("qwen2_5_vl", "flash_attention_2", dtype=torch.bfloat16).cuda()
+    ref = tiny_model("qwen2_5_vl", "eager", dtype=torch.bfloat16).cuda()
+    ref.load_state_dict(model.state_dict())
+    inputs = {k: v.cuda() for k, v in token_inputs().items()}
+    handle = headgain.attach(model, cfg=dict(CFG, g_perc=1.0, g_reas=1.0))
+    _logits(model, inputs)
+    with torch.no_grad():
+        out = ref(**inputs, output_attentions=True)
+    expected = reference_ratios(out.attentions, visual_of(inputs["input_ids"], inputs["attention_mask"]))
+    torch.testing.assert_close(handle.last_ratios, expected.cpu(), atol=2e-2, rtol=2e-2)

@@ -1,0 +1,71 @@
+"""Every registered architecture: ratios and logits against independent eager references."""
+
+import pytest
+import torch
+
+import headgain
+from headgain.tiny import ARCHS, tiny_model
+from support import attach_gain_hooks, mixed_cfg, reference_ratios, token_inputs, visual_of
+
+NO_IDS = {"deepseek_v3"}  # the decoder alone: visual positions are given explicitly
+
+
+def _attach_mixed(model, inputs, arch):
+    handle = headgain.attach(model, cfg=dict(l_perc=0, l_reas=1, tau_perc=0.9, tau_reas=0.1))
+    if arch in NO_IDS:
+        handle.set_visual_mask(visual_of(inputs["input_ids"], inputs["attention_mask"]))
+    handle.enabled = False
+    model(**inputs)
+    handle.cfg = mixed_cfg(handle.last_ratios, handle.num_layers)
+    handle.enabled = True
+    return handle
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ratios_and_logits_match_eager_reference(arch, backend):
+    model = tiny_model(arch, backend)
+    ref = tiny_model(arch, "eager")
+    ref.load_state_dict(model.state_dict())
+    inputs = token_inputs()
+    handle = _attach_mixed(model, inputs, arch)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    ratios, gains = handle.last_ratios, handle.last_gains
+    assert ratios.dtype == torch.float32 and ratios.shape == (handle.num_layers, 2, handle.num_heads)
+    assert gains.shape == ratios.shape
+    assert (gains > 1).any() and (gains == 1).any(), "the chosen config must select some heads and leave others"
+
+    remove = attach_gain_hooks(ref, [gains])
+    with torch.no_grad():
+        out = ref(**inputs, output_attentions=True)
+    remove()
+    expected = reference_ratios(out.attentions, visual_of(inputs["input_ids"], inputs["attention_mask"]))
+    torch.testing.assert_close(ratios, expected, atol=2e-5, rtol=1e-4)
+    real = inputs["attention_mask"].bool()  # padded rows attend to nothing: backends differ there
+    torch.testing.assert_close(logits[real], out.logits[real], atol=2e-5, rtol=1e-4)
+    handle.detach()
+
+
+def test_registry_covers_the_tested_architectures():
+    registered = headgain.registered_archs()
+    assert set(ARCHS) <= set(registered)
+    assert "kimi_vl" in registered and "language_model.model.layers" in registered["kimi_vl"].attention
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava", "deepseek_v3"])
+def test_sdpa_and_eager_agree(arch):
+    sdpa = tiny_model(arch, "sdpa")
+    eager = tiny_model(arch, "eager")
+    eager.load_state_dict(sdpa.state_dict())
+    inputs = token_inputs()
+    results = []
+    for model in (sdpa, eager):
+        handle = _attach_mixed(model, inputs, arch)
+        if results:
+            handle.cfg = results[0][2]
+        with torch.no_grad():
+            model(**inputs)
+        results.append((handle.last_ratios, handle.last_gains, handle.cfg))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=2e-5, rtol=1e-4)
+    assert torch.equal(results[0][1], results[1][1])

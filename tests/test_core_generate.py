@@ -1,0 +1,125 @@
+"""Generation with KV cache, padding, several images, video: against eager references."""
+
+import pytest
+import torch
+
+import headgain
+from headgain.synthetic import draw_image, qwen_vl_inputs
+from headgain.tiny import tiny_model
+from support import attach_gain_hooks, mixed_cfg, reference_ratios, visual_of
+
+
+def _record(model, handle):
+    steps = []
+    hook = model.register_forward_hook(lambda m, a, o: steps.append((handle.last_ratios, handle.last_gains)))
+    return steps, hook
+
+
+def _pair(backend="sdpa", **kw):
+    model = tiny_model("qwen2_5_vl", backend, **kw)
+    ref = tiny_model("qwen2_5_vl", "eager", **kw)
+    ref.load_state_dict(model.state_dict())
+    return model, ref
+
+
+def _images_inputs(**kw):
+    return qwen_vl_inputs([draw_image(seed=1), [draw_image(seed=2), draw_image(seed=3)]],
+                          ["What is red?", "Which shapes?"], max_pixels=112 * 112, **kw)
+
+
+def _mixed_handle(model, inputs):
+    handle = headgain.attach(model, cfg=dict(l_perc=0, l_reas=1, tau_perc=0.9, tau_reas=0.1))
+    handle.enabled = False
+    with torch.no_grad():
+        model(**inputs)
+    handle.cfg = mixed_cfg(handle.last_ratios, handle.num_layers)
+    handle.enabled = True
+    return handle
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("video", [0, 2])
+def test_generate_every_step_matches_eager_reference(backend, video):
+    model, ref = _pair(backend)
+    inputs = _images_inputs(video_frames=video)
+    handle = _mixed_handle(model, inputs)
+    steps, hook = _record(model, handle)
+    new = 4
+    with torch.no_grad():
+        seq = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    hook.remove()
+    assert len(steps) == new
+    assert any((g > 1).any() for _, g in steps)
+
+    remove = attach_gain_hooks(ref, [g for _, g in steps])
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           output_attentions=True, return_dict_in_generate=True)
+    remove()
+    assert torch.equal(out.sequences, seq)
+    prompt_visual = visual_of(inputs["input_ids"], inputs["attention_mask"])
+    assert prompt_visual.sum(1).min() > 0
+    for step, (ratios, _) in enumerate(steps):
+        visual = torch.nn.functional.pad(prompt_visual, (0, step))
+        expected = reference_ratios(out.attentions[step], visual)
+        torch.testing.assert_close(ratios, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_sampling_with_cache_records_every_step():
+    model, _ = _pair()
+    inputs = _images_inputs()
+    handle = _mixed_handle(model, inputs)
+    steps, hook = _record(model, handle)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        seq = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=True, top_k=50)
+    hook.remove()
+    assert seq.shape[1] == inputs["input_ids"].shape[1] + 5 and len(steps) == 5
+
+
+def test_left_padding_gives_each_sample_its_own_ratios():
+    model, _ = _pair()
+    questions = ["What colour is the big circle?", "Why?"]
+    images = [draw_image(seed=4), draw_image(seed=5)]
+    batch = qwen_vl_inputs(images, questions, max_pixels=112 * 112)
+    assert (batch["attention_mask"] == 0).any(), "the batch must be left padded"
+    handle = headgain.attach(model, cfg=dict(l_perc=1, l_reas=2, tau_perc=0.5, tau_reas=0.3))
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+    batched = handle.last_ratios
+    for i in range(2):
+        alone = qwen_vl_inputs([images[i]], [questions[i]], max_pixels=112 * 112)
+        with torch.no_grad():
+            model.generate(**alone, max_new_tokens=2, do_sample=False)
+        torch.testing.assert_close(handle.last_ratios[:, 0], batched[:, i], atol=1e-4, rtol=1e-4)
+
+
+def test_second_prompt_does_not_see_first_prompt_visual_positions():
+    model, _ = _pair()
+    first = qwen_vl_inputs([[draw_image(seed=1), draw_image(seed=2)]], ["Describe both pictures in detail."],
+                           max_pixels=112 * 112)
+    second = qwen_vl_inputs([draw_image(seed=3)], ["Hi"], max_pixels=56 * 56)
+    cfg = dict(l_perc=1, l_reas=2, tau_perc=0.5, tau_reas=0.3)
+    handle = headgain.attach(model, cfg=cfg)
+    with torch.no_grad():
+        model.generate(**first, max_new_tokens=3, do_sample=False)
+        model.generate(**second, max_new_tokens=3, do_sample=False)
+    after_first = handle.last_ratios
+    handle.detach()
+    fresh = headgain.attach(model, cfg=cfg)
+    with torch.no_grad():
+        model.generate(**second, max_new_tokens=3, do_sample=False)
+    assert torch.equal(after_first, fresh.last_ratios)
+
+
+def test_generate_without_cache_treats_each_step_as_a_full_pass():
+    model, _ = _pair()
+    inputs = _images_inputs()
+    handle = _mixed_handle(model, inputs)
+    with torch.no_grad():
+        seq = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+        last_step = handle.last_ratios
+        full = dict(inputs, input_ids=seq[:, :-1],
+                    attention_mask=torch.nn.functional.pad(inputs["attention_mask"], (0, 2), value=1))
+        model(**full, use_cache=False)
+    torch.testing.assert_close(handle.last_ratios, last_step, atol=1e-5, rtol=1e-4)
