@@ -102,6 +102,7 @@ class Handle:
         self._user_mask: torch.Tensor | None = None
         self._state: ForwardState | None = None
         self._live = False
+        self._calls = 0
         self._ratios: list[torch.Tensor | None] = [None] * self.num_layers
         self._gains: list[torch.Tensor | None] = [None] * self.num_layers
         self._warned_no_visual = False
@@ -261,10 +262,17 @@ class Handle:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        self._calls = 0
         self._live = True
 
     def _post_forward(self, module, args, output):
         self._live = False
+        if output is not None and self._calls != self.num_layers:  # None: the forward raised
+            raise HeadGainError(
+                f"only {self._calls} of {self.num_layers} decoder layers went through transformers' attention "
+                f"interface in this call of {type(self.model).__name__}; headgain cannot act on attention modules "
+                "that call their kernels directly (remote code may need a transformers-native port)"
+            )
 
     def _attention(self, module, query, key, value, attention_mask, **kwargs):
         layer = self._layer_of.get(id(module))
@@ -277,6 +285,7 @@ class Handle:
                 "call the model headgain was attached to, not one of its submodules"
             )
         state = self._state
+        self._calls += 1
         if query.shape[2] != state.num_queries:
             raise HeadGainError(
                 f"decoder layer {layer} received {query.shape[2]} query positions but the model call had "

@@ -59,8 +59,20 @@ def _vision_dict() -> dict:
 
 
 def tiny_config(model_type: str, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-                vision_hidden: int = 32):
-    """A `transformers` config of ``model_type`` with a small decoder (``layers`` x ``heads``)."""
+                vision_hidden: int = 32, init_std: float | None = None):
+    """A `transformers` config of ``model_type`` with a small decoder (``layers`` x ``heads``).
+
+    ``init_std`` sets the weights' initialiser range (``initializer_range``): larger values
+    give peakier attention, so heads differ more in how much they look at the image.
+    """
+    config = _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden)
+    if init_std is not None:
+        config.initializer_range = init_std
+        config.get_text_config().initializer_range = init_std
+    return config
+
+
+def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
     txt = text_config_kwargs(layers, hidden, heads, kv_heads)
     if model_type == "qwen2_vl":
         return tf.Qwen2VLConfig(

@@ -80,14 +80,20 @@ def twin_models(model_type, dtype=torch.float32, **kw):
     return a, b
 
 
+def _gap_threshold(values, share):
+    """A threshold between two neighbouring sorted values near quantile ``share``, so
+    tiny numeric differences between backends cannot move a head across it."""
+    v = values.flatten().sort().values
+    i = min(max(int(share * len(v)), 1), len(v) - 1)
+    return float(v[i - 1] + v[i]) / 2
+
+
 def mixed_cfg(ratios, num_layers):
     """A config whose thresholds split the measured ratios, so every class occurs."""
     import headgain
 
-    shallow = ratios[: max(1, num_layers // 2)].flatten()
-    deep = ratios[num_layers // 2 :].flatten()
-    tau_perc = float(shallow.median())
-    tau_reas = min(float(deep.quantile(0.4)), tau_perc - 1e-4)
+    tau_perc = _gap_threshold(ratios[: max(1, num_layers // 2)], 0.5)
+    tau_reas = min(_gap_threshold(ratios[num_layers // 2 :], 0.4), tau_perc - 1e-4)
     return headgain.HeadGainConfig(
         l_perc=num_layers // 2, l_reas=max(1, num_layers // 2 - 1), tau_perc=tau_perc, tau_reas=max(tau_reas, 0.0),
         g_perc=1.5, g_reas=1.7,

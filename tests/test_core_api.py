@@ -274,3 +274,31 @@ def test_flash_attention_where_installed():
         out = ref(**inputs, output_attentions=True)
     expected = reference_ratios(out.attentions, visual_of(inputs["input_ids"], inputs["attention_mask"]))
     torch.testing.assert_close(handle.last_ratios, expected.cpu(), atol=2e-2, rtol=2e-2)
+
+
+def test_attention_that_bypasses_the_interface_is_reported():
+    model = tiny_model("llava", "sdpa")
+    attn = model.model.language_model.layers[1].self_attn
+    original = type(attn).forward
+
+    def direct_kernel(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, n, -1, self.head_dim).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
+
+    attn.forward = direct_kernel.__get__(attn)
+    handle = headgain.attach(model, cfg=CFG)
+    with pytest.raises(headgain.HeadGainError, match="only 3 of 4 decoder layers went through"):
+        _logits(model, {"input_ids": token_inputs()["input_ids"]})
+    handle.detach()
+    assert type(attn).forward is original
+
+
+def test_submodule_call_is_reported():
+    model = tiny_model("llava", "sdpa")
+    headgain.attach(model, cfg=CFG)
+    with pytest.raises(headgain.HeadGainError, match="ran outside a call of the attached"):
+        model.model.language_model(input_ids=token_inputs()["input_ids"])
