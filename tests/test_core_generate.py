@@ -123,3 +123,55 @@ def test_generate_without_cache_treats_each_step_as_a_full_pass():
                     attention_mask=torch.nn.functional.pad(inputs["attention_mask"], (0, 2), value=1))
         model(**full, use_cache=False)
     torch.testing.assert_close(handle.last_ratios, last_step, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_sliding_window_cache_aligns_visual_keys(backend):
+    import transformers as tf
+
+    from headgain.tiny import tiny_config
+    from support import token_inputs
+
+    config = tiny_config("gemma3")
+    config.text_config.sliding_window = 6
+    config.text_config.layer_types = ["sliding_attention", "full_attention"] * 2
+    torch.manual_seed(0)
+    model = tf.AutoModelForImageTextToText.from_config(config, attn_implementation=backend).eval()
+    ref = tf.AutoModelForImageTextToText.from_config(config, attn_implementation="eager").eval()
+    ref.load_state_dict(model.state_dict())
+    inputs = token_inputs(batch_lengths=(14, 14), image_span=(7, 11))
+    handle = _mixed_handle(model, inputs)
+    steps, hook = _record(model, handle)
+    new = 3
+    with torch.no_grad():
+        seq = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    hook.remove()
+    remove = attach_gain_hooks(ref, [g for _, g in steps])
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           output_attentions=True, return_dict_in_generate=True)
+    remove()
+    assert torch.equal(out.sequences, seq)
+    prompt_visual = visual_of(inputs["input_ids"], inputs["attention_mask"])
+    widths = {a.shape[-1] for a in out.attentions[-1]}
+    assert len(widths) == 2, "sliding layers must see fewer keys than full layers"
+    for step, (ratios, _) in enumerate(steps):
+        expected = reference_ratios(out.attentions[step], torch.nn.functional.pad(prompt_visual, (0, step)))
+        torch.testing.assert_close(ratios, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_static_cache_gives_the_dynamic_cache_ratios():
+    model, _ = _pair()
+    inputs = _images_inputs()
+    handle = _mixed_handle(model, inputs)
+    runs = []
+    for extra in ({}, {"cache_implementation": "static"}):
+        steps, hook = _record(model, handle)
+        with torch.no_grad():
+            seq = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, **extra)
+        hook.remove()
+        runs.append((seq, steps))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for (r0, g0), (r1, g1) in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(r0, r1, atol=2e-5, rtol=1e-4)
+        assert torch.equal(g0, g1)
