@@ -37,20 +37,15 @@ def _mixed_handle(model, inputs):
     return handle
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
-@pytest.mark.parametrize("video", [0, 2])
-def test_generate_every_step_matches_eager_reference(backend, video):
-    model, ref = _pair(backend)
-    inputs = _images_inputs(video_frames=video)
-    handle = _mixed_handle(model, inputs)
+def _check_steps_against_eager(model, ref, inputs, handle, new):
+    """Generate greedily with ``model`` (attached), replay with the unattached eager ``ref``
+    applying each step's reported gains, and compare every step's ratios to the
+    probabilities ``ref`` returns for that same step (cached keys included)."""
     steps, hook = _record(model, handle)
-    new = 4
     with torch.no_grad():
         seq = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     hook.remove()
     assert len(steps) == new
-    assert any((g > 1).any() for _, g in steps)
-
     remove = attach_gain_hooks(ref, [g for _, g in steps])
     with torch.no_grad():
         out = ref.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
@@ -60,9 +55,18 @@ def test_generate_every_step_matches_eager_reference(backend, video):
     prompt_visual = visual_of(inputs["input_ids"], inputs["attention_mask"])
     assert prompt_visual.sum(1).min() > 0
     for step, (ratios, _) in enumerate(steps):
-        visual = torch.nn.functional.pad(prompt_visual, (0, step))
-        expected = reference_ratios(out.attentions[step], visual)
+        expected = reference_ratios(out.attentions[step], torch.nn.functional.pad(prompt_visual, (0, step)))
         torch.testing.assert_close(ratios, expected, atol=2e-5, rtol=1e-4)
+    return steps, out
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("video", [0, 2])
+def test_generate_every_step_matches_eager_reference(backend, video):
+    model, ref = _pair(backend)
+    inputs = _images_inputs(video_frames=video)
+    steps, _ = _check_steps_against_eager(model, ref, inputs, _mixed_handle(model, inputs), new=4)
+    assert any((g > 1).any() for _, g in steps)
 
 
 def test_sampling_with_cache_records_every_step():
@@ -140,24 +144,9 @@ def test_sliding_window_cache_aligns_visual_keys(backend):
     ref = tf.AutoModelForImageTextToText.from_config(config, attn_implementation="eager").eval()
     ref.load_state_dict(model.state_dict())
     inputs = token_inputs(batch_lengths=(14, 14), image_span=(7, 11))
-    handle = _mixed_handle(model, inputs)
-    steps, hook = _record(model, handle)
-    new = 3
-    with torch.no_grad():
-        seq = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-    hook.remove()
-    remove = attach_gain_hooks(ref, [g for _, g in steps])
-    with torch.no_grad():
-        out = ref.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           output_attentions=True, return_dict_in_generate=True)
-    remove()
-    assert torch.equal(out.sequences, seq)
-    prompt_visual = visual_of(inputs["input_ids"], inputs["attention_mask"])
+    _, out = _check_steps_against_eager(model, ref, inputs, _mixed_handle(model, inputs), new=3)
     widths = {a.shape[-1] for a in out.attentions[-1]}
     assert len(widths) == 2, "sliding layers must see fewer keys than full layers"
-    for step, (ratios, _) in enumerate(steps):
-        expected = reference_ratios(out.attentions[step], torch.nn.functional.pad(prompt_visual, (0, step)))
-        torch.testing.assert_close(ratios, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_static_cache_gives_the_dynamic_cache_ratios():
