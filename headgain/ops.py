@@ -60,8 +60,10 @@ def _fallback() -> bool:
 
 
 def ratio_from_probs(probs: torch.Tensor, visual: torch.Tensor, query_weights: torch.Tensor) -> torch.Tensor:
-    """(B, H, Nq, Nk) probabilities, (B, Nk) bool visual keys, (B, Nq) float32 row weights -> (B, H) float32."""
-    if _fallback():
+    """(B, H, Nq, Nk) probabilities, (B, Nk) bool visual keys, (B, Nq) float32 row weights -> (B, H) float32.
+
+    float64 inputs (analysis only) run the PyTorch reference."""
+    if probs.dtype == torch.float64 or _fallback():
         return reference.ratio_from_probs(probs, visual, query_weights)
     return torch.ops.headgain.ratio_from_probs(probs, visual, query_weights)
 
@@ -76,8 +78,10 @@ def ratio_from_qk(
     softcap: float = 0.0,
 ) -> torch.Tensor:
     """(B, H, R, D) query rows, (B, Hkv, Nk, D) keys, optional (B, R, Nk) bool/additive mask,
-    (B, Nk) bool visual keys, (B, R) float32 row weights -> (B, H) float32."""
-    if _fallback():
+    (B, Nk) bool visual keys, (B, R) float32 row weights -> (B, H) float32.
+
+    float64 inputs (analysis only) run the PyTorch reference."""
+    if q.dtype == torch.float64 or _fallback():
         return reference.ratio_from_qk(q, k, mask, visual, row_weights, scaling, softcap)
     return torch.ops.headgain.ratio_from_qk(q, k, mask, visual, row_weights, float(scaling), float(softcap))
 
@@ -98,14 +102,17 @@ def head_gains(
 
 
 def scale_heads(out: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-    """(B, N, H, D) head outputs times (B, H) float32 gains, out of place, differentiable in both."""
+    """(B, N, H, D) head outputs (any float dtype, any strides) times (B, H) float32 gains, out of
+    place, differentiable in both; rounded once to ``out``'s dtype (float64 ``out`` with float64
+    gains is computed in float64, for gradient checks)."""
     if _fallback():
         return reference.scale_heads(out, gains)
     return torch.ops.headgain.scale_heads(out, gains)
 
 
 def scale_heads_(out: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-    """(B, N, H, D) head outputs times (B, H) float32 gains, in place; returns ``out``."""
+    """(B, N, H, D) head outputs times (B, H) float32 gains, in place; returns ``out``. Heads whose
+    gain is exactly 1 are not touched (all-ones gains leave ``out`` bitwise unchanged)."""
     if _fallback():
         out.copy_(reference.scale_heads(out, gains))
         return out
@@ -113,28 +120,59 @@ def scale_heads_(out: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_shape(t: torch.Tensor, name: str, shape: tuple, dtypes: tuple) -> None:
+    """Fake-tensor twin of the C++ argument checks: ``shape`` entries of None match any size."""
+    torch._check(
+        t.dim() == len(shape) and all(s is None or t.shape[i] == s for i, s in enumerate(shape)),
+        lambda: f"headgain: {name} must have shape {shape} (None = any), got {tuple(t.shape)}",
+    )
+    torch._check(t.dtype in dtypes, lambda: f"headgain: {name} must be one of {dtypes}, got {t.dtype}")
+
+
 if _EXT_ERROR is None:
 
     @torch.library.register_fake("headgain::ratio_from_probs")
     def _(probs, visual, query_weights):
-        torch._check(probs.dim() == 4, lambda: f"probs must be (B, H, Nq, Nk), got {tuple(probs.shape)}")
+        _check_shape(probs, "probs", (None,) * 4, _ATTN_DTYPES)
+        b, _, nq, nk = probs.shape
+        _check_shape(visual, "visual", (b, nk), (torch.bool,))
+        _check_shape(query_weights, "query_weights", (b, nq), (torch.float32,))
         return probs.new_empty(probs.shape[:2], dtype=torch.float32)
 
     @torch.library.register_fake("headgain::ratio_from_qk")
     def _(q, k, mask, visual, row_weights, scaling, softcap):
-        torch._check(q.dim() == 4, lambda: f"q must be (B, H, R, D), got {tuple(q.shape)}")
-        return q.new_empty(q.shape[:2], dtype=torch.float32)
+        _check_shape(q, "q", (None,) * 4, _ATTN_DTYPES)
+        b, h, r, d = q.shape
+        _check_shape(k, "k", (b, None, None, d), (q.dtype,))
+        torch._check(h % k.shape[1] == 0, lambda: f"headgain: H={h} must be a multiple of Hkv={k.shape[1]}")
+        nk = k.shape[2]
+        if mask is not None:
+            _check_shape(mask, "mask", (b, r, nk), (torch.bool, torch.float64) + _ATTN_DTYPES)
+        _check_shape(visual, "visual", (b, nk), (torch.bool,))
+        _check_shape(row_weights, "row_weights", (b, r), (torch.float32,))
+        return q.new_empty((b, h), dtype=torch.float32)
 
     @torch.library.register_fake("headgain::head_gains")
     def _(ratios, has_visual, tau_perc, tau_reas, g_perc, g_reas, g_neutral):
-        return torch.empty_like(ratios, dtype=torch.float32)
+        _check_shape(ratios, "ratios", (None, None), (torch.float32,))
+        _check_shape(has_visual, "has_visual", (ratios.shape[0],), (torch.bool,))
+        return torch.empty_like(ratios, memory_format=torch.contiguous_format)
+
+    def _check_scale(out, gains):
+        _check_shape(out, "out", (None,) * 4, (torch.float64,) + _ATTN_DTYPES)
+        _check_shape(gains, "gains", (out.shape[0], out.shape[2]), (torch.float32, torch.float64))
 
     @torch.library.register_fake("headgain::scale_heads")
     def _(out, gains):
+        _check_scale(out, gains)
         return torch.empty_like(out)
 
     @torch.library.register_fake("headgain::scale_heads_")
     def _(out, gains):
+        _check_scale(out, gains)
         return None
 
     def _scale_setup(ctx, inputs, output):
@@ -146,7 +184,8 @@ if _EXT_ERROR is None:
         grad_out = torch.ops.headgain.scale_heads(grad, gains) if ctx.needs_input_grad[0] else None
         grad_gains = None
         if ctx.needs_input_grad[1]:
-            grad_gains = torch.einsum("bnhd,bnhd->bh", grad.float(), out.float()).to(gains.dtype)
+            acc = torch.promote_types(torch.promote_types(grad.dtype, out.dtype), torch.float32)
+            grad_gains = torch.einsum("bnhd,bnhd->bh", grad.to(acc), out.to(acc)).to(gains.dtype)
         return grad_out, grad_gains
 
     torch.library.register_autograd("headgain::scale_heads", _scale_backward, setup_context=_scale_setup)

@@ -109,6 +109,7 @@ def scale_heads(out: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
 
     Returns:
         (B, N, H, D) in ``out``'s dtype: ``out[b, n, h, :] * gains[b, h]``, multiplied
-        in float32 and rounded once to ``out``'s dtype.
+        in float32 (float64 for float64 outputs) and rounded once to ``out``'s dtype.
     """
-    return (out.float() * gains[:, None, :, None].float()).to(out.dtype)
+    compute = torch.promote_types(out.dtype, torch.float32)
+    return (out.to(compute) * gains[:, None, :, None].to(compute)).to(out.dtype)

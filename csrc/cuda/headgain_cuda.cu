@@ -1,0 +1,187 @@
+// CUDA implementations of headgain's ops: argument checks (shared with the CPU code),
+// launch wrappers on the current stream, and the CUDA registration. The kernels are in
+// headgain_kernels.cuh; the op schemas in ../headgain.cpp.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+
+#include "../headgain.h"
+#include "headgain_kernels.cuh"
+
+namespace headgain {
+namespace {
+
+namespace hk = kernels;
+
+// torch's element types as the CUDA types the kernels use (same layout).
+template <typename T>
+struct DeviceType {
+  using type = T;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+const typename DeviceType<T>::type* device_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename DeviceType<T>::type*>(t.const_data_ptr<T>());
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Key splits per (row, head) block so that the grid fills the GPU about twice, each split
+// keeping at least min_keys keys.
+int key_splits(int64_t blocks, int64_t num_keys, int64_t min_keys) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t most = std::max<int64_t>(1, num_keys / min_keys);
+  return static_cast<int>(std::clamp<int64_t>(ceil_div(2 * sms, std::max<int64_t>(blocks, 1)), 1, std::min<int64_t>(most, 1024)));
+}
+
+at::Tensor ratio_from_probs_cuda(const at::Tensor& probs, const at::Tensor& visual, const at::Tensor& query_weights) {
+  check_ratio_from_probs(probs, visual, query_weights);
+  const c10::cuda::CUDAGuard guard(probs.device());
+  const int64_t B = probs.size(0), H = probs.size(1), Nq = probs.size(2), Nk = probs.size(3);
+  auto out = at::zeros({B, H}, probs.options().dtype(at::kFloat));
+  if (out.numel() == 0 || Nq == 0 || Nk == 0) return out;
+  const auto vis = visual.contiguous();
+  const auto w = query_weights.contiguous();
+  const int splits = key_splits(B * H, Nk, 1024);
+  auto partial = at::empty({B * H, splits}, out.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  HG_DISPATCH_ATTN_TYPES(probs.scalar_type(), "ratio_from_probs_cuda", [&] {
+    hk::ratio_from_probs_kernel<<<dim3(B * H, splits), hk::kThreads, 0, stream>>>(
+        device_ptr<scalar_t>(probs), vis.const_data_ptr<bool>(), w.const_data_ptr<float>(), H, Nq, Nk,
+        probs.stride(0), probs.stride(1), probs.stride(2), probs.stride(3), partial.data_ptr<float>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  hk::sum_splits_kernel<<<ceil_div(B * H, hk::kThreads), hk::kThreads, 0, stream>>>(
+      partial.const_data_ptr<float>(), B * H, splits, out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+template <typename T, typename M>
+void launch_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const M* mask, const at::Tensor& visual,
+                          const at::Tensor& row_weights, const hk::QkShape& shape, int splits, hk::Stats* partial) {
+  const int64_t blocks = q.size(0) * q.size(1) * q.size(2);
+  hk::ratio_from_qk_kernel<<<dim3(blocks, splits), hk::kThreads, shape.D * sizeof(float),
+                             c10::cuda::getCurrentCUDAStream()>>>(
+      device_ptr<T>(q), device_ptr<T>(k), mask, visual.const_data_ptr<bool>(), row_weights.const_data_ptr<float>(),
+      shape, partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor ratio_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                              const at::Tensor& visual, const at::Tensor& row_weights, double scaling,
+                              double softcap) {
+  check_ratio_from_qk(q, k, mask, visual, row_weights);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Nk = k.size(2);
+  auto out = at::zeros({B, H}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || R == 0) return out;
+  const auto vis = visual.contiguous();
+  const auto w = row_weights.contiguous();
+  hk::QkShape shape{H, R, Nk, D, H / k.size(1), q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+                    k.stride(0), k.stride(1), k.stride(2), k.stride(3), 0, 0, 0,
+                    static_cast<float>(scaling), static_cast<float>(softcap)};
+  if (mask.has_value()) {
+    shape.m0 = mask->stride(0);
+    shape.m1 = mask->stride(1);
+    shape.m2 = mask->stride(2);
+  }
+  const int splits = key_splits(B * H * R, Nk, 256);
+  // (B*H*R, splits) statistics of three floats each
+  auto partial = at::empty({B * H * R, splits, 3}, out.options());
+  auto* stats = reinterpret_cast<hk::Stats*>(partial.data_ptr<float>());
+  HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_qk_cuda", [&] {
+    using T = scalar_t;
+    if (!mask.has_value()) {
+      launch_ratio_from_qk<T, bool>(q, k, nullptr, vis, w, shape, splits, stats);
+    } else if (mask->scalar_type() == at::kBool) {
+      launch_ratio_from_qk<T, bool>(q, k, mask->const_data_ptr<bool>(), vis, w, shape, splits, stats);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask->scalar_type(), "ratio_from_qk_cuda_mask", [&] {
+        launch_ratio_from_qk<T>(q, k, device_ptr<scalar_t>(*mask), vis, w, shape, splits, stats);
+      });
+    }
+  });
+  hk::ratio_from_qk_combine_kernel<<<ceil_div(B * H, hk::kThreads), hk::kThreads, 0,
+                                     c10::cuda::getCurrentCUDAStream()>>>(stats, w.const_data_ptr<float>(), B * H, H,
+                                                                         R, splits, out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor head_gains_cuda(const at::Tensor& ratios, const at::Tensor& has_visual, double tau_perc, double tau_reas,
+                           double g_perc, double g_reas, double g_neutral) {
+  check_head_gains(ratios, has_visual);
+  const c10::cuda::CUDAGuard guard(ratios.device());
+  const auto r = ratios.contiguous();
+  const auto hv = has_visual.contiguous();
+  auto out = at::empty_like(r);
+  const int64_t n = r.numel();
+  if (n == 0) return out;
+  hk::head_gains_kernel<<<ceil_div(n, hk::kThreads), hk::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      r.const_data_ptr<float>(), hv.const_data_ptr<bool>(), n, r.size(1), static_cast<float>(tau_perc),
+      static_cast<float>(tau_reas), static_cast<float>(g_perc), static_cast<float>(g_reas),
+      static_cast<float>(g_neutral), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// dst = src * gains per head (see hk::scale_heads_kernel).
+void scale_heads_cuda_into(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& gains, bool skip_identity) {
+  const c10::cuda::CUDAGuard guard(src.device());
+  const int64_t B = src.size(0), N = src.size(1), H = src.size(2), D = src.size(3);
+  const int64_t rows = B * N * H;
+  if (rows == 0 || D == 0) return;
+  const hk::ScaleShape shape{N, H, D, src.stride(0), src.stride(1), src.stride(2), src.stride(3),
+                             dst.stride(0), dst.stride(1), dst.stride(2), dst.stride(3)};
+  const int dx = static_cast<int>(std::min<int64_t>(128, ceil_div(D, 32) * 32)), dy = 256 / dx;
+  const int64_t grid = std::min<int64_t>(ceil_div(rows, dy), 65535);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "scale_heads_cuda", [&] {
+    using T = typename DeviceType<scalar_t>::type;
+    using acc_t = typename hk::Convert<T>::acc;
+    const auto g = gains.to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).contiguous();
+    hk::scale_heads_kernel<T><<<grid, dim3(dx, dy), 0, c10::cuda::getCurrentCUDAStream()>>>(
+        device_ptr<scalar_t>(src), reinterpret_cast<T*>(dst.data_ptr<scalar_t>()), g.const_data_ptr<acc_t>(), rows,
+        shape, skip_identity);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void scale_heads_inplace_cuda(const at::Tensor& out, const at::Tensor& gains) {
+  check_scale_heads(out, gains);
+  scale_heads_cuda_into(out, out, gains, /*skip_identity=*/true);
+}
+
+at::Tensor scale_heads_cuda(const at::Tensor& out, const at::Tensor& gains) {
+  check_scale_heads(out, gains);
+  auto result = at::empty_like(out);
+  scale_heads_cuda_into(out, result, gains, /*skip_identity=*/false);
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(headgain, CUDA, m) {
+  m.impl("ratio_from_probs", &ratio_from_probs_cuda);
+  m.impl("ratio_from_qk", &ratio_from_qk_cuda);
+  m.impl("head_gains", &head_gains_cuda);
+  m.impl("scale_heads_", &scale_heads_inplace_cuda);
+  m.impl("scale_heads", &scale_heads_cuda);
+}
+
+}  // namespace headgain

@@ -1,0 +1,245 @@
+// headgain's CUDA kernels: device code only, free of torch so that nvcc can compile it on
+// any machine with a CUDA toolkit (csrc/cuda/check_kernels.cu does, in CI). The launch
+// wrappers and the op registration are in headgain_cuda.cu.
+//
+// Element types are float, double (scale_heads and masks only), __half and
+// __nv_bfloat16; every reduction accumulates in float. Tensors are passed as a base
+// pointer plus element strides, so any layout works without a copy.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+#include <stdint.h>
+
+namespace headgain {
+namespace kernels {
+
+constexpr int kThreads = 256;  // threads per block of the reduction kernels
+constexpr int kWarp = 32;
+
+// Loads an element as its arithmetic type (double for double, float otherwise) and
+// stores that type back with one rounding.
+template <typename T>
+struct Convert;
+template <>
+struct Convert<float> {
+  using acc = float;
+  static __device__ __forceinline__ float load(float x) { return x; }
+  static __device__ __forceinline__ float store(float x) { return x; }
+};
+template <>
+struct Convert<double> {
+  using acc = double;
+  static __device__ __forceinline__ double load(double x) { return x; }
+  static __device__ __forceinline__ double store(double x) { return x; }
+};
+template <>
+struct Convert<__half> {
+  using acc = float;
+  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Convert<__nv_bfloat16> {
+  using acc = float;
+  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+
+// A mask element as an additive score bias: bool True = attend (0), False = -inf.
+template <typename M>
+__device__ __forceinline__ float mask_bias(M x) {
+  return static_cast<float>(Convert<M>::load(x));
+}
+template <>
+__device__ __forceinline__ float mask_bias<bool>(bool x) {
+  return x ? 0.f : -CUDART_INF_F;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block; the result is valid in thread 0. Call at most once per kernel.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float part[kThreads / kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  v = warp_sum(v);
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / kWarp ? part[lane] : 0.f;
+  return warp == 0 ? warp_sum(v) : v;
+}
+
+// Running softmax statistics over a span of keys: max score, sum of exp(score - max) and
+// the part of that sum over visual keys.
+struct Stats {
+  float max, sum, vis;
+};
+
+__device__ __forceinline__ Stats empty_stats() { return {-CUDART_INF_F, 0.f, 0.f}; }
+
+__device__ __forceinline__ Stats merge(Stats a, Stats b) {
+  if (b.max == -CUDART_INF_F) return a;
+  if (a.max == -CUDART_INF_F) return b;
+  const float m = fmaxf(a.max, b.max), ea = expf(a.max - m), eb = expf(b.max - m);
+  return {m, a.sum * ea + b.sum * eb, a.vis * ea + b.vis * eb};
+}
+
+// ---------------------------------------------------------------- ratio_from_probs
+
+// grid (B*H, splits): block (bh, s) sums the visual probabilities of keys in split s over
+// the rows of nonzero weight; partial[bh * splits + s] receives the weighted sum.
+template <typename T>
+__global__ void ratio_from_probs_kernel(const T* __restrict__ probs, const bool* __restrict__ visual,
+                                        const float* __restrict__ weights, int64_t H, int64_t Nq, int64_t Nk,
+                                        int64_t s0, int64_t s1, int64_t s2, int64_t s3, float* __restrict__ partial) {
+  const int64_t bh = blockIdx.x, b = bh / H, h = bh % H;
+  const int64_t per = (Nk + gridDim.y - 1) / gridDim.y;
+  const int64_t j0 = blockIdx.y * per, j1 = min(Nk, j0 + per);
+  const bool* vis = visual + b * Nk;
+  float acc = 0.f;
+  for (int64_t q = 0; q < Nq; ++q) {
+    const float w = weights[b * Nq + q];
+    if (w == 0.f) continue;
+    const T* row = probs + b * s0 + h * s1 + q * s2;
+    float s = 0.f;
+    for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x)
+      if (vis[j]) s += Convert<T>::load(row[j * s3]);
+    acc += w * s;
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) partial[bh * gridDim.y + blockIdx.y] = acc;
+}
+
+// out[i] = sum_s partial[i * splits + s], one thread per output.
+__global__ void sum_splits_kernel(const float* __restrict__ partial, int64_t n, int splits, float* __restrict__ out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  float acc = 0.f;
+  for (int s = 0; s < splits; ++s) acc += partial[i * splits + s];
+  out[i] = acc;
+}
+
+// ---------------------------------------------------------------- ratio_from_qk
+
+struct QkShape {
+  int64_t H, R, Nk, D, group;                  // group = H / Hkv
+  int64_t q0, q1, q2, q3, k0, k1, k2, k3;       // element strides of q and k
+  int64_t m0, m1, m2;                          // element strides of the mask
+  float scaling, softcap;
+};
+
+// grid (B*H*R, splits), kThreads threads, D floats of dynamic shared memory. Block
+// (bhr, s) scores row r of head h against the keys of split s, one warp per key, and
+// writes its softmax statistics to partial[bhr * splits + s]. Rows of weight 0 are
+// skipped. mask may be null (every key allowed).
+template <typename T, typename M>
+__global__ void ratio_from_qk_kernel(const T* __restrict__ q, const T* __restrict__ k, const M* __restrict__ mask,
+                                     const bool* __restrict__ visual, const float* __restrict__ row_weights,
+                                     QkShape p, Stats* __restrict__ partial) {
+  extern __shared__ float qrow[];
+  __shared__ Stats warp_stats[kThreads / kWarp];
+  const int64_t bhr = blockIdx.x, r = bhr % p.R, bh = bhr / p.R, b = bh / p.H, h = bh % p.H;
+  const int64_t out_index = bhr * gridDim.y + blockIdx.y;
+  if (row_weights[b * p.R + r] == 0.f) {
+    if (threadIdx.x == 0) partial[out_index] = empty_stats();
+    return;
+  }
+  const T* qp = q + b * p.q0 + h * p.q1 + r * p.q2;
+  for (int64_t d = threadIdx.x; d < p.D; d += blockDim.x) qrow[d] = Convert<T>::load(qp[d * p.q3]);
+  __syncthreads();
+
+  const int64_t per = (p.Nk + gridDim.y - 1) / gridDim.y;
+  const int64_t j0 = blockIdx.y * per, j1 = min(p.Nk, j0 + per);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  const T* kb = k + b * p.k0 + (h / p.group) * p.k1;
+  Stats st = empty_stats();
+  for (int64_t j = j0 + warp; j < j1; j += warps) {
+    const T* kj = kb + j * p.k2;
+    float dot = 0.f;
+    for (int64_t d = lane; d < p.D; d += kWarp) dot += qrow[d] * Convert<T>::load(kj[d * p.k3]);
+    float x = warp_sum(dot) * p.scaling;
+    if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+    if (mask != nullptr) x += mask_bias(mask[b * p.m0 + r * p.m1 + j * p.m2]);
+    if (x == -CUDART_INF_F) continue;
+    const float v = visual[b * p.Nk + j] ? 1.f : 0.f;
+    if (x > st.max) {  // every lane holds the same statistics
+      const float c = st.max == -CUDART_INF_F ? 0.f : expf(st.max - x);
+      st = {x, st.sum * c + 1.f, st.vis * c + v};
+    } else {
+      const float e = expf(x - st.max);
+      st.sum += e;
+      st.vis += e * v;
+    }
+  }
+  if (lane == 0) warp_stats[warp] = st;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Stats total = empty_stats();
+    for (int w = 0; w < warps; ++w) total = merge(total, warp_stats[w]);
+    partial[out_index] = total;
+  }
+}
+
+// out[b, h] = sum_r w[b, r] * vis / sum over the merged splits; one thread per (b, h).
+// A fully masked row of nonzero weight gives NaN, as the reference's softmax does.
+__global__ void ratio_from_qk_combine_kernel(const Stats* __restrict__ partial, const float* __restrict__ row_weights,
+                                             int64_t BH, int64_t H, int64_t R, int splits, float* __restrict__ out) {
+  const int64_t bh = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (bh >= BH) return;
+  const int64_t b = bh / H;
+  float acc = 0.f;
+  for (int64_t r = 0; r < R; ++r) {
+    const float w = row_weights[b * R + r];
+    if (w == 0.f) continue;
+    Stats total = empty_stats();
+    for (int s = 0; s < splits; ++s) total = merge(total, partial[(bh * R + r) * splits + s]);
+    acc += w * (total.vis / total.sum);
+  }
+  out[bh] = acc;
+}
+
+// ---------------------------------------------------------------- head_gains
+
+// ratios (n = B*H) contiguous, has_visual (B,); perception wins ties.
+__global__ void head_gains_kernel(const float* __restrict__ ratios, const bool* __restrict__ has_visual, int64_t n,
+                                  int64_t H, float tau_perc, float tau_reas, float g_perc, float g_reas,
+                                  float g_neutral, float* __restrict__ out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const float x = ratios[i];
+  out[i] = !has_visual[i / H] ? 1.f : x >= tau_perc ? g_perc : x <= tau_reas ? g_reas : g_neutral;
+}
+
+// ---------------------------------------------------------------- scale_heads
+
+struct ScaleShape {
+  int64_t N, H, D;
+  int64_t s0, s1, s2, s3;  // source strides (B, N, H, D)
+  int64_t d0, d1, d2, d3;  // destination strides
+};
+
+// dst[b, n, h, :] = src[b, n, h, :] * gains[b, h] over rows = B*N*H head vectors;
+// threadIdx.x walks D, threadIdx.y rows. With skip_identity heads of gain exactly 1 are
+// not touched (the in-place op, src == dst).
+template <typename T>
+__global__ void scale_heads_kernel(const T* src, T* dst, const typename Convert<T>::acc* __restrict__ gains,
+                                   int64_t rows, ScaleShape p, bool skip_identity) {
+  using acc_t = typename Convert<T>::acc;
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t h = row % p.H, bn = row / p.H, n = bn % p.N, b = bn / p.N;
+    const acc_t g = gains[b * p.H + h];
+    if (skip_identity && g == acc_t(1)) continue;
+    const T* s = src + b * p.s0 + n * p.s1 + h * p.s2;
+    T* d = dst + b * p.d0 + n * p.d1 + h * p.d2;
+    for (int64_t i = threadIdx.x; i < p.D; i += blockDim.x) d[i * p.d3] = Convert<T>::store(Convert<T>::load(s[i * p.s3]) * g);
+  }
+}
+
+}  // namespace kernels
+}  // namespace headgain

@@ -1,0 +1,483 @@
+// headgain's compiled ops: the op schemas (the only TORCH_LIBRARY block) and their CPU
+// implementations. The CUDA implementations live in cuda/headgain_cuda.cu.
+//
+// Every op matches the pure-PyTorch reference in headgain/reference.py. CPU kernels run
+// in parallel over batch x heads (at::parallel_for) with contiguous inner loops written
+// as 16 independent lanes, which the compiler turns into SIMD code; on x86-64 Linux the
+// hot loops are built for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+
+#include <Python.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "headgain.h"
+
+// `import headgain._C` loads this library, which registers torch.ops.headgain.*; the
+// Python module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define HG_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HG_SIMD
+#endif
+
+namespace headgain {
+
+// ------------------------------------------------------------------ argument checks
+
+namespace {
+
+constexpr int kLanes = 16;  // independent accumulators per reduction (one AVX-512 vector)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+bool is_reduced_or_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_tensor(bool ok, const char* name, const at::Tensor& t, const char* expected) {
+  TORCH_CHECK(ok, "headgain: ", name, " must be ", expected, ", got shape ", t.sizes(), " dtype ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& a, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(a.device() == ref.device(), "headgain: ", name, " is on ", a.device(), " but ", ref_name, " is on ",
+              ref.device());
+}
+
+}  // namespace
+
+void check_ratio_from_probs(const at::Tensor& probs, const at::Tensor& visual, const at::Tensor& query_weights) {
+  check_tensor(probs.dim() == 4 && is_reduced_or_float(probs.scalar_type()), "probs", probs,
+               "(B, H, Nq, Nk) float32/bfloat16/float16");
+  const auto b = probs.size(0), nq = probs.size(2), nk = probs.size(3);
+  check_tensor(visual.dim() == 2 && visual.size(0) == b && visual.size(1) == nk && visual.scalar_type() == at::kBool,
+               "visual", visual, "(B, Nk) bool matching probs");
+  check_tensor(query_weights.dim() == 2 && query_weights.size(0) == b && query_weights.size(1) == nq &&
+                   query_weights.scalar_type() == at::kFloat,
+               "query_weights", query_weights, "(B, Nq) float32 matching probs");
+  check_same_device(visual, "visual", probs, "probs");
+  check_same_device(query_weights, "query_weights", probs, "probs");
+}
+
+void check_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                         const at::Tensor& visual, const at::Tensor& row_weights) {
+  check_tensor(q.dim() == 4 && is_reduced_or_float(q.scalar_type()), "q", q, "(B, H, R, D) float32/bfloat16/float16");
+  const auto b = q.size(0), h = q.size(1), r = q.size(2), d = q.size(3);
+  check_tensor(k.dim() == 4 && k.size(0) == b && k.size(3) == d && k.scalar_type() == q.scalar_type() &&
+                   k.size(1) > 0 && h % k.size(1) == 0,
+               "k", k, "(B, Hkv, Nk, D) with H % Hkv == 0 and q's dtype");
+  const auto nk = k.size(2);
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    check_tensor(m.dim() == 3 && m.size(0) == b && m.size(1) == r && m.size(2) == nk &&
+                     (m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type())),
+                 "mask", m, "None or (B, R, Nk) bool/floating");
+    check_same_device(m, "mask", q, "q");
+  }
+  check_tensor(visual.dim() == 2 && visual.size(0) == b && visual.size(1) == nk && visual.scalar_type() == at::kBool,
+               "visual", visual, "(B, Nk) bool matching k");
+  check_tensor(row_weights.dim() == 2 && row_weights.size(0) == b && row_weights.size(1) == r &&
+                   row_weights.scalar_type() == at::kFloat,
+               "row_weights", row_weights, "(B, R) float32 matching q");
+  check_same_device(k, "k", q, "q");
+  check_same_device(visual, "visual", q, "q");
+  check_same_device(row_weights, "row_weights", q, "q");
+}
+
+void check_head_gains(const at::Tensor& ratios, const at::Tensor& has_visual) {
+  check_tensor(ratios.dim() == 2 && ratios.scalar_type() == at::kFloat, "ratios", ratios, "(B, H) float32");
+  check_tensor(has_visual.dim() == 1 && has_visual.size(0) == ratios.size(0) && has_visual.scalar_type() == at::kBool,
+               "has_visual", has_visual, "(B,) bool matching ratios");
+  check_same_device(has_visual, "has_visual", ratios, "ratios");
+}
+
+void check_scale_heads(const at::Tensor& out, const at::Tensor& gains) {
+  check_tensor(out.dim() == 4 && at::isFloatingType(out.scalar_type()), "out", out, "(B, N, H, D) floating");
+  check_tensor(gains.dim() == 2 && gains.size(0) == out.size(0) && gains.size(1) == out.size(2) &&
+                   (gains.scalar_type() == at::kFloat || gains.scalar_type() == at::kDouble),
+               "gains", gains, "(B, H) float32 matching out");
+  check_same_device(gains, "gains", out, "out");
+}
+
+// ------------------------------------------------------------------ SIMD building blocks
+
+namespace {
+
+// sum_i float(x[i]) * m[i] over a contiguous span.
+template <typename T>
+HG_SIMD float masked_sum(const T* x, const float* m, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int t = 0; t < kLanes; ++t) acc[t] += static_cast<float>(x[i + t]) * m[i + t];
+  for (int t = 0; i < n; ++i, ++t) acc[t] += static_cast<float>(x[i]) * m[i];
+  float s = 0.f;
+  for (int t = 0; t < kLanes; ++t) s += acc[t];
+  return s;
+}
+
+// dst[i] = float(src[i * stride]).
+template <typename T>
+HG_SIMD void load_float(const T* src, int64_t stride, float* dst, int64_t n) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i * stride]);
+  }
+}
+
+// out[j] = dot(q, k[j]) for n contiguous key rows of width d.
+HG_SIMD void key_scores(const float* q, const float* k, int64_t n, int64_t d, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = k + j * d;
+    float acc[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= d; i += kLanes)
+      for (int t = 0; t < kLanes; ++t) acc[t] += q[i + t] * kj[i + t];
+    for (int t = 0; i < d; ++i, ++t) acc[t] += q[i] * kj[i];
+    float s = 0.f;
+    for (int t = 0; t < kLanes; ++t) s += acc[t];
+    out[j] = s;
+  }
+}
+
+// s[j] = s[j] * scaling (+ softcap) + bias[j]; returns max_j s[j].
+HG_SIMD float finish_scores(float* s, const float* bias, int64_t n, float scaling, float softcap) {
+  if (softcap > 0.f) {
+    for (int64_t j = 0; j < n; ++j) s[j] = softcap * std::tanh(s[j] * scaling / softcap) + bias[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scaling + bias[j];
+  }
+  float mx[kLanes];
+  std::fill(mx, mx + kLanes, kNegInf);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int t = 0; t < kLanes; ++t) mx[t] = std::max(mx[t], s[j + t]);
+  for (int t = 0; j < n; ++j, ++t) mx[t] = std::max(mx[t], s[j]);
+  return *std::max_element(mx, mx + kLanes);
+}
+
+// exp(x) for x <= 0 to about 2 ulp (Cody-Waite reduction and a degree-6 polynomial),
+// written without calls so that it vectorises; exactly 0 below -87.
+inline float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.f ? 0.f : y * scale;
+}
+
+// (sum_j exp(s[j] - m), sum_j exp(s[j] - m) * vis[j]) for finite m.
+HG_SIMD void exp_sums(const float* s, const float* vis, int64_t n, float m, float* sum, float* vsum) {
+  float a[kLanes] = {}, v[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int t = 0; t < kLanes; ++t) {
+      const float e = exp_nonpositive(s[j + t] - m);
+      a[t] += e;
+      v[t] += e * vis[j + t];
+    }
+  for (int t = 0; j < n; ++j, ++t) {
+    const float e = exp_nonpositive(s[j] - m);
+    a[t] += e;
+    v[t] += e * vis[j];
+  }
+  float sa = 0.f, sv = 0.f;
+  for (int t = 0; t < kLanes; ++t) {
+    sa += a[t];
+    sv += v[t];
+  }
+  *sum = sa;
+  *vsum = sv;
+}
+
+// dst[i] = T(acc_t(src[i]) * g), rounded once.
+template <typename T, typename Acc>
+HG_SIMD void scale_span(const T* src, T* dst, int64_t n, Acc g) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<Acc>(src[i]) * g);
+}
+
+// (B, Nk) visual mask as float 0/1, contiguous.
+at::Tensor visual_as_float(const at::Tensor& visual) { return visual.to(at::kFloat).contiguous(); }
+
+// ------------------------------------------------------------------ ratio_from_probs
+
+at::Tensor ratio_from_probs_cpu(const at::Tensor& probs, const at::Tensor& visual, const at::Tensor& query_weights) {
+  check_ratio_from_probs(probs, visual, query_weights);
+  const int64_t B = probs.size(0), H = probs.size(1), Nq = probs.size(2), Nk = probs.size(3);
+  auto out = at::zeros({B, H}, probs.options().dtype(at::kFloat));
+  if (out.numel() == 0 || Nq == 0 || Nk == 0) return out;
+  const auto vis = visual_as_float(visual);
+  const auto w = query_weights.contiguous();
+  const float* vp = vis.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const auto st = probs.strides();
+  HG_DISPATCH_ATTN_TYPES(probs.scalar_type(), "ratio_from_probs", [&] {
+    const scalar_t* pp = probs.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(st[3] == 1 ? 0 : Nk);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        float acc = 0.f;
+        for (int64_t q = 0; q < Nq; ++q) {
+          const float wq = wp[b * Nq + q];
+          if (wq == 0.f) continue;
+          const scalar_t* p = pp + b * st[0] + h * st[1] + q * st[2];
+          float s;
+          if (st[3] == 1) {
+            s = masked_sum(p, vp + b * Nk, Nk);
+          } else {
+            load_float(p, st[3], row.data(), Nk);
+            s = masked_sum(row.data(), vp + b * Nk, Nk);
+          }
+          acc += wq * s;
+        }
+        op[bh] = acc;
+      }
+    });
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------ ratio_from_qk
+
+// A (B, R, Nk) mask read as additive float biases (bool: 0 or -inf), any dtype/strides.
+struct MaskView {
+  const void* data = nullptr;
+  at::ScalarType dtype = at::kBool;
+  int64_t s0 = 0, s1 = 0, s2 = 0;
+
+  void load(int64_t b, int64_t r, int64_t j0, int64_t n, float* dst) const {
+    if (data == nullptr) {
+      std::fill(dst, dst + n, 0.f);
+      return;
+    }
+    const int64_t off = b * s0 + r * s1 + j0 * s2;
+    if (dtype == at::kBool) {
+      const bool* p = static_cast<const bool*>(data) + off;
+      for (int64_t j = 0; j < n; ++j) dst[j] = p[j * s2] ? 0.f : kNegInf;
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ratio_from_qk_mask", [&] {
+      load_float(static_cast<const scalar_t*>(data) + off, s2, dst, n);
+    });
+  }
+};
+
+// Running softmax statistics of one (row, head) over a span of keys: max score, sum of
+// exp(score - max) and its visual part.
+struct SoftmaxStats {
+  float max = kNegInf, sum = 0.f, vis = 0.f;
+
+  void merge(float m, float s, float v) {
+    if (m == kNegInf) return;
+    const float nm = std::max(max, m);
+    const float a = max == kNegInf ? 0.f : std::exp(max - nm), c = std::exp(m - nm);
+    sum = sum * a + s * c;
+    vis = vis * a + v * c;
+    max = nm;
+  }
+};
+
+constexpr int64_t kKeyBlock = 256;  // keys converted to float and scored at a time
+
+at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                             const at::Tensor& visual, const at::Tensor& row_weights, double scaling,
+                             double softcap) {
+  check_ratio_from_qk(q, k, mask, visual, row_weights);
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv;
+  auto out = at::zeros({B, H}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || R == 0) return out;
+
+  const auto vis = visual_as_float(visual);
+  const auto w = row_weights.contiguous();
+  const float* vp = vis.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  std::vector<std::vector<int64_t>> rows(B);  // rows of nonzero weight, per sample
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = 0; r < R; ++r)
+      if (wp[b * R + r] != 0.f) rows[b].push_back(r);
+
+  MaskView mv;
+  if (mask.has_value()) {
+    mv = {mask->const_data_ptr(), mask->scalar_type(), mask->stride(0), mask->stride(1), mask->stride(2)};
+  }
+  // Keys are split into chunks so that there are enough tasks for every thread; each
+  // task keeps running statistics per (row, head) and the chunks are merged at the end.
+  const int64_t blocks = std::max<int64_t>(1, (Nk + kKeyBlock - 1) / kKeyBlock);
+  const int64_t want = (4 * at::get_num_threads() + B * Hkv - 1) / (B * Hkv);
+  const int64_t chunks = std::clamp<int64_t>(want, 1, blocks);
+  const int64_t chunk_len = (blocks + chunks - 1) / chunks * kKeyBlock;
+  std::vector<SoftmaxStats> stats(B * H * R * chunks);
+  const float fscale = static_cast<float>(scaling), fcap = static_cast<float>(softcap);
+  const auto qs = q.strides(), ks = k.strides();
+
+  HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_qk", [&] {
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> kf(kKeyBlock * D), sc(kKeyBlock), bias(kKeyBlock), qf;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t c = task % chunks, bg = task / chunks, b = bg / Hkv, g = bg % Hkv;
+        const auto& active = rows[b];
+        if (active.empty()) continue;
+        qf.resize(active.size() * G * D);  // the task's query rows in float
+        for (size_t a = 0; a < active.size(); ++a)
+          for (int64_t i = 0; i < G; ++i)
+            load_float(qp + b * qs[0] + (g * G + i) * qs[1] + active[a] * qs[2], qs[3], &qf[(a * G + i) * D], D);
+        const int64_t j_end = std::min(Nk, (c + 1) * chunk_len);
+        for (int64_t j0 = c * chunk_len; j0 < j_end; j0 += kKeyBlock) {
+          const int64_t n = std::min(kKeyBlock, j_end - j0);
+          for (int64_t j = 0; j < n; ++j)
+            load_float(kp + b * ks[0] + g * ks[1] + (j0 + j) * ks[2], ks[3], &kf[j * D], D);
+          for (size_t a = 0; a < active.size(); ++a) {
+            const int64_t r = active[a];
+            mv.load(b, r, j0, n, bias.data());
+            for (int64_t i = 0; i < G; ++i) {
+              key_scores(&qf[(a * G + i) * D], kf.data(), n, D, sc.data());
+              const float m = finish_scores(sc.data(), bias.data(), n, fscale, fcap);
+              if (m == kNegInf) continue;
+              float s, v;
+              exp_sums(sc.data(), vp + b * Nk + j0, n, m, &s, &v);
+              stats[((b * H + g * G + i) * R + r) * chunks + c].merge(m, s, v);
+            }
+          }
+        }
+      }
+    });
+  });
+
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H;
+      float acc = 0.f;
+      for (const int64_t r : rows[b]) {
+        SoftmaxStats total;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const auto& st = stats[(bh * R + r) * chunks + c];
+          total.merge(st.max, st.sum, st.vis);
+        }
+        acc += wp[b * R + r] * (total.vis / total.sum);  // 0/0 = NaN for a fully masked row, as the reference
+      }
+      op[bh] = acc;
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------ head_gains
+
+at::Tensor head_gains_cpu(const at::Tensor& ratios, const at::Tensor& has_visual, double tau_perc, double tau_reas,
+                          double g_perc, double g_reas, double g_neutral) {
+  check_head_gains(ratios, has_visual);
+  const int64_t B = ratios.size(0), H = ratios.size(1);
+  auto out = at::empty({B, H}, ratios.options());
+  const auto r = ratios.contiguous();
+  const auto hv = has_visual.contiguous();
+  const float* rp = r.data_ptr<float>();
+  const bool* hp = hv.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const float tp = static_cast<float>(tau_perc), tr = static_cast<float>(tau_reas);
+  const float gp = static_cast<float>(g_perc), gr = static_cast<float>(g_reas), gn = static_cast<float>(g_neutral);
+  for (int64_t i = 0; i < B * H; ++i) {
+    const float x = rp[i];
+    op[i] = !hp[i / H] ? 1.f : x >= tp ? gp : x <= tr ? gr : gn;
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------ scale_heads
+
+// dst[b, n, h, :] = src[b, n, h, :] * gains[b, h]; heads whose gain is exactly 1 are left
+// untouched when skip_identity (the in-place op), copied otherwise.
+void scale_heads_into(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& gains, bool skip_identity) {
+  const int64_t B = src.size(0), N = src.size(1), H = src.size(2), D = src.size(3);
+  if (src.numel() == 0) return;
+  const auto ss = src.strides(), ds = dst.strides();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "scale_heads", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto g = gains.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* gp = g.template const_data_ptr<acc_t>();
+    if (skip_identity && std::all_of(gp, gp + B * H, [](acc_t x) { return x == acc_t(1); })) return;
+    const scalar_t* sp = src.const_data_ptr<scalar_t>();
+    scalar_t* dp = dst.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * D));
+    at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t bn = begin; bn < end; ++bn) {
+        const int64_t b = bn / N, n = bn % N;
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t gv = gp[b * H + h];
+          if (skip_identity && gv == acc_t(1)) continue;
+          const scalar_t* s = sp + b * ss[0] + n * ss[1] + h * ss[2];
+          scalar_t* d = dp + b * ds[0] + n * ds[1] + h * ds[2];
+          if (ss[3] == 1 && ds[3] == 1) {
+            scale_span(s, d, D, gv);
+          } else {
+            for (int64_t i = 0; i < D; ++i) d[i * ds[3]] = static_cast<scalar_t>(static_cast<acc_t>(s[i * ss[3]]) * gv);
+          }
+        }
+      }
+    });
+  });
+}
+
+void scale_heads_inplace_cpu(const at::Tensor& out, const at::Tensor& gains) {
+  check_scale_heads(out, gains);
+  scale_heads_into(out, out, gains, /*skip_identity=*/true);
+}
+
+at::Tensor scale_heads_cpu(const at::Tensor& out, const at::Tensor& gains) {
+  check_scale_heads(out, gains);
+  auto result = at::empty_like(out);
+  scale_heads_into(out, result, gains, /*skip_identity=*/false);
+  return result;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ registration
+
+TORCH_LIBRARY(headgain, m) {
+  m.def("ratio_from_probs(Tensor probs, Tensor visual, Tensor query_weights) -> Tensor");
+  m.def(
+      "ratio_from_qk(Tensor q, Tensor k, Tensor? mask, Tensor visual, Tensor row_weights, float scaling, "
+      "float softcap) -> Tensor");
+  m.def(
+      "head_gains(Tensor ratios, Tensor has_visual, float tau_perc, float tau_reas, float g_perc, float g_reas, "
+      "float g_neutral) -> Tensor");
+  m.def("scale_heads_(Tensor(a!) out, Tensor gains) -> ()");
+  m.def("scale_heads(Tensor out, Tensor gains) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(headgain, CPU, m) {
+  m.impl("ratio_from_probs", &ratio_from_probs_cpu);
+  m.impl("ratio_from_qk", &ratio_from_qk_cpu);
+  m.impl("head_gains", &head_gains_cpu);
+  m.impl("scale_heads_", &scale_heads_inplace_cpu);
+  m.impl("scale_heads", &scale_heads_cpu);
+}
+
+}  // namespace headgain

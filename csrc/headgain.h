@@ -1,0 +1,33 @@
+// Argument checks shared by the CPU (headgain.cpp) and CUDA (cuda/headgain_cuda.cu)
+// implementations of the headgain ops. Each check names the argument, its shape and its
+// dtype, so a wrong call fails with the same message on every device.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <optional>
+
+// Dispatch over the attention dtypes the ratio ops accept: float32, float16, bfloat16.
+#define HG_DISPATCH_ATTN_TYPES(TYPE, NAME, ...)                                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)       \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)     \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace headgain {
+
+// probs (B, H, Nq, Nk) fp32/bf16/fp16, visual (B, Nk) bool, query_weights (B, Nq) fp32.
+void check_ratio_from_probs(const at::Tensor& probs, const at::Tensor& visual, const at::Tensor& query_weights);
+
+// q (B, H, R, D), k (B, Hkv, Nk, D) of one dtype (fp32/bf16/fp16) with H % Hkv == 0,
+// mask None or (B, R, Nk) bool/floating, visual (B, Nk) bool, row_weights (B, R) fp32.
+void check_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                         const at::Tensor& visual, const at::Tensor& row_weights);
+
+// ratios (B, H) fp32, has_visual (B,) bool.
+void check_head_gains(const at::Tensor& ratios, const at::Tensor& has_visual);
+
+// out (B, N, H, D) floating, gains (B, H) fp32 (fp64 accepted for gradient checks).
+void check_scale_heads(const at::Tensor& out, const at::Tensor& gains);
+
+}  // namespace headgain
