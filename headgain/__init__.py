@@ -5,7 +5,9 @@ shallow heads that look at the image (perception) and the deep heads that do not
 (reasoning), scaling their outputs before the output projection.
 """
 
+from .census import Census, census
 from .config import ConfigError, HeadGainConfig, presets
+from .contrib import ContributionMap, contribution_map
 from .handle import Handle, HeadGainError, attach
 from .ops import extension_available
 from .registry import ArchError, ArchMap, register_arch, registered_archs
@@ -22,5 +24,9 @@ __all__ = [
     "ConfigError",
     "ArchError",
     "HeadGainError",
+    "contribution_map",
+    "ContributionMap",
+    "census",
+    "Census",
 ]
 __version__ = "0.1.0"

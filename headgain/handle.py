@@ -140,6 +140,11 @@ class Handle:
         """(L, B, H) float32 on the CPU: gains applied in the most recent forward pass (None before any)."""
         return self._stacked(self._gains)
 
+    @property
+    def last_has_visual(self) -> torch.Tensor | None:
+        """(B,) bool on the CPU: which samples of the most recent forward pass hold visual tokens."""
+        return None if self._state is None else self._state.has_visual.cpu()
+
     def set_visual_mask(self, mask: torch.Tensor | None) -> None:
         """Mark visual positions by hand, for inputs without visual token ids (``inputs_embeds``).
 
