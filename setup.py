@@ -12,8 +12,6 @@ import os
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def _flag(name):
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
