@@ -1,0 +1,67 @@
+"""The overhead benchmark's code path at tiny sizes (one round; no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    results = tmp / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Ops benchmark\n\nkept as is\n")
+    out = tmp / "out.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--visual-tokens", "16", "--batch", "2",
+           "--new-tokens", "2", "--rounds", "1", "--json", str(out), "--results", str(results)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text()), results.read_text()
+
+
+def test_json_has_every_arm_and_setting(run):
+    _, data, _ = run
+    assert [e["visual_tokens"] for e in data["results"]] == [16]
+    for entry in data["results"]:
+        assert set(entry["arms"]) == {"vanilla-sdpa", "headgain-sdpa", "vanilla-eager", "headgain-eager", "vcd-sdpa"}
+        for arm, a in entry["arms"].items():
+            assert len(a["times_s"]) == 1 and a["median_s"] > 0 and a["tokens_per_s"] > 0
+            assert a["peak_mib"] > 0
+            if not arm.startswith("vanilla"):
+                assert "change_pct" in a
+    assert data["machine"]["torch"] and data["machine"]["transformers"] and data["command"].startswith("python")
+    assert len(data["targets"]["per_setting"]) == 1
+
+
+def test_table_and_results_entry(run):
+    proc, _, md = run
+    assert "| VCD (sdpa) |" in proc.stdout and "Seconds per batch" in proc.stdout
+    # the entry lands in this benchmark's own section; other sections are kept
+    assert "## Ops benchmark\n\nkept as is\n" in md
+    section = md[md.index("## Overhead benchmark (benchmarks/overhead.py)"):]
+    assert "- Command: `python benchmarks/overhead.py --visual-tokens 16" in section
+    assert "transformers" in section and "| headgain (eager) |" in section
+
+
+def test_record_appends_inside_its_section(tmp_path):
+    sys.path.insert(0, ROOT)
+    from benchmarks.overhead import SECTION, record
+
+    path = tmp_path / "R.md"
+    path.write_text(f"# R\n\n{SECTION}\n\nold entry\n\n## Ops benchmark\n\nops\n")
+    record(str(path), "new entry")
+    text = path.read_text()
+    assert text.index("old entry") < text.index("new entry") < text.index("## Ops benchmark")
+    assert text.endswith("## Ops benchmark\n\nops\n")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--model", str(tmp_path / "nope"),
+           "--no-record"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode != 0 and "no such local checkpoint" in proc.stderr
