@@ -34,7 +34,7 @@ def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
         return []
-    cxx = ["-O3"]
+    cxx = ["-O3", "-fno-trapping-math"]
     if not build_with_cuda():
         print("headgain: building the CPU extension (set HEADGAIN_FORCE_CUDA=1 to build the CUDA kernels)")
         return [CppExtension("headgain._C", sources, extra_compile_args={"cxx": cxx})]

@@ -137,35 +137,28 @@ HG_SIMD void load_float(const T* src, int64_t stride, float* dst, int64_t n) {
   }
 }
 
-// out[j] = dot(q, k[j]) for n contiguous key rows of width d.
-HG_SIMD void key_scores(const float* q, const float* k, int64_t n, int64_t d, float* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float* kj = k + j * d;
-    float acc[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= d; i += kLanes)
-      for (int t = 0; t < kLanes; ++t) acc[t] += q[i + t] * kj[i + t];
-    for (int t = 0; i < d; ++i, ++t) acc[t] += q[i] * kj[i];
-    float s = 0.f;
-    for (int t = 0; t < kLanes; ++t) s += acc[t];
-    out[j] = s;
-  }
-}
-
 // s[j] = s[j] * scaling (+ softcap) + bias[j]; returns max_j s[j].
-HG_SIMD float finish_scores(float* s, const float* bias, int64_t n, float scaling, float softcap) {
+HG_SIMD float finish_scores(float* __restrict__ s, const float* __restrict__ bias, int64_t n, float scaling, float softcap) {
   if (softcap > 0.f) {
     for (int64_t j = 0; j < n; ++j) s[j] = softcap * std::tanh(s[j] * scaling / softcap) + bias[j];
   } else {
     for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scaling + bias[j];
   }
-  float mx[kLanes];
-  std::fill(mx, mx + kLanes, kNegInf);
+  // A max reduction is not vectorised by the compiler without fast-math: spell it out on
+  // kLanes-wide vectors (a GCC/Clang vector extension; lowered to whatever SIMD the clone has).
+  typedef float lanes __attribute__((vector_size(kLanes * sizeof(float))));
+  lanes mx;
+  for (int t = 0; t < kLanes; ++t) mx[t] = kNegInf;
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int t = 0; t < kLanes; ++t) mx[t] = std::max(mx[t], s[j + t]);
-  for (int t = 0; j < n; ++j, ++t) mx[t] = std::max(mx[t], s[j]);
-  return *std::max_element(mx, mx + kLanes);
+  for (; j + kLanes <= n; j += kLanes) {
+    lanes x;
+    std::memcpy(&x, s + j, sizeof x);
+    mx = x > mx ? x : mx;
+  }
+  float m = kNegInf;
+  for (int t = 0; t < kLanes; ++t) m = std::max(m, mx[t]);
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
 }
 
 // exp(x) for x <= 0 to about 2 ulp (Cody-Waite reduction and a degree-6 polynomial),
@@ -300,7 +293,7 @@ struct SoftmaxStats {
   }
 };
 
-constexpr int64_t kKeyBlock = 256;  // keys converted to float and scored at a time
+constexpr int64_t kKeyBlock = 1024;  // keys converted to float and scored by one GEMM at a time
 
 at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                              const at::Tensor& visual, const at::Tensor& row_weights, double scaling,
@@ -332,36 +325,47 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
   const int64_t chunk_len = (blocks + chunks - 1) / chunks * kKeyBlock;
   std::vector<SoftmaxStats> stats(B * H * R * chunks);
   const float fscale = static_cast<float>(scaling), fcap = static_cast<float>(softcap);
-  const auto qs = q.strides(), ks = k.strides();
+  const auto qs = q.strides();
+
+  // float32 inputs: every score comes from one batched GEMM up front, (B, Hkv, G * R, Nk),
+  // that is O(Nk) floats per head and row. Half inputs: each block of keys is converted to
+  // float and scored by its own GEMM, so no float copy of the whole key cache is made.
+  const bool fp32 = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat;
+  at::Tensor all_scores;
+  if (fp32) all_scores = at::matmul(q.reshape({B, Hkv, G * R, D}), k.transpose(-1, -2)).contiguous();
 
   HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_qk", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    const scalar_t* kp = k.const_data_ptr<scalar_t>();
     at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> kf(kKeyBlock * D), sc(kKeyBlock), bias(kKeyBlock), qf;
+      std::vector<float> bias(kKeyBlock), qf;
+      at::Tensor qt, block;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task % chunks, bg = task / chunks, b = bg / Hkv, g = bg % Hkv;
         const auto& active = rows[b];
         if (active.empty()) continue;
-        qf.resize(active.size() * G * D);  // the task's query rows in float
-        for (size_t a = 0; a < active.size(); ++a)
-          for (int64_t i = 0; i < G; ++i)
-            load_float(qp + b * qs[0] + (g * G + i) * qs[1] + active[a] * qs[2], qs[3], &qf[(a * G + i) * D], D);
+        const int64_t A = static_cast<int64_t>(active.size());
+        if (!fp32) {
+          qf.resize(A * G * D);  // the task's query rows in float: row (a, i) = query head g * G + i
+          for (int64_t a = 0; a < A; ++a)
+            for (int64_t i = 0; i < G; ++i)
+              load_float(qp + b * qs[0] + (g * G + i) * qs[1] + active[a] * qs[2], qs[3], &qf[(a * G + i) * D], D);
+          qt = at::from_blob(qf.data(), {A * G, D}, at::TensorOptions().dtype(at::kFloat));
+        }
+        float* pair_scores = fp32 ? all_scores.data_ptr<float>() + bg * G * R * Nk : nullptr;
         const int64_t j_end = std::min(Nk, (c + 1) * chunk_len);
         for (int64_t j0 = c * chunk_len; j0 < j_end; j0 += kKeyBlock) {
           const int64_t n = std::min(kKeyBlock, j_end - j0);
-          for (int64_t j = 0; j < n; ++j)
-            load_float(kp + b * ks[0] + g * ks[1] + (j0 + j) * ks[2], ks[3], &kf[j * D], D);
-          for (size_t a = 0; a < active.size(); ++a) {
+          if (!fp32) block = at::mm(qt, k.select(0, b).select(0, g).narrow(0, j0, n).to(at::kFloat).t()).contiguous();
+          for (int64_t a = 0; a < A; ++a) {
             const int64_t r = active[a];
             mv.load(b, r, j0, n, bias.data());
             for (int64_t i = 0; i < G; ++i) {
-              key_scores(&qf[(a * G + i) * D], kf.data(), n, D, sc.data());
-              const float m = finish_scores(sc.data(), bias.data(), n, fscale, fcap);
+              float* si = fp32 ? pair_scores + (i * R + r) * Nk + j0 : block.data_ptr<float>() + (a * G + i) * n;
+              const float m = finish_scores(si, bias.data(), n, fscale, fcap);
               if (m == kNegInf) continue;
-              float s, v;
-              exp_sums(sc.data(), vp + b * Nk + j0, n, m, &s, &v);
-              stats[((b * H + g * G + i) * R + r) * chunks + c].merge(m, s, v);
+              float sum, vsum;
+              exp_sums(si, vp + b * Nk + j0, n, m, &sum, &vsum);
+              stats[((b * H + g * G + i) * R + r) * chunks + c].merge(m, sum, vsum);
             }
           }
         }

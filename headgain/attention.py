@@ -30,6 +30,7 @@ class ForwardState:
             uniform over the text rows for ``query="mean_text"``).
         rows: "last" or "mean_text", which rows the fused path recomputes.
         has_visual: (B,) bool, whether a sample holds any visual token.
+        last_row_weight: (B, 1) float32 ones, the weight of the single i* row.
     """
 
     visual: torch.Tensor
@@ -38,6 +39,7 @@ class ForwardState:
     query_weights: torch.Tensor
     rows: str
     has_visual: torch.Tensor
+    last_row_weight: torch.Tensor
     _key_visual: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
 
@@ -69,7 +71,7 @@ class ForwardState:
         else:
             weights = one_hot
         visual = current_visual if previous_visual is None else torch.cat([previous_visual, current_visual], 1)
-        return cls(visual, nq, istar, weights, query, visual.any(1))
+        return cls(visual, nq, istar, weights, query, visual.any(1), weights.new_ones((b, 1)))
 
     def key_visual(self, num_keys: int) -> torch.Tensor:
         """(B, Nk) bool: visual flags of the keys a layer sees.
@@ -95,7 +97,7 @@ class ForwardState:
         b = self.visual.shape[0]
         if attention_mask is not None and attention_mask.dim() == 4:
             rows = attention_mask[:, 0].expand(b, -1, -1)[..., -num_keys:]
-            if self.rows == "last":
+            if self.rows == "last" and self.num_queries > 1:
                 rows = rows.gather(1, self.istar[:, None, None].expand(b, 1, rows.shape[-1]))
         else:
             rows = self._causal_rows(attention_mask, num_keys, sliding_window)
@@ -143,10 +145,10 @@ def layer_ratios(
     visual = state.key_visual(num_keys)
     if weights is not None and weights.dim() == 4 and weights.shape[-1] == num_keys:
         return ops.ratio_from_probs(weights, visual, state.query_weights)
-    b, h, _, d = query.shape
+    b, h, nq, d = query.shape
     if state.rows == "last":
-        rows = query.gather(2, state.istar[:, None, None, None].expand(b, h, 1, d))
-        row_weights = state.query_weights.new_ones((b, 1))
+        rows = query if nq == 1 else query.gather(2, state.istar[:, None, None, None].expand(b, h, 1, d))
+        row_weights = state.last_row_weight
     else:
         rows = query
         row_weights = state.query_weights
