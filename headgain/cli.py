@@ -327,17 +327,23 @@ def _generate(loaded: Loaded, batch: dict, max_new_tokens: int) -> tuple[list[in
 
 
 # ---------------------------------------------------------------------- subcommands
+def _prepare(args):
+    """The image, config and model of a single-image subcommand, announced on stdout."""
+    image = load_image(args.image)
+    cfg = load_config(args)
+    loaded = load_model(args)
+    print(f"model: {loaded.name}")
+    print(_describe_cfg(args, cfg))
+    return image, cfg, loaded
+
+
 def cmd_run(args) -> int:
     import torch
 
     from .census import PERCEPTION, REASONING, classify
     from .handle import attach
 
-    image = load_image(args.image)
-    cfg = load_config(args)
-    loaded = load_model(args)
-    print(f"model: {loaded.name}")
-    print(_describe_cfg(args, cfg))
+    image, cfg, loaded = _prepare(args)
     with attach(loaded.model, cfg=cfg) as handle:
         batch = loaded.inputs([image], [args.question])
         handle.enabled = False
@@ -435,11 +441,7 @@ def cmd_contrib(args) -> int:
     from . import plots
     from .contrib import contribution_map
 
-    image = load_image(args.image)
-    cfg = load_config(args)
-    loaded = load_model(args)
-    print(f"model: {loaded.name}")
-    print(_describe_cfg(args, cfg))
+    image, cfg, loaded = _prepare(args)
     batch = loaded.inputs([image], [args.question])
     targets = None
     if args.answer is not None:
