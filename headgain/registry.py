@@ -132,7 +132,7 @@ _KIMI_NOTES = (
     "KimiVLForConditionalGeneration keeps its DeepSeek-V3 decoder at language_model.model.layers.*.self_attn "
     "(multi-head latent attention, value width v_head_dim) and its MoonViT tower at vision_tower; the image "
     "placeholder id is config.media_placeholder_token_id. Its attention must go through transformers' "
-    "attention interface; remote code that calls its own kernels directly is reported at attach time."
+    "attention interface; remote code that calls its own kernels directly is reported at the first forward pass."
 )
 
 _LM = "model.language_model.layers.*.self_attn"
