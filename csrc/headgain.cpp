@@ -137,6 +137,69 @@ HG_SIMD void load_float(const T* src, int64_t stride, float* dst, int64_t n) {
   }
 }
 
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));  // GCC/Clang vector extension
+typedef float Lanes8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float Lanes4 __attribute__((vector_size(4 * sizeof(float))));
+static_assert(kLanes == 16, "lane_total assumes 16 lanes");
+
+// Sum of the lanes as a tree of vector adds (16 -> 8 -> 4 -> 1).
+__attribute__((always_inline)) inline float lane_total(Lanes v) {
+  const Lanes8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Lanes4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+__attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t d) {
+  Lanes acc = {};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    Lanes x, y;
+    std::memcpy(&x, a + i, sizeof x);
+    std::memcpy(&y, b + i, sizeof y);
+    acc += x * y;
+  }
+  float s = lane_total(acc);
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// dst[i] = float(src[i * stride]) for one row of d elements.
+template <typename T>
+__attribute__((always_inline)) inline void widen_row(const T* src, int64_t stride, float* dst, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
+}
+
+// bfloat16 is the top half of a float32: widen 16 at a time with a shift.
+template <>
+__attribute__((always_inline)) inline void widen_row<c10::BFloat16>(const c10::BFloat16* src, int64_t stride,
+                                                                     float* dst, int64_t d) {
+  typedef uint16_t Half16 __attribute__((vector_size(16 * sizeof(uint16_t))));
+  typedef uint32_t Word16 __attribute__((vector_size(16 * sizeof(uint32_t))));
+  int64_t i = 0;
+  if (stride == 1) {
+    for (; i + 16 <= d; i += 16) {
+      Half16 h;
+      std::memcpy(&h, src + i, sizeof h);
+      const Word16 w = __builtin_convertvector(h, Word16) << 16;
+      std::memcpy(dst + i, &w, sizeof w);
+    }
+  }
+  for (; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
+}
+
+// out[row * n + j] = dot(q[row], key j) for n keys (element strides key_stride between keys,
+// elem_stride within one) and `rows` float query rows of width d: each key is widened to
+// float once, into kf, and scored against every query row that reads it.
+template <typename T>
+HG_SIMD void score_keys(const float* q, int64_t rows, const T* k, int64_t key_stride, int64_t elem_stride, int64_t n,
+                        int64_t d, float* kf, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    widen_row(k + j * key_stride, elem_stride, kf, d);
+    for (int64_t row = 0; row < rows; ++row) out[row * n + j] = dot(q + row * d, kf, d);
+  }
+}
+
 // s[j] = s[j] * scaling (+ softcap) + bias[j]; returns max_j s[j].
 HG_SIMD float finish_scores(float* __restrict__ s, const float* __restrict__ bias, int64_t n, float scaling, float softcap) {
   if (softcap > 0.f) {
@@ -293,7 +356,7 @@ struct SoftmaxStats {
   }
 };
 
-constexpr int64_t kKeyBlock = 1024;  // keys converted to float and scored by one GEMM at a time
+constexpr int64_t kKeyBlock = 1024;  // keys scored at a time (a task holds its scores for this many keys)
 
 at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                              const at::Tensor& visual, const at::Tensor& row_weights, double scaling,
@@ -325,20 +388,21 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
   const int64_t chunk_len = (blocks + chunks - 1) / chunks * kKeyBlock;
   std::vector<SoftmaxStats> stats(B * H * R * chunks);
   const float fscale = static_cast<float>(scaling), fcap = static_cast<float>(softcap);
-  const auto qs = q.strides();
+  const auto qs = q.strides(), ks = k.strides();
 
   // float32 inputs: every score comes from one batched GEMM up front, (B, Hkv, G * R, Nk),
-  // that is O(Nk) floats per head and row. Half inputs: each block of keys is converted to
-  // float and scored by its own GEMM, so no float copy of the whole key cache is made.
+  // that is O(Nk) floats per head and row. Half inputs: each key is widened to float once
+  // and scored against every query row of its KV group (score_keys), so no float copy of
+  // the key cache is made.
   const bool fp32 = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat;
   at::Tensor all_scores;
   if (fp32) all_scores = at::matmul(q.reshape({B, Hkv, G * R, D}), k.transpose(-1, -2)).contiguous();
 
   HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_qk", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
     at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> bias(kKeyBlock), qf;
-      at::Tensor qt, block;
+      std::vector<float> bias(kKeyBlock), qf, kf(D), block;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task % chunks, bg = task / chunks, b = bg / Hkv, g = bg % Hkv;
         const auto& active = rows[b];
@@ -346,21 +410,21 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
         const int64_t A = static_cast<int64_t>(active.size());
         if (!fp32) {
           qf.resize(A * G * D);  // the task's query rows in float: row (a, i) = query head g * G + i
+          block.resize(A * G * kKeyBlock);
           for (int64_t a = 0; a < A; ++a)
             for (int64_t i = 0; i < G; ++i)
               load_float(qp + b * qs[0] + (g * G + i) * qs[1] + active[a] * qs[2], qs[3], &qf[(a * G + i) * D], D);
-          qt = at::from_blob(qf.data(), {A * G, D}, at::TensorOptions().dtype(at::kFloat));
         }
         float* pair_scores = fp32 ? all_scores.data_ptr<float>() + bg * G * R * Nk : nullptr;
         const int64_t j_end = std::min(Nk, (c + 1) * chunk_len);
         for (int64_t j0 = c * chunk_len; j0 < j_end; j0 += kKeyBlock) {
           const int64_t n = std::min(kKeyBlock, j_end - j0);
-          if (!fp32) block = at::mm(qt, k.select(0, b).select(0, g).narrow(0, j0, n).to(at::kFloat).t()).contiguous();
+          if (!fp32) score_keys(qf.data(), A * G, kp + b * ks[0] + g * ks[1] + j0 * ks[2], ks[2], ks[3], n, D, kf.data(), block.data());
           for (int64_t a = 0; a < A; ++a) {
             const int64_t r = active[a];
             mv.load(b, r, j0, n, bias.data());
             for (int64_t i = 0; i < G; ++i) {
-              float* si = fp32 ? pair_scores + (i * R + r) * Nk + j0 : block.data_ptr<float>() + (a * G + i) * n;
+              float* si = fp32 ? pair_scores + (i * R + r) * Nk + j0 : block.data() + (a * G + i) * n;
               const float m = finish_scores(si, bias.data(), n, fscale, fcap);
               if (m == kNegInf) continue;
               float sum, vsum;
