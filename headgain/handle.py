@@ -26,7 +26,7 @@ from .registry import ArchError, ArchMap, get_arch, resolve_layers
 
 __all__ = ["attach", "Handle", "HeadGainError"]
 
-_VISION_WORDS = ("vision", "visual", "image_encoder", "vit")
+_VISION_WORDS = ("vision", "visual", "image_encoder", "vit")  # module-name prefixes of vision towers
 _names = itertools.count(1)
 
 
@@ -331,7 +331,7 @@ def _text_config(model, arch: ArchMap):
 
 def _check_decoder_modules(model, arch: ArchMap, layers, text_config) -> None:
     names = [name for name, _ in layers]
-    in_vision = [n for n in names if any(w in part for part in n.lower().split(".") for w in _VISION_WORDS)]
+    in_vision = [n for n in names if any(part.startswith(_VISION_WORDS) for part in n.lower().split("."))]
     if len(in_vision) == len(names):
         raise ArchError(
             f"attention path {arch.attention!r} matches vision-tower modules only ({names[0]}, ...); point it at the "
