@@ -26,7 +26,6 @@ from typing import Callable, Sequence
 
 __all__ = ["main", "CLIError", "build_parser"]
 
-EMBEDDED = dict(layers=8, hidden=128, heads=8, kv_heads=2)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_QUESTION = "Describe the image."
 
@@ -243,9 +242,9 @@ def _to(batch: dict, device) -> dict:
 
 def _embedded(attn: str, dtype, device) -> Loaded:
     from .synthetic import ByteTokenizer, qwen_vl_inputs
-    from .tiny import tiny_model
+    from .tiny import EMBEDDED, embedded_model
 
-    model = tiny_model("qwen2_5_vl", attn_implementation=attn, dtype=dtype, **EMBEDDED).to(device)
+    model = embedded_model(attn, dtype).to(device)
     tok = ByteTokenizer()
 
     def inputs(images, questions):

@@ -17,7 +17,7 @@ import torch
 
 import headgain
 from headgain.synthetic import ByteTokenizer, draw_image, qwen_vl_inputs
-from headgain.tiny import tiny_model
+from headgain.tiny import embedded_model
 
 
 def summarize(handle: headgain.Handle, sample: int = 0) -> str:
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    model = tiny_model("qwen2_5_vl", args.attn, layers=12, hidden=256, heads=8, kv_heads=2, vision_hidden=64,
-                       init_std=0.1)
+    model = embedded_model(args.attn)
     tok = ByteTokenizer()
     question = "How many red circles are in the picture?"
     inputs = qwen_vl_inputs([draw_image(seed=7)], [question], max_pixels=224 * 224)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-__all__ = ["ARCHS", "IMAGE_ID", "VIDEO_ID", "VOCAB", "tiny_config", "tiny_model", "text_config_kwargs"]
+__all__ = ["ARCHS", "EMBEDDED", "IMAGE_ID", "VIDEO_ID", "VOCAB", "embedded_model", "tiny_config", "tiny_model",
+           "text_config_kwargs"]
 
 VOCAB = 320
 IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 300, 301, 302, 303
@@ -146,3 +147,14 @@ def tiny_model(model_type: str, attn_implementation: str = "sdpa", dtype: torch.
     auto = tf.AutoModelForCausalLM if model_type == "deepseek_v3" else tf.AutoModelForImageTextToText
     model = auto.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()
+
+
+#: The embedded default of the demo and the command line: a Qwen2.5-VL deep enough for the
+#: paper's presets (l_perc = 7), initialised with a wide range so heads differ in how much
+#: they look at the image.
+EMBEDDED = dict(layers=12, hidden=256, heads=8, kv_heads=2, vision_hidden=64, init_std=0.1)
+
+
+def embedded_model(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """The embedded default model (see `EMBEDDED`), random weights, eval mode."""
+    return tiny_model("qwen2_5_vl", attn_implementation, dtype=dtype, **EMBEDDED)

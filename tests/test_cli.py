@@ -16,6 +16,9 @@ from PIL import Image
 import headgain
 from headgain.cli import main
 from headgain.synthetic import draw_image
+from headgain.tiny import EMBEDDED
+
+L, H = EMBEDDED["layers"], EMBEDDED["heads"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,10 +79,10 @@ def test_census(data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     d = json.loads((out_dir / "census.json").read_text())
-    assert d["num_samples"] == 3 and d["num_layers"] == 8 and d["num_heads"] == 8
+    assert d["num_samples"] == 3 and d["num_layers"] == L and d["num_heads"] == H
     for key in ("mean", "std", "selected_fraction", "classes"):
-        assert np.array(d[key]).shape == (8, 8), key
-    assert np.load(out_dir / "samples.npy").shape == (3, 8, 8)
+        assert np.array(d[key]).shape == (L, H), key
+    assert np.load(out_dir / "samples.npy").shape == (3, L, H)
     suggested = headgain.HeadGainConfig.from_json(str(out_dir / "suggested_config.json"))
     suggested.check_layers(8)
     for name in ("visual_ratio.png", "classes.png", "classes_suggested.png"):
@@ -104,9 +107,9 @@ def test_contrib(data, tmp_path, capsys):
     d = json.loads((out_dir / "contrib.json").read_text())
     assert d["answer"] == "red" and len(d["answer_ids"]) == 3
     for key in ("vanilla", "rescaled"):
-        assert np.array(d[key]["signed"]).shape == (8, 8)
-        assert np.array(d[key]["importance"]).sum(1) == pytest.approx(np.ones(8), abs=1e-5)
-        assert len(d[key]["ranking"]) == 64
+        assert np.array(d[key]["signed"]).shape == (L, H)
+        assert np.array(d[key]["importance"]).sum(1) == pytest.approx(np.ones(L), abs=1e-5)
+        assert len(d[key]["ranking"]) == L * H
     assert d["rescaled"]["cfg"]["l_perc"] == 7 and d["vanilla"]["cfg"] is None
     assert "top heads, vanilla:" in out
 
