@@ -150,6 +150,22 @@ __attribute__((always_inline)) inline float lane_total(Lanes v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// The lane sums of four vectors at once, in lanes 0..3 of the result: each halving step
+// folds two vectors into one, so four sums cost about as much as one lane_total.
+__attribute__((always_inline)) inline Lanes lane_totals4(Lanes a0, Lanes a1, Lanes a2, Lanes a3) {
+  const Lanes b01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const Lanes b23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // lanes 4u..4u+3 hold partial sums of a_u
+  const Lanes c = __builtin_shufflevector(b01, b23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                  __builtin_shufflevector(b01, b23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const Lanes d = __builtin_shufflevector(c, c, 0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13) +
+                  __builtin_shufflevector(c, c, 2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(d, d, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6) +
+         __builtin_shufflevector(d, d, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
+}
+
 __attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t d) {
   Lanes acc = {};
   int64_t i = 0;
@@ -194,7 +210,34 @@ __attribute__((always_inline)) inline void widen_row<c10::BFloat16>(const c10::B
 template <typename T>
 HG_SIMD void score_keys(const float* q, int64_t rows, const T* k, int64_t key_stride, int64_t elem_stride, int64_t n,
                         int64_t d, float* kf, float* out) {
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+  if (d % kLanes == 0) {
+    // Four keys at a time: four independent accumulator chains hide the FMA latency that a
+    // single dot product waits on, and each query vector is loaded once for four keys.
+    for (; j + 4 <= n; j += 4) {
+      for (int t = 0; t < 4; ++t) widen_row(k + (j + t) * key_stride, elem_stride, kf + t * d, d);
+      for (int64_t row = 0; row < rows; ++row) {
+        const float* qr = q + row * d;
+        Lanes a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int64_t i = 0; i < d; i += kLanes) {
+          Lanes x, y0, y1, y2, y3;
+          std::memcpy(&x, qr + i, sizeof x);
+          std::memcpy(&y0, kf + i, sizeof y0);
+          std::memcpy(&y1, kf + d + i, sizeof y1);
+          std::memcpy(&y2, kf + 2 * d + i, sizeof y2);
+          std::memcpy(&y3, kf + 3 * d + i, sizeof y3);
+          a0 += x * y0;
+          a1 += x * y1;
+          a2 += x * y2;
+          a3 += x * y3;
+        }
+        const Lanes t = lane_totals4(a0, a1, a2, a3);
+        float* o = out + row * n + j;
+        for (int u = 0; u < 4; ++u) o[u] = t[u];
+      }
+    }
+  }
+  for (; j < n; ++j) {
     widen_row(k + j * key_stride, elem_stride, kf, d);
     for (int64_t row = 0; row < rows; ++row) out[row * n + j] = dot(q + row * d, kf, d);
   }
@@ -402,7 +445,7 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
     const scalar_t* kp = k.const_data_ptr<scalar_t>();
     at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> bias(kKeyBlock), qf, kf(D), block;
+      std::vector<float> bias(kKeyBlock), qf, kf(4 * D), block;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task % chunks, bg = task / chunks, b = bg / Hkv, g = bg % Hkv;
         const auto& active = rows[b];
