@@ -16,6 +16,7 @@ import time
 import torch
 
 import headgain
+from headgain.census import PERCEPTION, REASONING, classify
 from headgain.synthetic import ByteTokenizer, draw_image, qwen_vl_inputs
 from headgain.tiny import embedded_model
 
@@ -26,12 +27,10 @@ def summarize(handle: headgain.Handle, sample: int = 0) -> str:
     cfg = handle.cfg
     lines = [f"{'layer':>5}  {'mean S_v':>8}  {'perception heads (gain ' + str(cfg.g_perc) + ')':<34}  "
              f"reasoning heads (gain {cfg.g_reas})"]
-    layers = torch.arange(handle.num_layers)[:, None]
-    perc = (layers <= cfg.l_perc) & (ratios >= cfg.tau_perc)
-    reas = (layers >= cfg.l_reas) & (ratios <= cfg.tau_reas) & ~perc
+    classes = classify(ratios.numpy(), cfg)
     for layer in range(handle.num_layers):
-        p = perc[layer].nonzero().flatten().tolist()
-        r = reas[layer].nonzero().flatten().tolist()
+        p = (classes[layer] == PERCEPTION).nonzero()[0].tolist()
+        r = (classes[layer] == REASONING).nonzero()[0].tolist()
         lines.append(f"{layer:>5}  {ratios[layer].mean():>8.3f}  {_heads(p):<34}  {_heads(r)}")
     selected = int((gains != 1).sum())
     lines.append(f"selected {selected} of {gains.numel()} heads ({100 * selected / gains.numel():.1f}%); "
