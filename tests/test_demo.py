@@ -12,4 +12,4 @@ def test_demo_prints_both_answers_and_every_layer(capsys):
     assert "vanilla :" in out and "headgain:" in out
     rows = [line for line in out.splitlines() if re.match(r"^\s+\d+\s+\d\.\d{3}\s", line)]
     assert [int(r.split()[0]) for r in rows] == list(range(EMBEDDED["layers"]))
-    assert re.search(r"selected \d+ of 96 heads", out)
+    assert re.search(rf"selected \d+ of {EMBEDDED['layers'] * EMBEDDED['heads']} heads", out)
