@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import HeadGainConfig
-from .handle import attach
+from .handle import borrowed
 
 __all__ = ["Census", "Suggestion", "census", "classify", "NEUTRAL", "PERCEPTION", "REASONING", "CLASS_NAMES"]
 
@@ -304,11 +304,6 @@ def census(
         A `Census`. Samples without visual tokens are counted in ``skipped`` and left
         out. Model outputs are not changed (headgain is disabled while it runs).
     """
-    handle = getattr(model, "_headgain_handle", None)
-    temporary = handle is None
-    if temporary:
-        handle = attach(model, arch_map, HeadGainConfig(l_perc=0, l_reas=0, query=query))
-    saved_cfg, saved_enabled = handle.cfg, handle.enabled
     stream = stream if stream is not None else sys.stderr
     if progress is None:
         progress = bool(getattr(stream, "isatty", lambda: False)())
@@ -317,29 +312,25 @@ def census(
     rows: list[np.ndarray] = []
     skipped = 0
     start = time.perf_counter()
-    try:
-        if handle.cfg.query != query:
-            handle.cfg = handle.cfg.replace(query=query)
-        handle.enabled = False
-        device = _input_device(model)
-        for batch in batches:
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in dict(batch).items()}
-            with torch.no_grad():
-                model(**batch, use_cache=False)
-            ratios = handle.last_ratios  # (L, B, H)
-            has_visual = handle.last_has_visual.numpy()
-            per_sample = ratios.permute(1, 0, 2).numpy()  # (B, L, H)
-            rows.extend(per_sample[has_visual])
-            skipped += int((~has_visual).sum())
+    with borrowed(model, arch_map, enabled=False) as handle:
+        try:
+            if handle.cfg.query != query:
+                handle.cfg = handle.cfg.replace(query=query)
+            device = _input_device(model)
+            for batch in batches:
+                batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in dict(batch).items()}
+                with torch.no_grad():
+                    model(**batch, use_cache=False)
+                ratios = handle.last_ratios  # (L, B, H)
+                has_visual = handle.last_has_visual.numpy()
+                per_sample = ratios.permute(1, 0, 2).numpy()  # (B, L, H)
+                rows.extend(per_sample[has_visual])
+                skipped += int((~has_visual).sum())
+                if bar:
+                    bar.update(len(has_visual))
+        finally:
             if bar:
-                bar.update(len(has_visual))
-    finally:
-        if bar:
-            bar.close()
-        if temporary:
-            handle.detach()
-        else:
-            handle.cfg, handle.enabled = saved_cfg, saved_enabled
+                bar.close()
     shape = (0, handle.num_layers, handle.num_heads)
     samples = np.stack(rows).astype(np.float32) if rows else np.zeros(shape, dtype=np.float32)
     return Census(samples, skipped, query, time.perf_counter() - start)

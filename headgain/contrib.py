@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import HeadGainConfig
-from .handle import Handle, HeadGainError, attach
+from .handle import Handle, HeadGainError, borrowed
 
 __all__ = ["ContributionMap", "contribution_map", "NORMALIZATIONS"]
 
@@ -216,7 +216,7 @@ def contribution_map(
     if cfg is not None:
         cfg = HeadGainConfig.coerce(cfg)
 
-    with _handle_for(model, arch_map, cfg) as handle, _frozen(model):
+    with borrowed(model, arch_map, cfg, enabled=cfg is not None) as handle, _frozen(model):
         answer = _resolve_targets(model, inputs, targets, n_tokens)
         if not answer:
             raise HeadGainError("no target tokens: pass a token id, a non-empty answer, or targets=None")
@@ -265,28 +265,6 @@ def _stack(grads, gates) -> torch.Tensor:
     return torch.stack(
         [torch.zeros_like(g) if d is None else d.detach() for d, g in zip(grads, gates)]
     ).float().cpu()
-
-
-@contextlib.contextmanager
-def _handle_for(model: nn.Module, arch_map, cfg: HeadGainConfig | None):
-    """The model's handle set to vanilla (cfg None) or to ``cfg``; restored or detached on exit."""
-    handle = getattr(model, "_headgain_handle", None)
-    temporary = handle is None
-    if temporary:
-        # bounds of 0 fit any depth; a disabled handle applies no gains anyway
-        handle = attach(model, arch_map, cfg if cfg is not None else HeadGainConfig(l_perc=0, l_reas=0))
-    saved_cfg, saved_enabled = handle.cfg, handle.enabled
-    try:
-        if cfg is not None:
-            handle.cfg = cfg
-        handle.enabled = cfg is not None
-        yield handle
-    finally:
-        if temporary:
-            handle.detach()
-        else:
-            handle.cfg = saved_cfg
-            handle.enabled = saved_enabled
 
 
 @contextlib.contextmanager

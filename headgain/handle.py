@@ -9,10 +9,11 @@ output (B, N, H, D) in place before the module applies its output projection.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import warnings
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from .attention import ForwardState, layer_ratios
 from .config import HeadGainConfig
 from .registry import ArchError, ArchMap, get_arch, resolve_layers
 
-__all__ = ["attach", "Handle", "HeadGainError"]
+__all__ = ["attach", "borrowed", "Handle", "HeadGainError"]
 
 _VISION_WORDS = ("vision", "visual", "image_encoder", "vit")  # module-name prefixes of vision towers
 _names = itertools.count(1)
@@ -75,6 +76,31 @@ def attach(
     originals = [_original_function(module, impl) for _, module in layers]
     visual_ids = _visual_ids(model, arch, text_config)
     return Handle(model, arch, cfg, layers, text_config, impl, originals, visual_ids, num_heads, head_dim)
+
+
+@contextlib.contextmanager
+def borrowed(model: nn.Module, arch_map=None, cfg: HeadGainConfig | None = None, enabled: bool = True) -> Iterator["Handle"]:
+    """The model's handle, or a temporary attachment when it has none, for one block.
+
+    ``cfg`` (when given) and ``enabled`` are set for the block; on exit a temporary handle
+    is detached and an existing one gets its own config and state back, even on error.
+    """
+    handle = getattr(model, "_headgain_handle", None)
+    temporary = handle is None
+    if temporary:
+        # layer bounds of 0 fit a decoder of any depth
+        handle = attach(model, arch_map, cfg if cfg is not None else HeadGainConfig(l_perc=0, l_reas=0))
+    saved = handle.cfg, handle.enabled
+    try:
+        if cfg is not None:
+            handle.cfg = cfg
+        handle.enabled = enabled
+        yield handle
+    finally:
+        if temporary:
+            handle.detach()
+        else:
+            handle.cfg, handle.enabled = saved
 
 
 class Handle:
