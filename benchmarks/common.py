@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SHAPES", "Shape", "build_model", "synthetic_batch", "load_checkpoint", "checkpoint_batch", "machine"]
+__all__ = ["SHAPES", "Shape", "build_model", "synthetic_batch", "load_checkpoint", "checkpoint_batch", "machine",
+           "cpu_model", "cpu_has"]
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def machine(device: str) -> dict:
     import transformers
 
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+            "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -165,15 +166,27 @@ def machine(device: str) -> dict:
     return info
 
 
-def _cpu_model() -> str:
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key : value`` line of /proc/cpuinfo (Linux), or None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == key:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_has(flag: str) -> bool | None:
+    """Whether /proc/cpuinfo lists the CPU feature ``flag`` (e.g. ``avx512_bf16``); None
+    where there is no /proc/cpuinfo."""
+    flags = _cpuinfo("flags")
+    return None if flags is None else flag in flags.split()
 
 
 def git_revision() -> str | None:

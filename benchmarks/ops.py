@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,10 @@ from typing import Callable
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common
 from headgain import ops, reference
 
 HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128  # Qwen2.5-VL-7B
@@ -155,15 +158,11 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {torch.get_num_threads()} threads (CPU capability {torch.backends.cpu.get_cpu_capability()})"
+    text = f"{common.cpu_model()}, {torch.get_num_threads()} threads (CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    bf16_dot = common.cpu_has("avx512_bf16")
+    if bf16_dot is not None:  # the CPU ratio_from_qk kernel for bfloat16 uses AVX512-BF16 where the CPU has it
+        text += f", AVX512-BF16 {'yes' if bf16_dot else 'no'}"
+    text += ")"
     if torch.cuda.is_available():
         text += f"; GPU {torch.cuda.get_device_name()}"
     if hasattr(os, "getloadavg"):

@@ -20,6 +20,10 @@
 
 #include "headgain.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 // `import headgain._C` loads this library, which registers torch.ops.headgain.*; the
 // Python module itself is empty.
 extern "C" PyObject* PyInit__C(void) {
@@ -204,36 +208,47 @@ __attribute__((always_inline)) inline void widen_row<c10::BFloat16>(const c10::B
   for (; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
 }
 
+// The scores of RT float query rows (row stride d) against 4 widened keys (kf, key stride
+// d), into out[row * n + t]: RT x 4 independent accumulator chains hide the FMA latency,
+// and each vector loaded is used RT or 4 times. d is a multiple of kLanes.
+template <int RT>
+__attribute__((always_inline)) inline void score_tile(const float* q, int64_t d, const float* kf, float* out,
+                                                      int64_t n) {
+  Lanes acc[RT][4] = {};
+  for (int64_t i = 0; i < d; i += kLanes) {
+    Lanes y[4];
+    for (int t = 0; t < 4; ++t) std::memcpy(&y[t], kf + t * d + i, sizeof(Lanes));
+    for (int r = 0; r < RT; ++r) {
+      Lanes x;
+      std::memcpy(&x, q + r * d + i, sizeof x);
+      for (int t = 0; t < 4; ++t) acc[r][t] += x * y[t];
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    const Lanes t = lane_totals4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    for (int u = 0; u < 4; ++u) out[r * n + u] = t[u];
+  }
+}
+
 // out[row * n + j] = dot(q[row], key j) for n keys (element strides key_stride between keys,
 // elem_stride within one) and `rows` float query rows of width d: each key is widened to
-// float once, into kf, and scored against every query row that reads it.
+// float once, into kf (4 * d floats), and scored against every query row, 4 rows at a time.
 template <typename T>
 HG_SIMD void score_keys(const float* q, int64_t rows, const T* k, int64_t key_stride, int64_t elem_stride, int64_t n,
                         int64_t d, float* kf, float* out) {
   int64_t j = 0;
   if (d % kLanes == 0) {
-    // Four keys at a time: four independent accumulator chains hide the FMA latency that a
-    // single dot product waits on, and each query vector is loaded once for four keys.
     for (; j + 4 <= n; j += 4) {
       for (int t = 0; t < 4; ++t) widen_row(k + (j + t) * key_stride, elem_stride, kf + t * d, d);
-      for (int64_t row = 0; row < rows; ++row) {
-        const float* qr = q + row * d;
-        Lanes a0 = {}, a1 = {}, a2 = {}, a3 = {};
-        for (int64_t i = 0; i < d; i += kLanes) {
-          Lanes x, y0, y1, y2, y3;
-          std::memcpy(&x, qr + i, sizeof x);
-          std::memcpy(&y0, kf + i, sizeof y0);
-          std::memcpy(&y1, kf + d + i, sizeof y1);
-          std::memcpy(&y2, kf + 2 * d + i, sizeof y2);
-          std::memcpy(&y3, kf + 3 * d + i, sizeof y3);
-          a0 += x * y0;
-          a1 += x * y1;
-          a2 += x * y2;
-          a3 += x * y3;
-        }
-        const Lanes t = lane_totals4(a0, a1, a2, a3);
-        float* o = out + row * n + j;
-        for (int u = 0; u < 4; ++u) o[u] = t[u];
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) score_tile<4>(q + r * d, d, kf, out + r * n + j, n);
+      const float* qr = q + r * d;
+      float* o = out + r * n + j;
+      switch (rows - r) {
+        case 3: score_tile<3>(qr, d, kf, o, n); break;
+        case 2: score_tile<2>(qr, d, kf, o, n); break;
+        case 1: score_tile<1>(qr, d, kf, o, n); break;
+        default: break;
       }
     }
   }
@@ -242,6 +257,70 @@ HG_SIMD void score_keys(const float* q, int64_t rows, const T* k, int64_t key_st
     for (int64_t row = 0; row < rows; ++row) out[row * n + j] = dot(q + row * d, kf, d);
   }
 }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// bfloat16 scores with the AVX512-BF16 dot-product instruction (vdpbf16ps: 32 bfloat16
+// products per instruction, summed in float32), chosen at run time where the CPU has it.
+// The products of two bfloat16 values are exact in float32, so only the order of the
+// float32 sums differs from score_keys.
+#define HG_BF16_DOT 1
+#define HG_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool cpu_has_bf16_dot() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+// RT query rows (row stride d) against KT keys (key stride ks), bfloat16 bits, d a
+// multiple of 32; out[r * n + t] = score of row r and key t.
+template <int RT, int KT>
+HG_BF16_TARGET __attribute__((always_inline)) inline void dot_tile_bf16(const uint16_t* q, int64_t d,
+                                                                         const uint16_t* k, int64_t ks, float* out,
+                                                                         int64_t n) {
+  __m512 acc[RT][KT];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < KT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 32) {
+    __m512bh y[KT];
+    for (int t = 0; t < KT; ++t) y[t] = (__m512bh)_mm512_loadu_si512(k + t * ks + i);
+    for (int r = 0; r < RT; ++r) {
+      const __m512bh x = (__m512bh)_mm512_loadu_si512(q + r * d + i);
+      for (int t = 0; t < KT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], x, y[t]);
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    if constexpr (KT == 4) {
+      const Lanes t = lane_totals4((Lanes)acc[r][0], (Lanes)acc[r][1], (Lanes)acc[r][2], (Lanes)acc[r][3]);
+      for (int u = 0; u < 4; ++u) out[r * n + u] = t[u];
+    } else {
+      for (int t = 0; t < KT; ++t) out[r * n + t] = lane_total((Lanes)acc[r][t]);
+    }
+  }
+}
+
+template <int KT>
+HG_BF16_TARGET __attribute__((always_inline)) inline void dot_rows_bf16(const uint16_t* q, int64_t rows, int64_t d,
+                                                                         const uint16_t* k, int64_t ks, float* out,
+                                                                         int64_t n) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) dot_tile_bf16<4, KT>(q + r * d, d, k, ks, out + r * n, n);
+  switch (rows - r) {
+    case 3: dot_tile_bf16<3, KT>(q + r * d, d, k, ks, out + r * n, n); break;
+    case 2: dot_tile_bf16<2, KT>(q + r * d, d, k, ks, out + r * n, n); break;
+    case 1: dot_tile_bf16<1, KT>(q + r * d, d, k, ks, out + r * n, n); break;
+    default: break;
+  }
+}
+
+// score_keys for bfloat16 rows q (rows, d) and keys with unit element stride, d % 32 == 0.
+HG_BF16_TARGET void score_keys_bf16(const uint16_t* q, int64_t rows, const uint16_t* k, int64_t key_stride, int64_t n,
+                                    int64_t d, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) dot_rows_bf16<4>(q, rows, d, k + j * key_stride, key_stride, out + j, n);
+  for (; j < n; ++j) dot_rows_bf16<1>(q, rows, d, k + j * key_stride, key_stride, out + j, n);
+}
+#endif
 
 // s[j] = s[j] * scaling (+ softcap) + bias[j]; returns max_j s[j].
 HG_SIMD float finish_scores(float* __restrict__ s, const float* __restrict__ bias, int64_t n, float scaling, float softcap) {
@@ -434,10 +513,16 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
   const auto qs = q.strides(), ks = k.strides();
 
   // float32 inputs: every score comes from one batched GEMM up front, (B, Hkv, G * R, Nk),
-  // that is O(Nk) floats per head and row. Half inputs: each key is widened to float once
-  // and scored against every query row of its KV group (score_keys), so no float copy of
-  // the key cache is made.
+  // that is O(Nk) floats per head and row. Half inputs: each key is scored against every
+  // query row of its KV group straight from the key cache, so no float copy of it is made:
+  // bfloat16 with AVX512-BF16 dot products where the CPU has them (score_keys_bf16), else
+  // each key widened to float once (score_keys).
   const bool fp32 = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat;
+#ifdef HG_BF16_DOT
+  const bool bf16_dot = q.scalar_type() == at::kBFloat16 && k.stride(3) == 1 && D % 32 == 0 && cpu_has_bf16_dot();
+#else
+  constexpr bool bf16_dot = false;
+#endif
   at::Tensor all_scores;
   if (fp32) all_scores = at::matmul(q.reshape({B, Hkv, G * R, D}), k.transpose(-1, -2)).contiguous();
 
@@ -446,23 +531,38 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
     const scalar_t* kp = k.const_data_ptr<scalar_t>();
     at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> bias(kKeyBlock), qf, kf(4 * D), block;
+      std::vector<uint16_t> qb;  // bf16_dot: the task's query rows as bfloat16 bits
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task % chunks, bg = task / chunks, b = bg / Hkv, g = bg % Hkv;
         const auto& active = rows[b];
         if (active.empty()) continue;
         const int64_t A = static_cast<int64_t>(active.size());
         if (!fp32) {
-          qf.resize(A * G * D);  // the task's query rows in float: row (a, i) = query head g * G + i
+          // the task's query rows: row (a, i) = query head g * G + i
           block.resize(A * G * kKeyBlock);
+          if (bf16_dot) qb.resize(A * G * D);
+          else qf.resize(A * G * D);
           for (int64_t a = 0; a < A; ++a)
-            for (int64_t i = 0; i < G; ++i)
-              load_float(qp + b * qs[0] + (g * G + i) * qs[1] + active[a] * qs[2], qs[3], &qf[(a * G + i) * D], D);
+            for (int64_t i = 0; i < G; ++i) {
+              const scalar_t* src = qp + b * qs[0] + (g * G + i) * qs[1] + active[a] * qs[2];
+              if (bf16_dot) {
+                for (int64_t e = 0; e < D; ++e) std::memcpy(&qb[(a * G + i) * D + e], src + e * qs[3], sizeof(uint16_t));
+              } else {
+                load_float(src, qs[3], &qf[(a * G + i) * D], D);
+              }
+            }
         }
         float* pair_scores = fp32 ? all_scores.data_ptr<float>() + bg * G * R * Nk : nullptr;
         const int64_t j_end = std::min(Nk, (c + 1) * chunk_len);
         for (int64_t j0 = c * chunk_len; j0 < j_end; j0 += kKeyBlock) {
           const int64_t n = std::min(kKeyBlock, j_end - j0);
-          if (!fp32) score_keys(qf.data(), A * G, kp + b * ks[0] + g * ks[1] + j0 * ks[2], ks[2], ks[3], n, D, kf.data(), block.data());
+          const scalar_t* kj = kp + b * ks[0] + g * ks[1] + j0 * ks[2];
+#ifdef HG_BF16_DOT
+          if (bf16_dot)
+            score_keys_bf16(qb.data(), A * G, reinterpret_cast<const uint16_t*>(kj), ks[2], n, D, block.data());
+          else
+#endif
+          if (!fp32) score_keys(qf.data(), A * G, kj, ks[2], ks[3], n, D, kf.data(), block.data());
           for (int64_t a = 0; a < A; ++a) {
             const int64_t r = active[a];
             mv.load(b, r, j0, n, bias.data());

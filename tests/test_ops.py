@@ -108,11 +108,17 @@ def sample_ratio_from_qk(device, dtype):
         ("h7-additive-bf16", (2, 7, 7, 3, 37, 24), torch.bfloat16, 0.0),
         ("additive-f32-softcap", (2, 8, 2, 2, 50, 40), torch.float32, 30.0),
         ("additive-f16", (3, 6, 3, 2, 19, 8), torch.float16, 0.0),
+        # head dims the bfloat16 dot-product kernel does not take (it needs D % 32 == 0 and
+        # unit stride along D), so on CPUs that have it these run the widening kernel
+        ("d48-g5", (2, 10, 2, 1, 66, 48), "bool", 0.0),
+        ("k-strided-d", (1, 14, 2, 2, 45, 64), None, 0.0),
     ]:
         q = _rand((b, r, h, d), dtype, device, g).transpose(1, 2)  # (B, H, R, D), non-contiguous
         k = _rand((b, hkv, nk, d), dtype, device, g)
         if name == "gqa-long":
             k = _rand((b, nk, hkv, d), dtype, device, g).transpose(1, 2)
+        if name == "k-strided-d":
+            k = _rand((b, hkv, d, nk), dtype, device, g).transpose(2, 3)
         allowed = torch.rand((b, r, nk), generator=g, device=device) > 0.3
         allowed[..., 0] = True  # every weighted row keeps one key
         w = torch.rand((b, r), generator=g, device=device) + 0.1
