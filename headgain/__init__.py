@@ -5,7 +5,7 @@ shallow heads that look at the image (perception) and the deep heads that do not
 (reasoning), scaling their outputs before the output projection.
 """
 
-from .census import Census, census
+from .head_census import Census, census
 from .config import ConfigError, HeadGainConfig, presets
 from .contrib import ContributionMap, contribution_map
 from .handle import Handle, HeadGainError, attach

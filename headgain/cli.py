@@ -339,7 +339,7 @@ def _prepare(args):
 def cmd_run(args) -> int:
     import torch
 
-    from .census import PERCEPTION, REASONING, classify
+    from .head_census import PERCEPTION, REASONING, classify
     from .handle import attach
 
     image, cfg, loaded = _prepare(args)
@@ -393,7 +393,7 @@ def cmd_census(args) -> int:
     import numpy as np
 
     from . import plots
-    from .census import census
+    from .head_census import census
     from .handle import attach
 
     if not 0.0 < args.target_fraction < 1.0:

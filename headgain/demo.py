@@ -16,7 +16,7 @@ import time
 import torch
 
 import headgain
-from headgain.census import PERCEPTION, REASONING, classify
+from headgain.head_census import PERCEPTION, REASONING, classify
 from headgain.synthetic import ByteTokenizer, draw_image, qwen_vl_inputs
 from headgain.tiny import embedded_model
 

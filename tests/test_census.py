@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import headgain
-from headgain.census import NEUTRAL, PERCEPTION, REASONING, Census, classify
+from headgain.head_census import NEUTRAL, PERCEPTION, REASONING, Census, classify
 from headgain.synthetic import draw_image, qwen_vl_inputs
 from headgain.tiny import tiny_model
 
