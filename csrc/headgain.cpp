@@ -8,6 +8,7 @@
 
 #include <Python.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,11 +17,14 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "headgain.h"
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// Kernels for x86-64 instructions past the build's baseline, chosen at run time by CPU feature.
+#define HG_X86_KERNELS 1
 #include <immintrin.h>
 #endif
 
@@ -107,7 +111,9 @@ void check_head_gains(const at::Tensor& ratios, const at::Tensor& has_visual) {
 }
 
 void check_scale_heads(const at::Tensor& out, const at::Tensor& gains) {
-  check_tensor(out.dim() == 4 && at::isFloatingType(out.scalar_type()), "out", out, "(B, N, H, D) floating");
+  const auto t = out.scalar_type();
+  check_tensor(out.dim() == 4 && (is_reduced_or_float(t) || t == at::kDouble), "out", out,
+               "(B, N, H, D) float32/bfloat16/float16/float64");
   check_tensor(gains.dim() == 2 && gains.size(0) == out.size(0) && gains.size(1) == out.size(2) &&
                    (gains.scalar_type() == at::kFloat || gains.scalar_type() == at::kDouble),
                "gains", gains, "(B, H) float32 matching out");
@@ -190,6 +196,26 @@ __attribute__((always_inline)) inline void widen_row(const T* src, int64_t strid
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
 }
 
+#ifdef HG_X86_KERNELS
+// float16 -> float32 with vcvtph2ps, 16 values per instruction; n a multiple of 16.
+__attribute__((target("avx512f"))) void widen_f16_avx512(const c10::Half* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+}
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+template <>
+__attribute__((always_inline)) inline void widen_row<c10::Half>(const c10::Half* src, int64_t stride, float* dst,
+                                                                int64_t d) {
+  if (stride == 1 && d % 16 == 0 && cpu_has_avx512()) return widen_f16_avx512(src, dst, d);
+  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
+}
+#endif
+
 // bfloat16 is the top half of a float32: widen 16 at a time with a shift.
 template <>
 __attribute__((always_inline)) inline void widen_row<c10::BFloat16>(const c10::BFloat16* src, int64_t stride,
@@ -208,16 +234,16 @@ __attribute__((always_inline)) inline void widen_row<c10::BFloat16>(const c10::B
   for (; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
 }
 
-// The scores of RT float query rows (row stride d) against 4 widened keys (kf, key stride
-// d), into out[row * n + t]: RT x 4 independent accumulator chains hide the FMA latency,
-// and each vector loaded is used RT or 4 times. d is a multiple of kLanes.
+// The scores of RT float query rows (row stride d) against 4 float keys (key stride ks),
+// into out[row * n + t]: RT x 4 independent accumulator chains hide the FMA latency, and
+// each vector loaded is used RT or 4 times. d is a multiple of kLanes.
 template <int RT>
-__attribute__((always_inline)) inline void score_tile(const float* q, int64_t d, const float* kf, float* out,
-                                                      int64_t n) {
+__attribute__((always_inline)) inline void score_tile(const float* q, int64_t d, const float* k, int64_t ks,
+                                                      float* out, int64_t n) {
   Lanes acc[RT][4] = {};
   for (int64_t i = 0; i < d; i += kLanes) {
     Lanes y[4];
-    for (int t = 0; t < 4; ++t) std::memcpy(&y[t], kf + t * d + i, sizeof(Lanes));
+    for (int t = 0; t < 4; ++t) std::memcpy(&y[t], k + t * ks + i, sizeof(Lanes));
     for (int r = 0; r < RT; ++r) {
       Lanes x;
       std::memcpy(&x, q + r * d + i, sizeof x);
@@ -231,23 +257,32 @@ __attribute__((always_inline)) inline void score_tile(const float* q, int64_t d,
 }
 
 // out[row * n + j] = dot(q[row], key j) for n keys (element strides key_stride between keys,
-// elem_stride within one) and `rows` float query rows of width d: each key is widened to
-// float once, into kf (4 * d floats), and scored against every query row, 4 rows at a time.
+// elem_stride within one) and `rows` float query rows of width d, 4 rows x 4 keys at a
+// time. float32 keys with unit elem_stride are read in place; other keys are widened to
+// float once each, into kf (4 * d floats).
 template <typename T>
 HG_SIMD void score_keys(const float* q, int64_t rows, const T* k, int64_t key_stride, int64_t elem_stride, int64_t n,
                         int64_t d, float* kf, float* out) {
+  const bool in_place = std::is_same_v<T, float> && elem_stride == 1;
   int64_t j = 0;
   if (d % kLanes == 0) {
     for (; j + 4 <= n; j += 4) {
-      for (int t = 0; t < 4; ++t) widen_row(k + (j + t) * key_stride, elem_stride, kf + t * d, d);
+      const float* kt = kf;
+      int64_t kts = d;
+      if (in_place) {
+        kt = reinterpret_cast<const float*>(k + j * key_stride);
+        kts = key_stride;
+      } else {
+        for (int t = 0; t < 4; ++t) widen_row(k + (j + t) * key_stride, elem_stride, kf + t * d, d);
+      }
       int64_t r = 0;
-      for (; r + 4 <= rows; r += 4) score_tile<4>(q + r * d, d, kf, out + r * n + j, n);
+      for (; r + 4 <= rows; r += 4) score_tile<4>(q + r * d, d, kt, kts, out + r * n + j, n);
       const float* qr = q + r * d;
       float* o = out + r * n + j;
       switch (rows - r) {
-        case 3: score_tile<3>(qr, d, kf, o, n); break;
-        case 2: score_tile<2>(qr, d, kf, o, n); break;
-        case 1: score_tile<1>(qr, d, kf, o, n); break;
+        case 3: score_tile<3>(qr, d, kt, kts, o, n); break;
+        case 2: score_tile<2>(qr, d, kt, kts, o, n); break;
+        case 1: score_tile<1>(qr, d, kt, kts, o, n); break;
         default: break;
       }
     }
@@ -258,12 +293,11 @@ HG_SIMD void score_keys(const float* q, int64_t rows, const T* k, int64_t key_st
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef HG_X86_KERNELS
 // bfloat16 scores with the AVX512-BF16 dot-product instruction (vdpbf16ps: 32 bfloat16
 // products per instruction, summed in float32), chosen at run time where the CPU has it.
 // The products of two bfloat16 values are exact in float32, so only the order of the
 // float32 sums differs from score_keys.
-#define HG_BF16_DOT 1
 #define HG_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 bool cpu_has_bf16_dot() {
@@ -487,16 +521,16 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv;
   auto out = at::zeros({B, H}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 || R == 0) return out;
+  if (out.numel() == 0 || R == 0 || Nk == 0) return out;  // no keys: no visual share
 
   const auto vis = visual_as_float(visual);
   const auto w = row_weights.contiguous();
   const float* vp = vis.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
-  std::vector<std::vector<int64_t>> rows(B);  // rows of nonzero weight, per sample
+  std::vector<std::vector<int64_t>> rows(B);  // rows of positive weight, per sample (the rest are skipped)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t r = 0; r < R; ++r)
-      if (wp[b * R + r] != 0.f) rows[b].push_back(r);
+      if (wp[b * R + r] > 0.f) rows[b].push_back(r);
 
   MaskView mv;
   if (mask.has_value()) {
@@ -512,19 +546,15 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
   const float fscale = static_cast<float>(scaling), fcap = static_cast<float>(softcap);
   const auto qs = q.strides(), ks = k.strides();
 
-  // float32 inputs: every score comes from one batched GEMM up front, (B, Hkv, G * R, Nk),
-  // that is O(Nk) floats per head and row. Half inputs: each key is scored against every
-  // query row of its KV group straight from the key cache, so no float copy of it is made:
-  // bfloat16 with AVX512-BF16 dot products where the CPU has them (score_keys_bf16), else
-  // each key widened to float once (score_keys).
-  const bool fp32 = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat;
-#ifdef HG_BF16_DOT
+  // Each task scores a block of keys against every query row of its KV group straight from
+  // the key cache (no float copy of it is made; O(kKeyBlock) scores per row at a time):
+  // bfloat16 with AVX512-BF16 dot products where the CPU has them (score_keys_bf16), other
+  // dtypes with float32 FMAs (score_keys).
+#ifdef HG_X86_KERNELS
   const bool bf16_dot = q.scalar_type() == at::kBFloat16 && k.stride(3) == 1 && D % 32 == 0 && cpu_has_bf16_dot();
 #else
   constexpr bool bf16_dot = false;
 #endif
-  at::Tensor all_scores;
-  if (fp32) all_scores = at::matmul(q.reshape({B, Hkv, G * R, D}), k.transpose(-1, -2)).contiguous();
 
   HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_qk", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
@@ -537,37 +567,34 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
         const auto& active = rows[b];
         if (active.empty()) continue;
         const int64_t A = static_cast<int64_t>(active.size());
-        if (!fp32) {
-          // the task's query rows: row (a, i) = query head g * G + i
-          block.resize(A * G * kKeyBlock);
-          if (bf16_dot) qb.resize(A * G * D);
-          else qf.resize(A * G * D);
-          for (int64_t a = 0; a < A; ++a)
-            for (int64_t i = 0; i < G; ++i) {
-              const scalar_t* src = qp + b * qs[0] + (g * G + i) * qs[1] + active[a] * qs[2];
-              if (bf16_dot) {
-                for (int64_t e = 0; e < D; ++e) std::memcpy(&qb[(a * G + i) * D + e], src + e * qs[3], sizeof(uint16_t));
-              } else {
-                load_float(src, qs[3], &qf[(a * G + i) * D], D);
-              }
+        // the task's query rows: row (a, i) = query head g * G + i
+        block.resize(A * G * kKeyBlock);
+        if (bf16_dot) qb.resize(A * G * D);
+        else qf.resize(A * G * D);
+        for (int64_t a = 0; a < A; ++a)
+          for (int64_t i = 0; i < G; ++i) {
+            const scalar_t* src = qp + b * qs[0] + (g * G + i) * qs[1] + active[a] * qs[2];
+            if (bf16_dot) {
+              for (int64_t e = 0; e < D; ++e) std::memcpy(&qb[(a * G + i) * D + e], src + e * qs[3], sizeof(uint16_t));
+            } else {
+              load_float(src, qs[3], &qf[(a * G + i) * D], D);
             }
-        }
-        float* pair_scores = fp32 ? all_scores.data_ptr<float>() + bg * G * R * Nk : nullptr;
+          }
         const int64_t j_end = std::min(Nk, (c + 1) * chunk_len);
         for (int64_t j0 = c * chunk_len; j0 < j_end; j0 += kKeyBlock) {
           const int64_t n = std::min(kKeyBlock, j_end - j0);
           const scalar_t* kj = kp + b * ks[0] + g * ks[1] + j0 * ks[2];
-#ifdef HG_BF16_DOT
+#ifdef HG_X86_KERNELS
           if (bf16_dot)
             score_keys_bf16(qb.data(), A * G, reinterpret_cast<const uint16_t*>(kj), ks[2], n, D, block.data());
           else
 #endif
-          if (!fp32) score_keys(qf.data(), A * G, kj, ks[2], ks[3], n, D, kf.data(), block.data());
+            score_keys(qf.data(), A * G, kj, ks[2], ks[3], n, D, kf.data(), block.data());
           for (int64_t a = 0; a < A; ++a) {
             const int64_t r = active[a];
             mv.load(b, r, j0, n, bias.data());
             for (int64_t i = 0; i < G; ++i) {
-              float* si = fp32 ? pair_scores + (i * R + r) * Nk + j0 : block.data() + (a * G + i) * n;
+              float* si = block.data() + (a * G + i) * n;
               const float m = finish_scores(si, bias.data(), n, fscale, fcap);
               if (m == kNegInf) continue;
               float sum, vsum;
@@ -657,6 +684,7 @@ void scale_heads_into(const at::Tensor& src, const at::Tensor& dst, const at::Te
 
 void scale_heads_inplace_cpu(const at::Tensor& out, const at::Tensor& gains) {
   check_scale_heads(out, gains);
+  at::assert_no_internal_overlap(out);  // an expanded (stride 0) out would be scaled more than once
   scale_heads_into(out, out, gains, /*skip_identity=*/true);
 }
 

@@ -142,6 +142,17 @@ def sample_ratio_from_qk(device, dtype):
     q, k = _rand((b, h, r, d), dtype, device, g), _rand((b, hkv, nk, d), dtype, device, g)
     w = _one_hot(b, r, [r - 1, r - 2], device)
     cases.append(("expanded-mask", (q, k, pad.expand(b, r, nk), _visual(b, nk, device, g), w, 0.2, 0.0)))
+    # rows of negative weight are skipped like rows of weight 0, even when fully masked
+    q, k = _rand((2, 6, 2, 32), dtype, device, g), _rand((2, 3, 40, 32), dtype, device, g)
+    allowed = torch.rand((2, 2, 40), generator=g, device=device) > 0.3
+    allowed[..., 0] = True
+    allowed[0, 0] = False
+    w = torch.tensor([[-1.0, 0.5], [0.7, -0.2]], device=device)
+    cases.append(("negative-weight", (q, k, allowed, _visual(2, 40, device, g), w, 0.2, 0.0)))
+    # no keys at all: no visual share
+    q, k = _rand((1, 4, 1, 16), dtype, device, g), _rand((1, 2, 0, 16), dtype, device, g)
+    no_visual = torch.zeros((1, 0), dtype=torch.bool, device=device)
+    cases.append(("no-keys", (q, k, None, no_visual, torch.ones((1, 1), device=device), 0.25, 0.0)))
     return cases
 
 
@@ -287,6 +298,8 @@ def test_scale_heads_flat_view_in_place(device):
         (lambda: ops.ratio_from_qk(torch.rand(1, 3, 1, 8), torch.rand(1, 2, 5, 8), None, torch.ones(1, 5, dtype=torch.bool), torch.ones(1, 1), 1.0), "H % Hkv"),
         (lambda: ops.head_gains(torch.rand(2, 3), torch.ones(3, dtype=torch.bool), 0.5, 0.1, 1.0, 1.0, 1.0), "has_visual"),
         (lambda: ops.scale_heads_(torch.rand(2, 3, 4, 5), torch.ones(2, 5)), "gains"),
+        (lambda: ops.scale_heads_(torch.rand(2, 1, 4, 5).expand(2, 3, 4, 5), torch.ones(2, 4)), "single memory location"),
+        (lambda: ops.scale_heads_(torch.zeros(2, 3, 4, 5, dtype=torch.float8_e4m3fn), torch.ones(2, 4)), "float32/bfloat16"),
     ],
 )
 def test_bad_arguments_raise_with_the_argument_name(call, match):

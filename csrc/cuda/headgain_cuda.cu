@@ -2,6 +2,7 @@
 // launch wrappers on the current stream, and the CUDA registration. The kernels are in
 // headgain_kernels.cuh; the op schemas in ../headgain.cpp.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -37,6 +38,8 @@ template <typename T>
 const typename DeviceType<T>::type* device_ptr(const at::Tensor& t) {
   return reinterpret_cast<const typename DeviceType<T>::type*>(t.const_data_ptr<T>());
 }
+
+constexpr int64_t kMaxSharedHeadDim = 48 * 1024 / sizeof(float);  // the default dynamic shared memory
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -90,7 +93,9 @@ at::Tensor ratio_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, const st
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Nk = k.size(2);
   auto out = at::zeros({B, H}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 || R == 0) return out;
+  if (out.numel() == 0 || R == 0 || Nk == 0) return out;  // no keys: no visual share
+  TORCH_CHECK(D <= kMaxSharedHeadDim, "headgain: ratio_from_qk on CUDA keeps a query row in shared memory and takes head dims up to ",
+              kMaxSharedHeadDim, ", got ", D);
   const auto vis = visual.contiguous();
   const auto w = row_weights.contiguous();
   hk::QkShape shape{H, R, Nk, D, H / k.size(1), q.stride(0), q.stride(1), q.stride(2), q.stride(3),
@@ -164,6 +169,7 @@ void scale_heads_cuda_into(const at::Tensor& src, const at::Tensor& dst, const a
 
 void scale_heads_inplace_cuda(const at::Tensor& out, const at::Tensor& gains) {
   check_scale_heads(out, gains);
+  at::assert_no_internal_overlap(out);  // an expanded (stride 0) out would be scaled more than once
   scale_heads_cuda_into(out, out, gains, /*skip_identity=*/true);
 }
 

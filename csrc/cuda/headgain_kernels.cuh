@@ -145,7 +145,7 @@ __global__ void ratio_from_qk_kernel(const T* __restrict__ q, const T* __restric
   __shared__ Stats warp_stats[kThreads / kWarp];
   const int64_t bhr = blockIdx.x, r = bhr % p.R, bh = bhr / p.R, b = bh / p.H, h = bh % p.H;
   const int64_t out_index = bhr * gridDim.y + blockIdx.y;
-  if (row_weights[b * p.R + r] == 0.f) {
+  if (!(row_weights[b * p.R + r] > 0.f)) {  // rows of weight <= 0 are skipped
     if (threadIdx.x == 0) partial[out_index] = empty_stats();
     return;
   }
@@ -195,7 +195,7 @@ __global__ void ratio_from_qk_combine_kernel(const Stats* __restrict__ partial, 
   float acc = 0.f;
   for (int64_t r = 0; r < R; ++r) {
     const float w = row_weights[b * R + r];
-    if (w == 0.f) continue;
+    if (!(w > 0.f)) continue;
     Stats total = empty_stats();
     for (int s = 0; s < splits; ++s) total = merge(total, partial[(bh * R + r) * splits + s]);
     acc += w * (total.vis / total.sum);
