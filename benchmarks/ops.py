@@ -170,7 +170,7 @@ def machine() -> str:
     return text
 
 
-def write_section(rows: list[dict], command: str, dtype: torch.dtype) -> None:
+def write_section(rows: list[dict], command: str, dtype: torch.dtype, path: Path = RESULTS) -> None:
     body = "\n".join([
         SECTION,
         "",
@@ -185,15 +185,15 @@ def write_section(rows: list[dict], command: str, dtype: torch.dtype) -> None:
         table(rows),
         "",
     ])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     start = text.find(SECTION)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + body
     else:
         end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1 :] if end >= 0 else "")
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+        text = text[:start] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
+    path.write_text(text)
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

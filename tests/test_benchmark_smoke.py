@@ -60,6 +60,21 @@ def test_record_appends_inside_its_section(tmp_path):
     assert text.endswith("## Ops benchmark\n\nops\n")
 
 
+def test_ops_section_is_replaced_in_place(tmp_path):
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from benchmarks.ops import SECTION, write_section
+
+    path = tmp_path / "R.md"
+    path.write_text(f"# R\n\n{SECTION}\n\nold table\n\n## Overhead\n\nkept\n")
+    row = {"device": "cpu", "op": "head_gains", "shape": "B=1", "ref": 2.0, "fused": 0.5, "floor": 0.25}
+    write_section([row], "python benchmarks/ops.py", torch.bfloat16, path)
+    text = path.read_text()
+    assert "old table" not in text and "| cpu | head_gains | B=1 | 2.000 | 0.500 | 4.0x | 0.250 | 2.0 |" in text
+    assert text.endswith("| 2.0 |\n\n## Overhead\n\nkept\n")
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--model", str(tmp_path / "nope"),
            "--no-record"]
