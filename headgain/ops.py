@@ -78,7 +78,7 @@ def ratio_from_qk(
     softcap: float = 0.0,
 ) -> torch.Tensor:
     """(B, H, R, D) query rows, (B, Hkv, Nk, D) keys, optional (B, R, Nk) bool/additive mask,
-    (B, Nk) bool visual keys, (B, R) float32 row weights -> (B, H) float32.
+    (B, Nk) bool visual keys, (B, R) float32 row weights (rows of weight <= 0 skipped) -> (B, H) float32.
 
     float64 inputs (analysis only) run the PyTorch reference."""
     if q.dtype == torch.float64 or _fallback():

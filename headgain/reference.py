@@ -47,7 +47,7 @@ def ratio_from_qk(
         mask: None (every key allowed), or (B, R, Nk) bool (True = attend) or float
             (added to the scores; -inf or a large negative value = masked).
         visual: (B, Nk) bool.
-        row_weights: (B, R) float32; rows with weight 0 are skipped (may be fully masked).
+        row_weights: (B, R) float32; rows with weight <= 0 are skipped (they may be fully masked).
         scaling: multiplies q.k; softcap: when > 0, scores become softcap * tanh(s / softcap).
 
     Returns:
