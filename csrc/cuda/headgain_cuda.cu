@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <type_traits>
 
@@ -43,6 +45,13 @@ constexpr int64_t kMaxSharedHeadDim = 48 * 1024 / sizeof(float);  // the default
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A grid's x size, checked against CUDA's limit (2^31 - 1 blocks) instead of truncated.
+unsigned int grid_x(int64_t blocks, const char* op) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "headgain: ", op, " would launch ", blocks,
+              " blocks on CUDA, more than the 2^31 - 1 a grid allows; split the batch");
+  return static_cast<unsigned int>(blocks);
+}
+
 // Key splits per (row, head) block so that the grid fills the GPU about twice, each split
 // keeping at least min_keys keys.
 int key_splits(int64_t blocks, int64_t num_keys, int64_t min_keys) {
@@ -64,7 +73,7 @@ at::Tensor ratio_from_probs_cuda(const at::Tensor& probs, const at::Tensor& visu
   auto partial = at::empty({B * H, splits}, out.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   HG_DISPATCH_ATTN_TYPES(probs.scalar_type(), "ratio_from_probs_cuda", [&] {
-    hk::ratio_from_probs_kernel<<<dim3(B * H, splits), hk::kThreads, 0, stream>>>(
+    hk::ratio_from_probs_kernel<<<dim3(grid_x(B * H, "ratio_from_probs"), splits), hk::kThreads, 0, stream>>>(
         device_ptr<scalar_t>(probs), vis.const_data_ptr<bool>(), w.const_data_ptr<float>(), H, Nq, Nk,
         probs.stride(0), probs.stride(1), probs.stride(2), probs.stride(3), partial.data_ptr<float>());
   });
@@ -79,7 +88,7 @@ template <typename T, typename M>
 void launch_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const M* mask, const at::Tensor& visual,
                           const at::Tensor& row_weights, const hk::QkShape& shape, int splits, hk::Stats* partial) {
   const int64_t blocks = q.size(0) * q.size(1) * q.size(2);
-  hk::ratio_from_qk_kernel<<<dim3(blocks, splits), hk::kThreads, shape.D * sizeof(float),
+  hk::ratio_from_qk_kernel<<<dim3(grid_x(blocks, "ratio_from_qk"), splits), hk::kThreads, shape.D * sizeof(float),
                              c10::cuda::getCurrentCUDAStream()>>>(
       device_ptr<T>(q), device_ptr<T>(k), mask, visual.const_data_ptr<bool>(), row_weights.const_data_ptr<float>(),
       shape, partial);
