@@ -13,6 +13,10 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
+# Ampere and Hopper code, plus PTX that newer GPUs compile at load time.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
 def _flag(name):
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -30,14 +34,38 @@ def build_with_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _warn_without_cudart():
+    """Say how to fix the link step before it fails where the toolkit torch found (CUDA_HOME,
+    else nvcc's grandparent folder) has no CUDA runtime library to link against."""
+    from torch.utils.cpp_extension import library_paths
+
+    if os.name != "posix":
+        return
+    dirs = library_paths(device_type="cuda", torch_include_dirs=False)
+    dirs += [flag[2:] for flag in os.environ.get("LDFLAGS", "").split() if flag.startswith("-L")]
+    if not any(glob.glob(os.path.join(d, "libcudart.so*")) for d in dirs):
+        print(f"headgain: WARNING: no libcudart.so in {dirs} (CUDA toolkit at {CUDA_HOME}); if linking fails "
+              "with 'cannot find -lcudart', set CUDA_HOME to the toolkit's root (for example /usr/local/cuda), "
+              "add its library folder to LDFLAGS (-L...), or build the CPU kernels only with HEADGAIN_FORCE_CPU=1")
+
+
 def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
         return []
-    cxx = ["-O3", "-fno-trapping-math"]
+    cxx = ["-O3", "-fno-trapping-math", "-Wno-psabi"]
     if not build_with_cuda():
         print("headgain: building the CPU extension (set HEADGAIN_FORCE_CUDA=1 to build the CUDA kernels)")
         return [CppExtension("headgain._C", sources, extra_compile_args={"cxx": cxx})]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            # torch reads the target architectures off the visible GPUs and fails without one
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+            print(f"headgain: no GPU visible, building CUDA kernels for {DEFAULT_CUDA_ARCHS} "
+                  "(set TORCH_CUDA_ARCH_LIST to choose, e.g. TORCH_CUDA_ARCH_LIST=8.9)")
+    _warn_without_cudart()
     # csrc/cuda/check_*.cu are torch-free compile checks of the kernels, not part of the build.
     cuda = sorted(p for p in glob.glob(os.path.join("csrc", "cuda", "*.cu")) if not os.path.basename(p).startswith("check_"))
     print("headgain: building the CPU and CUDA extension (set HEADGAIN_FORCE_CPU=1 for CPU only)")
@@ -46,6 +74,7 @@ def extensions():
             "headgain._C",
             sources + cuda,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            define_macros=[("HEADGAIN_WITH_CUDA", "1")],
         )
     ]
 

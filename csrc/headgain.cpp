@@ -28,11 +28,20 @@
 #include <immintrin.h>
 #endif
 
+#ifndef HEADGAIN_WITH_CUDA
+#define HEADGAIN_WITH_CUDA 0  // setup.py defines it as 1 when it compiles the CUDA kernels
+#endif
+
 // `import headgain._C` loads this library, which registers torch.ops.headgain.*; the
-// Python module itself is empty.
+// Python module holds one constant, `with_cuda` (whether the CUDA kernels were built).
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddIntConstant(m, "with_cuda", HEADGAIN_WITH_CUDA) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
@@ -200,7 +209,7 @@ __attribute__((always_inline)) inline void widen_row(const T* src, int64_t strid
 // float16 -> float32 with vcvtph2ps, 16 values per instruction; n a multiple of 16.
 __attribute__((target("avx512f"))) void widen_f16_avx512(const c10::Half* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    _mm512_storeu_ps(dst + i, _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
 }
 
 bool cpu_has_avx512() {

@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"headgain demo: tiny Qwen2.5-VL, {model.config.text_config.num_hidden_layers} decoder layers x "
           f"{model.config.text_config.num_attention_heads} heads ({args.attn}), random weights")
     print(f"prompt: one synthetic 224x224 image ({visual} visual tokens) + {question!r}")
-    print(f"compiled extension: {'loaded' if headgain.extension_available() else 'not built (PyTorch fallback)'}\n")
+    if headgain.extension_available():
+        cuda = "with" if headgain.extension_available("cuda") else "without"
+        print(f"compiled extension: loaded ({cuda} CUDA kernels)\n")
+    else:
+        print("compiled extension: not built (PyTorch fallback)\n")
 
     def answer():
         start = time.perf_counter()

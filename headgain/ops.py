@@ -1,9 +1,10 @@
 """headgain's compiled ops (``torch.ops.headgain.*``), one typed wrapper each.
 
 The ops are implemented in ``csrc/`` (CPU and, where built, CUDA). When the extension
-is not importable, each wrapper runs the pure-PyTorch reference of
-`headgain.reference` instead and a warning says so once. Shapes and dtypes are those
-documented in `headgain.reference`.
+is not importable, or has no kernels for a tensor's device (a CPU-only build given CUDA
+tensors, or devices such as MPS), each wrapper runs the pure-PyTorch reference of
+`headgain.reference` instead and a warning says so once per device type. Shapes and
+dtypes are those documented in `headgain.reference`.
 """
 
 from __future__ import annotations
@@ -25,18 +26,23 @@ __all__ = [
 ]
 
 try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.headgain)
+    from . import _C  # loading the library registers torch.ops.headgain
 
     _EXT_ERROR: str | None = None
+    # device types with compiled kernels ("meta": the fake implementations below)
+    _KERNEL_DEVICES = frozenset({"cpu", "meta"} | ({"cuda"} if _C.with_cuda else set()))
 except (ImportError, OSError) as _e:  # the build is optional at import time; .ci/run insists on it
     _EXT_ERROR = str(_e)
+    _KERNEL_DEVICES = frozenset()
 
-_warned = False
+_warned: set[str] = set()  # device types whose fallback warning was given
 
 
-def extension_available() -> bool:
-    """True when the compiled ``headgain._C`` ops are loaded."""
-    return _EXT_ERROR is None
+def extension_available(device: str | torch.device = "cpu") -> bool:
+    """True when the compiled ``headgain._C`` ops are loaded with kernels for ``device``'s
+    type: "cpu" whenever the extension loaded, "cuda" when it was built with its CUDA
+    kernels (a CUDA build of torch and a CUDA toolkit at install time)."""
+    return torch.device(device).type in _KERNEL_DEVICES
 
 
 def extension_error() -> str | None:
@@ -44,18 +50,24 @@ def extension_error() -> str | None:
     return _EXT_ERROR
 
 
-def _fallback() -> bool:
-    global _warned
-    if _EXT_ERROR is None:
+def _fallback(device: torch.device) -> bool:
+    """Whether ops on ``device`` run the PyTorch reference (warning once per device type)."""
+    kind = device.type
+    if kind in _KERNEL_DEVICES:
         return False
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            f"headgain's compiled extension is not available ({_EXT_ERROR}); using the slower PyTorch reference. "
-            "Build it with `pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    if kind not in _warned:
+        _warned.add(kind)
+        if _EXT_ERROR is not None:
+            why = f"headgain's compiled extension is not available ({_EXT_ERROR})"
+            fix = "Build it with `pip install --no-build-isolation -e .`."
+        elif kind == "cuda":
+            why = "headgain's compiled extension was built without its CUDA kernels"
+            fix = ("Rebuild it where torch is a CUDA build and a CUDA toolkit is found: "
+                   "`pip install --no-build-isolation -e .` (HEADGAIN_FORCE_CUDA=1 to insist).")
+        else:
+            why = f"headgain has no compiled kernels for {kind} tensors"
+            fix = "Its kernels cover CPU and CUDA."
+        warnings.warn(f"{why}; {kind} tensors use the slower PyTorch reference. {fix}", RuntimeWarning, stacklevel=3)
     return True
 
 
@@ -63,7 +75,7 @@ def ratio_from_probs(probs: torch.Tensor, visual: torch.Tensor, query_weights: t
     """(B, H, Nq, Nk) probabilities, (B, Nk) bool visual keys, (B, Nq) float32 row weights -> (B, H) float32.
 
     float64 inputs (analysis only) run the PyTorch reference."""
-    if probs.dtype == torch.float64 or _fallback():
+    if probs.dtype == torch.float64 or _fallback(probs.device):
         return reference.ratio_from_probs(probs, visual, query_weights)
     return torch.ops.headgain.ratio_from_probs(probs, visual, query_weights)
 
@@ -81,7 +93,7 @@ def ratio_from_qk(
     (B, Nk) bool visual keys, (B, R) float32 row weights (rows of weight <= 0 skipped) -> (B, H) float32.
 
     float64 inputs (analysis only) run the PyTorch reference."""
-    if q.dtype == torch.float64 or _fallback():
+    if q.dtype == torch.float64 or _fallback(q.device):
         return reference.ratio_from_qk(q, k, mask, visual, row_weights, scaling, softcap)
     return torch.ops.headgain.ratio_from_qk(q, k, mask, visual, row_weights, float(scaling), float(softcap))
 
@@ -96,7 +108,7 @@ def head_gains(
     g_neutral: float,
 ) -> torch.Tensor:
     """(B, H) float32 ratios, (B,) bool -> (B, H) float32 gains of one layer."""
-    if _fallback():
+    if _fallback(ratios.device):
         return reference.head_gains(ratios, has_visual, tau_perc, tau_reas, g_perc, g_reas, g_neutral)
     return torch.ops.headgain.head_gains(ratios, has_visual, tau_perc, tau_reas, g_perc, g_reas, g_neutral)
 
@@ -105,7 +117,7 @@ def scale_heads(out: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     """(B, N, H, D) head outputs (any float dtype, any strides) times (B, H) float32 gains, out of
     place, differentiable in both; rounded once to ``out``'s dtype (float64 ``out`` with float64
     gains is computed in float64, for gradient checks)."""
-    if _fallback():
+    if _fallback(out.device):
         return reference.scale_heads(out, gains)
     return torch.ops.headgain.scale_heads(out, gains)
 
@@ -113,7 +125,7 @@ def scale_heads(out: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
 def scale_heads_(out: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     """(B, N, H, D) head outputs times (B, H) float32 gains, in place; returns ``out``. Heads whose
     gain is exactly 1 are not touched (all-ones gains leave ``out`` bitwise unchanged)."""
-    if _fallback():
+    if _fallback(out.device):
         out.copy_(reference.scale_heads(out, gains))
         return out
     torch.ops.headgain.scale_heads_(out, gains)

@@ -26,7 +26,7 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 def _cuda_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU available"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("headgain::scale_heads", "CUDA"):
+    if not ops.extension_available("cuda"):
         return "headgain was built without its CUDA kernels (no CUDA torch or toolkit at build time)"
     return None
 
@@ -42,6 +42,29 @@ DEVICES = [
 
 def test_extension_is_loaded():
     assert ops.extension_available(), f"headgain extension not built: {ops.extension_error()}"
+
+
+def test_cuda_flag_matches_the_registered_kernels():
+    """extension_available("cuda") (the build's own flag) against torch's dispatcher."""
+    for op in ("ratio_from_probs", "ratio_from_qk", "head_gains", "scale_heads", "scale_heads_"):
+        registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"headgain::{op}", "CUDA")
+        assert registered == ops.extension_available("cuda"), op
+    assert ops.extension_available(torch.device("cpu")) and ops.extension_available("meta")
+
+
+def test_devices_without_kernels_use_the_reference_and_warn_once(monkeypatch):
+    monkeypatch.setattr(ops, "_warned", set())
+    assert not ops._fallback(torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="no compiled kernels for xpu tensors; xpu tensors use the slower"):
+        assert ops._fallback(torch.device("xpu"))
+    if not ops.extension_available("cuda"):
+        with pytest.warns(RuntimeWarning, match="built without its CUDA kernels.*HEADGAIN_FORCE_CUDA=1"):
+            assert ops._fallback(torch.device("cuda", 1))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops._fallback(torch.device("xpu"))  # warned once per device type
 
 
 # ---------------------------------------------------------------------------- inputs
