@@ -29,11 +29,14 @@ try:
     from . import _C  # loading the library registers torch.ops.headgain
 
     _EXT_ERROR: str | None = None
-    # device types with compiled kernels ("meta": the fake implementations below)
-    _KERNEL_DEVICES = frozenset({"cpu", "meta"} | ({"cuda"} if _C.with_cuda else set()))
+    if not hasattr(_C, "with_cuda"):
+        _EXT_ERROR = "headgain._C comes from an older build of headgain: rebuild it"
 except (ImportError, OSError) as _e:  # the build is optional at import time; .ci/run insists on it
     _EXT_ERROR = str(_e)
-    _KERNEL_DEVICES = frozenset()
+# device types with compiled kernels ("meta": the fake implementations below)
+_KERNEL_DEVICES = (
+    frozenset() if _EXT_ERROR is not None else frozenset({"cpu", "meta"} | ({"cuda"} if _C.with_cuda else set()))
+)
 
 _warned: set[str] = set()  # device types whose fallback warning was given
 
