@@ -176,7 +176,9 @@ def write_section(rows: list[dict], command: str, dtype: torch.dtype, path: Path
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {machine()}",
-        f"- torch {torch.__version__}, headgain extension {'built' if ops.extension_available() else 'missing'}",
+        f"- torch {torch.__version__}, headgain extension {'built' if ops.extension_available() else 'missing'}"
+        f"{'' if ops.extension_available('cuda') or not ops.extension_available() else ' (CPU kernels only)'}, "
+        f"revision {common.git_revision() or 'unknown'}",
         f"- command: `{command}`",
         f"- shapes: Qwen2.5-VL-7B ({HEADS} heads, {KV_HEADS} kv heads, head dim {HEAD_DIM}), {dtype}; "
         f"ratio_from_probs over {PROBS_ROWS} query rows (one weighted), ratio_from_qk over one row with a "
