@@ -205,26 +205,6 @@ __attribute__((always_inline)) inline void widen_row(const T* src, int64_t strid
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
 }
 
-#ifdef HG_X86_KERNELS
-// float16 -> float32 with vcvtph2ps, 16 values per instruction; n a multiple of 16.
-__attribute__((target("avx512f"))) void widen_f16_avx512(const c10::Half* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-}
-
-bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
-
-template <>
-__attribute__((always_inline)) inline void widen_row<c10::Half>(const c10::Half* src, int64_t stride, float* dst,
-                                                                int64_t d) {
-  if (stride == 1 && d % 16 == 0 && cpu_has_avx512()) return widen_f16_avx512(src, dst, d);
-  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
-}
-#endif
-
 // bfloat16 is the top half of a float32: widen 16 at a time with a shift.
 template <>
 __attribute__((always_inline)) inline void widen_row<c10::BFloat16>(const c10::BFloat16* src, int64_t stride,
@@ -353,6 +333,70 @@ HG_BF16_TARGET __attribute__((always_inline)) inline void dot_rows_bf16(const ui
     case 2: dot_tile_bf16<2, KT>(q + r * d, d, k, ks, out + r * n, n); break;
     case 1: dot_tile_bf16<1, KT>(q + r * d, d, k, ks, out + r * n, n); break;
     default: break;
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+#define HG_AVX512_TARGET __attribute__((target("avx512f")))
+
+// 16 consecutive key elements as float32, converted in registers.
+HG_AVX512_TARGET __attribute__((always_inline)) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+HG_AVX512_TARGET __attribute__((always_inline)) inline __m512 load16(const c10::Half* p) {
+  return _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+HG_AVX512_TARGET __attribute__((always_inline)) inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));  // bfloat16 is the top half of a float32
+}
+
+// score_tile with the keys read as T and converted in registers: RT float query rows (row
+// stride d) against 4 keys (key stride ks), d a multiple of 16.
+template <typename T, int RT>
+HG_AVX512_TARGET __attribute__((always_inline)) inline void score_tile_avx512(const float* q, int64_t d, const T* k,
+                                                                               int64_t ks, float* out, int64_t n) {
+  __m512 acc[RT][4];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 16) {
+    __m512 y[4];
+    for (int t = 0; t < 4; ++t) y[t] = load16(k + t * ks + i);
+    for (int r = 0; r < RT; ++r) {
+      const __m512 x = _mm512_loadu_ps(q + r * d + i);
+      for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_fmadd_ps(x, y[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    const Lanes t = lane_totals4((Lanes)acc[r][0], (Lanes)acc[r][1], (Lanes)acc[r][2], (Lanes)acc[r][3]);
+    for (int u = 0; u < 4; ++u) out[r * n + u] = t[u];
+  }
+}
+
+// score_keys on AVX-512 for keys with unit element stride and d % 16 == 0: the keys are
+// converted to float32 in registers, never written back (4 keys x 4 rows per tile).
+template <typename T>
+HG_AVX512_TARGET void score_keys_avx512(const float* q, int64_t rows, const T* k, int64_t key_stride, int64_t n,
+                                        int64_t d, float* kf, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* kj = k + j * key_stride;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) score_tile_avx512<T, 4>(q + r * d, d, kj, key_stride, out + r * n + j, n);
+    const float* qr = q + r * d;
+    float* o = out + r * n + j;
+    switch (rows - r) {
+      case 3: score_tile_avx512<T, 3>(qr, d, kj, key_stride, o, n); break;
+      case 2: score_tile_avx512<T, 2>(qr, d, kj, key_stride, o, n); break;
+      case 1: score_tile_avx512<T, 1>(qr, d, kj, key_stride, o, n); break;
+      default: break;
+    }
+  }
+  for (; j < n; ++j) {
+    widen_row(k + j * key_stride, 1, kf, d);
+    for (int64_t row = 0; row < rows; ++row) out[row * n + j] = dot(q + row * d, kf, d);
   }
 }
 
@@ -556,11 +600,14 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
   const auto qs = q.strides(), ks = k.strides();
 
   // Each task scores a block of keys against every query row of its KV group straight from
-  // the key cache (no float copy of it is made; O(kKeyBlock) scores per row at a time):
-  // bfloat16 with AVX512-BF16 dot products where the CPU has them (score_keys_bf16), other
-  // dtypes with float32 FMAs (score_keys).
+  // the key cache (no float copy of it is made; O(kKeyBlock) scores per row at a time), with
+  // the first kernel that applies: bfloat16 with AVX512-BF16 dot products
+  // (score_keys_bf16), keys converted in AVX-512 registers (score_keys_avx512), or portable
+  // vector code that widens each key once (score_keys).
 #ifdef HG_X86_KERNELS
-  const bool bf16_dot = q.scalar_type() == at::kBFloat16 && k.stride(3) == 1 && D % 32 == 0 && cpu_has_bf16_dot();
+  const bool unit_d = k.stride(3) == 1;
+  const bool bf16_dot = q.scalar_type() == at::kBFloat16 && unit_d && D % 32 == 0 && cpu_has_bf16_dot();
+  const bool avx512 = !bf16_dot && unit_d && D % 16 == 0 && cpu_has_avx512();
 #else
   constexpr bool bf16_dot = false;
 #endif
@@ -596,6 +643,8 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
 #ifdef HG_X86_KERNELS
           if (bf16_dot)
             score_keys_bf16(qb.data(), A * G, reinterpret_cast<const uint16_t*>(kj), ks[2], n, D, block.data());
+          else if (avx512)
+            score_keys_avx512(qf.data(), A * G, kj, ks[2], n, D, kf.data(), block.data());
           else
 #endif
             score_keys(qf.data(), A * G, kj, ks[2], ks[3], n, D, kf.data(), block.data());
