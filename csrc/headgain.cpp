@@ -4,7 +4,9 @@
 // Every op matches the pure-PyTorch reference in headgain/reference.py. CPU kernels run
 // in parallel over batch x heads (at::parallel_for) with contiguous inner loops written
 // as 16 independent lanes, which the compiler turns into SIMD code; on x86-64 Linux the
-// hot loops are built for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+// hot loops are built for AVX-512, AVX2 and baseline x86-64 and picked at load time. The
+// scores of ratio_from_qk also have hand-written AVX-512 and AVX512-BF16 kernels, chosen
+// at run time by CPU feature (HG_X86_KERNELS).
 
 #include <Python.h>
 
