@@ -65,6 +65,8 @@ bool is_reduced_or_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+bool is_reduced_or_float_or_double(at::ScalarType t) { return is_reduced_or_float(t) || t == at::kDouble; }
+
 void check_tensor(bool ok, const char* name, const at::Tensor& t, const char* expected) {
   TORCH_CHECK(ok, "headgain: ", name, " must be ", expected, ", got shape ", t.sizes(), " dtype ", t.scalar_type());
 }
@@ -100,8 +102,8 @@ void check_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const std::op
   if (mask.has_value()) {
     const auto& m = *mask;
     check_tensor(m.dim() == 3 && m.size(0) == b && m.size(1) == r && m.size(2) == nk &&
-                     (m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type())),
-                 "mask", m, "None or (B, R, Nk) bool/floating");
+                     (m.scalar_type() == at::kBool || is_reduced_or_float_or_double(m.scalar_type())),
+                 "mask", m, "None or (B, R, Nk) bool/float64/float32/bfloat16/float16");
     check_same_device(m, "mask", q, "q");
   }
   check_tensor(visual.dim() == 2 && visual.size(0) == b && visual.size(1) == nk && visual.scalar_type() == at::kBool,
@@ -123,7 +125,7 @@ void check_head_gains(const at::Tensor& ratios, const at::Tensor& has_visual) {
 
 void check_scale_heads(const at::Tensor& out, const at::Tensor& gains) {
   const auto t = out.scalar_type();
-  check_tensor(out.dim() == 4 && (is_reduced_or_float(t) || t == at::kDouble), "out", out,
+  check_tensor(out.dim() == 4 && is_reduced_or_float_or_double(t), "out", out,
                "(B, N, H, D) float32/bfloat16/float16/float64");
   check_tensor(gains.dim() == 2 && gains.size(0) == out.size(0) && gains.size(1) == out.size(2) &&
                    (gains.scalar_type() == at::kFloat || gains.scalar_type() == at::kDouble),
@@ -131,9 +133,18 @@ void check_scale_heads(const at::Tensor& out, const at::Tensor& gains) {
   check_same_device(gains, "gains", out, "out");
 }
 
+void check_scale_heads_inplace(const at::Tensor& out, const at::Tensor& gains) {
+  check_scale_heads(out, gains);
+  at::assert_no_internal_overlap(out);
+}
+
 // ------------------------------------------------------------------ SIMD building blocks
 
 namespace {
+
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));  // GCC/Clang vector extension
+typedef float Lanes8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float Lanes4 __attribute__((vector_size(4 * sizeof(float))));
 
 // sum_i float(x[i]) * m[i] over a contiguous span.
 template <typename T>
@@ -148,19 +159,6 @@ HG_SIMD float masked_sum(const T* x, const float* m, int64_t n) {
   return s;
 }
 
-// dst[i] = float(src[i * stride]).
-template <typename T>
-HG_SIMD void load_float(const T* src, int64_t stride, float* dst, int64_t n) {
-  if (stride == 1) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i * stride]);
-  }
-}
-
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));  // GCC/Clang vector extension
-typedef float Lanes8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float Lanes4 __attribute__((vector_size(4 * sizeof(float))));
 static_assert(kLanes == 16, "lane_total assumes 16 lanes");
 
 // Sum of the lanes as a tree of vector adds (16 -> 8 -> 4 -> 1).
@@ -204,7 +202,11 @@ __attribute__((always_inline)) inline float dot(const float* a, const float* b, 
 // dst[i] = float(src[i * stride]) for one row of d elements.
 template <typename T>
 __attribute__((always_inline)) inline void widen_row(const T* src, int64_t stride, float* dst, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
+  if (stride == 1) {
+    for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {
+    for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
+  }
 }
 
 // bfloat16 is the top half of a float32: widen 16 at a time with a shift.
@@ -223,6 +225,20 @@ __attribute__((always_inline)) inline void widen_row<c10::BFloat16>(const c10::B
     }
   }
   for (; i < d; ++i) dst[i] = static_cast<float>(src[i * stride]);
+}
+
+// widen_row as a SIMD-cloned function, for callers outside the cloned kernels.
+template <typename T>
+HG_SIMD void load_float(const T* src, int64_t stride, float* dst, int64_t n) {
+  widen_row(src, stride, dst, n);
+}
+
+// A (B, Nk) bool mask as contiguous 0/1 floats, for the vectorised sums.
+std::vector<float> visual_floats(const at::Tensor& visual) {
+  const auto v = visual.contiguous();
+  std::vector<float> out(v.numel());
+  load_float(reinterpret_cast<const uint8_t*>(v.const_data_ptr<bool>()), 1, out.data(), v.numel());
+  return out;
 }
 
 // The scores of RT float query rows (row stride d) against 4 float keys (key stride ks),
@@ -420,12 +436,11 @@ HG_SIMD float finish_scores(float* __restrict__ s, const float* __restrict__ bia
   }
   // A max reduction is not vectorised by the compiler without fast-math: spell it out on
   // kLanes-wide vectors (a GCC/Clang vector extension; lowered to whatever SIMD the clone has).
-  typedef float lanes __attribute__((vector_size(kLanes * sizeof(float))));
-  lanes mx;
+  Lanes mx;
   for (int t = 0; t < kLanes; ++t) mx[t] = kNegInf;
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    lanes x;
+    Lanes x;
     std::memcpy(&x, s + j, sizeof x);
     mx = x > mx ? x : mx;
   }
@@ -484,19 +499,16 @@ HG_SIMD void scale_span(const T* src, T* dst, int64_t n, Acc g) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<Acc>(src[i]) * g);
 }
 
-// (B, Nk) visual mask as float 0/1, contiguous.
-at::Tensor visual_as_float(const at::Tensor& visual) { return visual.to(at::kFloat).contiguous(); }
-
 // ------------------------------------------------------------------ ratio_from_probs
 
 at::Tensor ratio_from_probs_cpu(const at::Tensor& probs, const at::Tensor& visual, const at::Tensor& query_weights) {
   check_ratio_from_probs(probs, visual, query_weights);
   const int64_t B = probs.size(0), H = probs.size(1), Nq = probs.size(2), Nk = probs.size(3);
-  auto out = at::zeros({B, H}, probs.options().dtype(at::kFloat));
-  if (out.numel() == 0 || Nq == 0 || Nk == 0) return out;
-  const auto vis = visual_as_float(visual);
+  auto out = at::empty({B, H}, probs.options().dtype(at::kFloat));  // every element is written below
+  if (out.numel() == 0 || Nq == 0 || Nk == 0) return out.zero_();
+  const std::vector<float> vis = visual_floats(visual);  // (B, Nk) 0/1
   const auto w = query_weights.contiguous();
-  const float* vp = vis.data_ptr<float>();
+  const float* vp = vis.data();
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const auto st = probs.strides();
@@ -535,11 +547,8 @@ struct MaskView {
   at::ScalarType dtype = at::kBool;
   int64_t s0 = 0, s1 = 0, s2 = 0;
 
+  // dst[j] = bias of key j0 + j of row r of sample b; data must be set.
   void load(int64_t b, int64_t r, int64_t j0, int64_t n, float* dst) const {
-    if (data == nullptr) {
-      std::fill(dst, dst + n, 0.f);
-      return;
-    }
     const int64_t off = b * s0 + r * s1 + j0 * s2;
     if (dtype == at::kBool) {
       const bool* p = static_cast<const bool*>(data) + off;
@@ -575,12 +584,12 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
   check_ratio_from_qk(q, k, mask, visual, row_weights);
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv;
-  auto out = at::zeros({B, H}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 || R == 0 || Nk == 0) return out;  // no keys: no visual share
+  auto out = at::empty({B, H}, q.options().dtype(at::kFloat));  // every element is written below
+  if (out.numel() == 0 || R == 0 || Nk == 0) return out.zero_();  // no keys: no visual share
 
-  const auto vis = visual_as_float(visual);
+  const std::vector<float> vis = visual_floats(visual);  // (B, Nk) 0/1
   const auto w = row_weights.contiguous();
-  const float* vp = vis.data_ptr<float>();
+  const float* vp = vis.data();
   const float* wp = w.data_ptr<float>();
   std::vector<std::vector<int64_t>> rows(B);  // rows of positive weight, per sample (the rest are skipped)
   for (int64_t b = 0; b < B; ++b)
@@ -618,7 +627,7 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
     const scalar_t* kp = k.const_data_ptr<scalar_t>();
     at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> bias(kKeyBlock), qf, kf(4 * D), block;
+      std::vector<float> bias(kKeyBlock), qf, kf(4 * D), block;  // bias stays 0 without a mask
       std::vector<uint16_t> qb;  // bf16_dot: the task's query rows as bfloat16 bits
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task % chunks, bg = task / chunks, b = bg / Hkv, g = bg % Hkv;
@@ -652,7 +661,7 @@ at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std
             score_keys(qf.data(), A * G, kj, ks[2], ks[3], n, D, kf.data(), block.data());
           for (int64_t a = 0; a < A; ++a) {
             const int64_t r = active[a];
-            mv.load(b, r, j0, n, bias.data());
+            if (mv.data != nullptr) mv.load(b, r, j0, n, bias.data());
             for (int64_t i = 0; i < G; ++i) {
               float* si = block.data() + (a * G + i) * n;
               const float m = finish_scores(si, bias.data(), n, fscale, fcap);
@@ -743,8 +752,7 @@ void scale_heads_into(const at::Tensor& src, const at::Tensor& dst, const at::Te
 }
 
 void scale_heads_inplace_cpu(const at::Tensor& out, const at::Tensor& gains) {
-  check_scale_heads(out, gains);
-  at::assert_no_internal_overlap(out);  // an expanded (stride 0) out would be scaled more than once
+  check_scale_heads_inplace(out, gains);
   scale_heads_into(out, out, gains, /*skip_identity=*/true);
 }
 

@@ -30,4 +30,8 @@ void check_head_gains(const at::Tensor& ratios, const at::Tensor& has_visual);
 // out (B, N, H, D) floating, gains (B, H) fp32 (fp64 accepted for gradient checks).
 void check_scale_heads(const at::Tensor& out, const at::Tensor& gains);
 
+// check_scale_heads for the in-place op, which also refuses an out whose elements overlap
+// (an expanded, stride-0 out would be scaled more than once).
+void check_scale_heads_inplace(const at::Tensor& out, const at::Tensor& gains);
+
 }  // namespace headgain

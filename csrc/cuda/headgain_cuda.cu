@@ -2,7 +2,6 @@
 // launch wrappers on the current stream, and the CUDA registration. The kernels are in
 // headgain_kernels.cuh; the op schemas in ../headgain.cpp.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -65,8 +64,8 @@ at::Tensor ratio_from_probs_cuda(const at::Tensor& probs, const at::Tensor& visu
   check_ratio_from_probs(probs, visual, query_weights);
   const c10::cuda::CUDAGuard guard(probs.device());
   const int64_t B = probs.size(0), H = probs.size(1), Nq = probs.size(2), Nk = probs.size(3);
-  auto out = at::zeros({B, H}, probs.options().dtype(at::kFloat));
-  if (out.numel() == 0 || Nq == 0 || Nk == 0) return out;
+  auto out = at::empty({B, H}, probs.options().dtype(at::kFloat));  // every element is written by sum_splits
+  if (out.numel() == 0 || Nq == 0 || Nk == 0) return out.zero_();
   const auto vis = visual.contiguous();
   const auto w = query_weights.contiguous();
   const int splits = key_splits(B * H, Nk, 1024);
@@ -101,8 +100,8 @@ at::Tensor ratio_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, const st
   check_ratio_from_qk(q, k, mask, visual, row_weights);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Nk = k.size(2);
-  auto out = at::zeros({B, H}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 || R == 0 || Nk == 0) return out;  // no keys: no visual share
+  auto out = at::empty({B, H}, q.options().dtype(at::kFloat));  // every element is written by the combine kernel
+  if (out.numel() == 0 || R == 0 || Nk == 0) return out.zero_();  // no keys: no visual share
   TORCH_CHECK(D <= kMaxSharedHeadDim, "headgain: ratio_from_qk on CUDA keeps a query row in shared memory and takes head dims up to ",
               kMaxSharedHeadDim, ", got ", D);
   const auto vis = visual.contiguous();
@@ -177,8 +176,7 @@ void scale_heads_cuda_into(const at::Tensor& src, const at::Tensor& dst, const a
 }
 
 void scale_heads_inplace_cuda(const at::Tensor& out, const at::Tensor& gains) {
-  check_scale_heads(out, gains);
-  at::assert_no_internal_overlap(out);  // an expanded (stride 0) out would be scaled more than once
+  check_scale_heads_inplace(out, gains);
   scale_heads_cuda_into(out, out, gains, /*skip_identity=*/true);
 }
 
