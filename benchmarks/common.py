@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["SHAPES", "Shape", "build_model", "synthetic_batch", "load_checkpoint", "checkpoint_batch", "machine",
-           "cpu_model", "cpu_has"]
+           "extension_status", "cpu_model", "cpu_has"]
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,21 @@ def machine(device: str) -> dict:
     try:
         import headgain
 
-        info["headgain_extension"] = headgain.extension_available()
+        info["headgain_extension"] = headgain.extension_available(device)
     except ImportError:
         pass
     return info
+
+
+def extension_status(device: str) -> str:
+    """Which headgain ops run on ``device``: the compiled ones or the PyTorch reference."""
+    from headgain import ops
+
+    if ops.extension_available(device):
+        return "compiled headgain._C"
+    if ops.extension_available():
+        return f"PyTorch reference ops (headgain._C has no {device} kernels)"
+    return f"PyTorch reference ops (extension not built: {ops.extension_error()})"
 
 
 def _cpuinfo(key: str) -> str | None:

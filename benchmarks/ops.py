@@ -74,11 +74,11 @@ def make_cases(nk: int, b: int, device: str, dtype: torch.dtype, prefill: bool =
     row_w = torch.ones((b, 1), device=device)
     ratios = torch.rand((b, HEADS), generator=g, device=device)
     has_visual = torch.ones(b, dtype=torch.bool, device=device)
-    gains = ops.head_gains(ratios, has_visual, 0.6, 0.2, 1.2, 1.1, 1.0)
+    gain_args = (ratios, has_visual, 0.6, 0.2, 1.2, 1.1, 1.0)
+    gains = ops.head_gains(*gain_args)
     full = torch.randn((b, nk if prefill else 1, HEADS, HEAD_DIM), generator=g, device=device).to(dtype)
     decode = full[:, :1].clone()
     scaling = HEAD_DIM**-0.5
-    gain_args = (ratios, has_visual, 0.6, 0.2, 1.2, 1.1, 1.0)
     shape = f"B={b} Nk={nk}"
     row_bytes = probs[:, :, :1].numel() * probs.element_size()  # the one weighted row per head
     cases = [
@@ -171,14 +171,15 @@ def machine() -> str:
 
 
 def write_section(rows: list[dict], command: str, dtype: torch.dtype, path: Path = RESULTS) -> None:
+    devices = sorted({r["device"] for r in rows})
     body = "\n".join([
         SECTION,
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {machine()}",
-        f"- torch {torch.__version__}, headgain extension {'built' if ops.extension_available() else 'missing'}"
-        f"{'' if ops.extension_available('cuda') or not ops.extension_available() else ' (CPU kernels only)'}, "
-        f"revision {common.git_revision() or 'unknown'}",
+        f"- torch {torch.__version__}; ops: "
+        + "; ".join(f"{d}: {common.extension_status(d)}" for d in devices)
+        + f"; revision {common.git_revision() or 'unknown'}",
         f"- command: `{command}`",
         f"- shapes: Qwen2.5-VL-7B ({HEADS} heads, {KV_HEADS} kv heads, head dim {HEAD_DIM}), {dtype}; "
         f"ratio_from_probs over {PROBS_ROWS} query rows (one weighted), ratio_from_qk over one row with a "

@@ -354,7 +354,8 @@ def record(path: str, entry: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*compiled extension is not available.*")
+    # the reference fallback is recorded with each entry (common.extension_status)
+    warnings.filterwarnings("ignore", message="headgain.*PyTorch reference", category=RuntimeWarning)
     if args.probe:
         probe(args)
         return 0
@@ -392,7 +393,7 @@ def main(argv=None) -> int:
             json.dump(payload, f, indent=2)
     if not args.no_record:
         hw = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores ({info['threads']} torch threads)"
-        ext = "compiled headgain._C" if info.get("headgain_extension") else "PyTorch reference ops (extension not built)"
+        ext = common.extension_status(setup.device.type)
         entry = "\n".join([
             f"### {date}: {what}", "",
             f"- Machine: {hw}; torch {info['torch']}, transformers {info['transformers']}, python {info['python']}"
@@ -402,7 +403,7 @@ def main(argv=None) -> int:
             f"- Workload: batch {args.batch}, {args.new_tokens} new tokens (greedy, min = max), preset {args.preset}, "
             f"median of {args.rounds} interleaved rounds after a warm-up round; prompt lengths "
             + ", ".join(str(e["prompt_tokens"]) for e in results),
-            f"- Peak memory: " + ("torch.cuda.max_memory_allocated around each timed run" if setup.cuda else
+            "- Peak memory: " + ("torch.cuda.max_memory_allocated around each timed run" if setup.cuda else
                                   "VmHWM of a fresh subprocess per arm, reset before its one run (glibc mmap threshold 1 MiB)"
                                   if mem_probes else "not measured"),
             "", t1, "", t2, "", *[f"- {l}" for l in verdict_lines(targets)],

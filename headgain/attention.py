@@ -30,7 +30,10 @@ class ForwardState:
             uniform over the text rows for ``query="mean_text"``).
         rows: "last" or "mean_text", which rows the fused path recomputes.
         has_visual: (B,) bool, whether a sample holds any visual token.
-        last_row_weight: (B, 1) float32 ones, the weight of the single i* row.
+        row_index: (B,) int64 i*, the one row the fused path gathers from the queries and
+            the mask, or None when it takes every row as it is (``mean_text``, or a
+            decoding step whose single row is i*).
+        row_weights: (B, R) float32 weights of the rows the fused path recomputes.
     """
 
     visual: torch.Tensor
@@ -39,7 +42,8 @@ class ForwardState:
     query_weights: torch.Tensor
     rows: str
     has_visual: torch.Tensor
-    last_row_weight: torch.Tensor
+    row_index: torch.Tensor | None
+    row_weights: torch.Tensor
     _key_visual: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
 
@@ -58,20 +62,28 @@ class ForwardState:
         query: "last" or "mean_text".
         """
         b, nq = current_visual.shape
+        device = current_visual.device
         if valid is not None:
             current_visual = current_visual & valid
-            istar = (nq - 1) - torch.argmax(valid.flip(1).to(torch.int8), dim=1)
+        if nq == 1:  # a decoding step: its one row is i*, of weight 1 in either query mode
+            istar = torch.zeros((b,), dtype=torch.long, device=device)
+            weights = torch.ones((b, 1), device=device)
         else:
-            istar = torch.full((b,), nq - 1, dtype=torch.long, device=current_visual.device)
-        one_hot = torch.nn.functional.one_hot(istar, nq).to(torch.float32)
-        if query == "mean_text":
-            text = ~current_visual if valid is None else valid & ~current_visual
-            count = text.sum(1, keepdim=True)
-            weights = torch.where(count > 0, text.float() / count.clamp(min=1), one_hot)
-        else:
-            weights = one_hot
+            if valid is not None:
+                istar = (nq - 1) - torch.argmax(valid.flip(1).to(torch.int8), dim=1)
+            else:
+                istar = torch.full((b,), nq - 1, dtype=torch.long, device=device)
+            one_hot = torch.nn.functional.one_hot(istar, nq).to(torch.float32)
+            if query == "mean_text":
+                text = ~current_visual if valid is None else valid & ~current_visual
+                count = text.sum(1, keepdim=True)
+                weights = torch.where(count > 0, text.float() / count.clamp(min=1), one_hot)
+            else:
+                weights = one_hot
+        gather = query == "last" and nq > 1
+        row_weights = weights.new_ones((b, 1)) if gather else weights
         visual = current_visual if previous_visual is None else torch.cat([previous_visual, current_visual], 1)
-        return cls(visual, nq, istar, weights, query, visual.any(1), weights.new_ones((b, 1)))
+        return cls(visual, nq, istar, weights, query, visual.any(1), istar if gather else None, row_weights)
 
     def key_visual(self, num_keys: int) -> torch.Tensor:
         """(B, Nk) bool: visual flags of the keys a layer sees.
@@ -97,8 +109,8 @@ class ForwardState:
         b = self.visual.shape[0]
         if attention_mask is not None and attention_mask.dim() == 4:
             rows = attention_mask[:, 0].expand(b, -1, -1)[..., -num_keys:]
-            if self.rows == "last" and self.num_queries > 1:
-                rows = rows.gather(1, self.istar[:, None, None].expand(b, 1, rows.shape[-1]))
+            if self.row_index is not None:
+                rows = rows.gather(1, self.row_index[:, None, None].expand(b, 1, rows.shape[-1]))
         else:
             rows = self._causal_rows(attention_mask, num_keys, sliding_window)
         # keep the mask object alive while its id is a cache key
@@ -145,16 +157,12 @@ def layer_ratios(
     visual = state.key_visual(num_keys)
     if weights is not None and weights.dim() == 4 and weights.shape[-1] == num_keys:
         return ops.ratio_from_probs(weights, visual, state.query_weights)
-    b, h, nq, d = query.shape
-    if state.rows == "last":
-        rows = query if nq == 1 else query.gather(2, state.istar[:, None, None, None].expand(b, h, 1, d))
-        row_weights = state.last_row_weight
-    else:
-        rows = query
-        row_weights = state.query_weights
+    b, h, _, d = query.shape
+    index = state.row_index
+    rows = query if index is None else query.gather(2, index[:, None, None, None].expand(b, h, 1, d))
     mask = state.mask_rows(attention_mask, num_keys, kwargs.get("sliding_window"))
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = getattr(module, "scaling", d**-0.5)
     softcap = kwargs.get("softcap") or 0.0
-    return ops.ratio_from_qk(rows, key, mask, visual, row_weights, float(scaling), float(softcap))
+    return ops.ratio_from_qk(rows, key, mask, visual, state.row_weights, float(scaling), float(softcap))

@@ -337,23 +337,21 @@ def _prepare(args):
 
 
 def cmd_run(args) -> int:
-    import torch
-
-    from .head_census import PERCEPTION, REASONING, classify
+    from .head_census import PERCEPTION, REASONING, classify, selected_heads
     from .handle import attach
 
     image, cfg, loaded = _prepare(args)
     with attach(loaded.model, cfg=cfg) as handle:
         batch = loaded.inputs([image], [args.question])
+        # warm-up (so the first timing carries no one-time cost): one rescaled prefill, whose
+        # ratios are those at the prompt's last token
+        _generate(loaded, batch, 1)
+        ratios = handle.last_ratios[:, 0].numpy()  # (L, H)
+        has_visual = bool(handle.last_has_visual[0])
         handle.enabled = False
-        _generate(loaded, batch, 1)  # warm-up, so the first timing carries no one-time cost
         vanilla, t_vanilla = _generate(loaded, batch, args.max_new_tokens)
         handle.enabled = True
         rescaled, t_rescaled = _generate(loaded, batch, args.max_new_tokens)
-        with torch.no_grad():
-            loaded.model(**batch, use_cache=False)
-        ratios = handle.last_ratios[:, 0].numpy()  # (L, H) at the prompt's last token
-        has_visual = bool(handle.last_has_visual[0])
     overhead = (t_rescaled / t_vanilla - 1) * 100 if t_vanilla > 0 else float("nan")
     print(f"vanilla  ({t_vanilla:.3f} s, {len(vanilla)} tokens): {loaded.decode(vanilla)!r}")
     print(f"rescaled ({t_rescaled:.3f} s, {len(rescaled)} tokens, {overhead:+.1f}% time): {loaded.decode(rescaled)!r}")
@@ -362,9 +360,7 @@ def cmd_run(args) -> int:
         return 0
     classes = classify(ratios, cfg)
     print("selected heads at the prompt's last token (0-based decoder layer: head indices):")
-    for layer in range(classes.shape[0]):
-        perc = [int(h) for h in (classes[layer] == PERCEPTION).nonzero()[0]]
-        reas = [int(h) for h in (classes[layer] == REASONING).nonzero()[0]]
+    for layer, (perc, reas) in enumerate(selected_heads(classes)):
         if perc or reas:
             print(f"  layer {layer:2d}: perception {perc} reasoning {reas}")
     count = int((classes > 0).sum())
@@ -437,7 +433,6 @@ def cmd_census(args) -> int:
 
 
 def cmd_contrib(args) -> int:
-    from . import plots
     from .contrib import contribution_map
 
     image, cfg, loaded = _prepare(args)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -60,7 +60,6 @@ class ContributionMap:
     normalize: str = "layer"
     show_signed: bool = False
     cfg: HeadGainConfig | None = None
-    meta: dict = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -328,7 +327,7 @@ def _greedy(model, inputs: dict, n_tokens: int) -> list[int]:
 def _extend(inputs: dict, answer: torch.Tensor) -> dict:
     """The inputs with ``answer`` (A,) appended to the prompt (teacher forcing)."""
     prompt = inputs["input_ids"]
-    n, a = prompt.shape[1], answer.shape[0]
+    a = answer.shape[0]
     out = {}
     for key, value in inputs.items():
         if key == "input_ids":

@@ -16,7 +16,7 @@ import time
 import torch
 
 import headgain
-from headgain.head_census import PERCEPTION, REASONING, classify
+from headgain.head_census import classify, selected_heads
 from headgain.synthetic import ByteTokenizer, draw_image, qwen_vl_inputs
 from headgain.tiny import embedded_model
 
@@ -27,10 +27,7 @@ def summarize(handle: headgain.Handle, sample: int = 0) -> str:
     cfg = handle.cfg
     lines = [f"{'layer':>5}  {'mean S_v':>8}  {'perception heads (gain ' + str(cfg.g_perc) + ')':<34}  "
              f"reasoning heads (gain {cfg.g_reas})"]
-    classes = classify(ratios.numpy(), cfg)
-    for layer in range(handle.num_layers):
-        p = (classes[layer] == PERCEPTION).nonzero()[0].tolist()
-        r = (classes[layer] == REASONING).nonzero()[0].tolist()
+    for layer, (p, r) in enumerate(selected_heads(classify(ratios.numpy(), cfg))):
         lines.append(f"{layer:>5}  {ratios[layer].mean():>8.3f}  {_heads(p):<34}  {_heads(r)}")
     selected = int((gains != 1).sum())
     lines.append(f"selected {selected} of {gains.numel()} heads ({100 * selected / gains.numel():.1f}%); "

@@ -92,7 +92,7 @@ def borrowed(model: nn.Module, arch_map=None, cfg: HeadGainConfig | None = None,
         handle = attach(model, arch_map, cfg if cfg is not None else HeadGainConfig(l_perc=0, l_reas=0))
     saved = handle.cfg, handle.enabled
     try:
-        if cfg is not None:
+        if cfg is not None and not temporary:  # a temporary handle was attached with it
             handle.cfg = cfg
         handle.enabled = enabled
         yield handle

@@ -22,7 +22,8 @@ from torch import nn
 from .config import HeadGainConfig
 from .handle import borrowed
 
-__all__ = ["Census", "Suggestion", "census", "classify", "NEUTRAL", "PERCEPTION", "REASONING", "CLASS_NAMES"]
+__all__ = ["Census", "Suggestion", "census", "classify", "selected_heads", "NEUTRAL", "PERCEPTION", "REASONING",
+           "CLASS_NAMES"]
 
 NEUTRAL, PERCEPTION, REASONING = 0, 1, 2
 CLASS_NAMES = ("neutral", "perception", "reasoning")
@@ -46,6 +47,12 @@ def classify(ratios: np.ndarray, cfg: HeadGainConfig) -> np.ndarray:
     out[reasoning] = REASONING
     out[perception] = PERCEPTION
     return out
+
+
+def selected_heads(classes: np.ndarray) -> list[tuple[list[int], list[int]]]:
+    """(perception heads, reasoning heads) of every layer of (L, H) classes from `classify`."""
+    return [([int(h) for h in np.flatnonzero(row == PERCEPTION)], [int(h) for h in np.flatnonzero(row == REASONING)])
+            for row in np.asarray(classes)]
 
 
 @dataclass
@@ -140,10 +147,13 @@ class Census:
 
     def classes(self, cfg: HeadGainConfig | str | Mapping[str, Any] | None) -> np.ndarray:
         """(L, H) int8: the class each head takes in at least half of the samples (else neutral)."""
-        fr = self.class_fractions(cfg)
-        out = np.zeros((self.num_layers, self.num_heads), dtype=np.int8)
-        out[fr["reasoning"] >= 0.5] = REASONING
-        out[fr["perception"] >= 0.5] = PERCEPTION
+        return self._majority(self.class_fractions(cfg))
+
+    @staticmethod
+    def _majority(fractions: dict[str, np.ndarray]) -> np.ndarray:
+        out = np.zeros(fractions["perception"].shape, dtype=np.int8)
+        out[fractions["reasoning"] >= 0.5] = REASONING
+        out[fractions["perception"] >= 0.5] = PERCEPTION
         return out
 
     def _cfg(self, cfg) -> HeadGainConfig:
@@ -253,7 +263,7 @@ class Census:
                 d["perception_fraction"] = _round(fr["perception"])
                 d["reasoning_fraction"] = _round(fr["reasoning"])
                 d["selected_share"] = float((fr["perception"] + fr["reasoning"]).mean())
-                d["classes"] = self.classes(cfg).tolist()
+                d["classes"] = self._majority(fr).tolist()
         if samples:
             d["samples"] = _round(self.samples)
         return d
@@ -350,8 +360,8 @@ def _round(a: np.ndarray, digits: int = 6) -> list:
 class _Progress:
     """A one-line text progress bar: ``census [#######.....] 12/20 batches, 3 samples/s``."""
 
-    def __init__(self, total: int | None, stream: TextIO, width: int = 28, label: str = "census"):
-        self.total, self.stream, self.width, self.label = total, stream, width, label
+    def __init__(self, total: int | None, stream: TextIO, width: int = 28):
+        self.total, self.stream, self.width = total, stream, width
         self.batches = self.samples = 0
         self.start = time.perf_counter()
         self._draw()
@@ -366,9 +376,9 @@ class _Progress:
         if self.total:
             done = int(self.width * self.batches / self.total)
             bar = "#" * done + "." * (self.width - done)
-            text = f"\r{self.label} [{bar}] {self.batches}/{self.total} batches, {rate:.1f} samples/s"
+            text = f"\rcensus [{bar}] {self.batches}/{self.total} batches, {rate:.1f} samples/s"
         else:
-            text = f"\r{self.label} {self.batches} batches, {self.samples} samples, {rate:.1f} samples/s"
+            text = f"\rcensus {self.batches} batches, {self.samples} samples, {rate:.1f} samples/s"
         self.stream.write(text)
         self.stream.flush()
 

@@ -72,12 +72,28 @@ def attach_gain_hooks(model, gains_per_call, arch_map=None):
     return lambda: [h.remove() for h in handles]
 
 
-def twin_models(model_type, dtype=torch.float32, **kw):
-    """An sdpa model and an eager model with identical weights."""
-    a = tiny_model(model_type, "sdpa", dtype=dtype, **kw)
-    b = tiny_model(model_type, "eager", dtype=dtype, **kw)
+def twin_models(model_type, backend="sdpa", **kw):
+    """A ``backend`` model and an eager reference with identical weights (``kw`` go to tiny_model)."""
+    a = tiny_model(model_type, backend, **kw)
+    b = tiny_model(model_type, "eager", **kw)
     b.load_state_dict(a.state_dict())
     return a, b
+
+
+def attach_mixed(model, inputs, visual_mask=None):
+    """Attach headgain with a config whose thresholds split this input's measured ratios
+    (measured with headgain disabled), so that every head class occurs."""
+    import headgain
+
+    handle = headgain.attach(model, cfg=dict(l_perc=0, l_reas=1, tau_perc=0.9, tau_reas=0.1))
+    if visual_mask is not None:
+        handle.set_visual_mask(visual_mask)
+    handle.enabled = False
+    with torch.no_grad():
+        model(**inputs)
+    handle.cfg = mixed_cfg(handle.last_ratios, handle.num_layers)
+    handle.enabled = True
+    return handle
 
 
 def _gap_threshold(values, share):

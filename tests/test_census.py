@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -18,14 +17,7 @@ from headgain.tiny import tiny_model
 MODEL = dict(layers=4, hidden=64, heads=4, kv_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_quiet")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ identity of gates at one, frozen weights and state restoration."""
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -21,14 +20,7 @@ ANSWER = [70, 71, 72]
 CFG = headgain.HeadGainConfig(l_perc=0, l_reas=1, tau_perc=0.05, tau_reas=0.0, g_perc=1.5, g_reas=1.3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_quiet")
 
 
 def _model(dtype=torch.float32, attn="sdpa", **kw):

@@ -12,7 +12,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import headgain
 from headgain import ArchMap, HeadGainConfig
 from headgain.tiny import IMAGE_ID, tiny_model
-from support import reference_ratios, token_inputs, visual_of
+from support import reference_ratios, token_inputs, twin_models, visual_of
 
 CFG = dict(l_perc=1, l_reas=2, tau_perc=0.3, tau_reas=0.29, g_perc=1.5, g_reas=1.7)
 
@@ -110,9 +110,7 @@ def test_set_visual_mask_for_inputs_embeds():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_models(dtype):
-    model = tiny_model("qwen2_5_vl", "sdpa", dtype=dtype)
-    ref = tiny_model("qwen2_5_vl", "eager", dtype=dtype)
-    ref.load_state_dict(model.state_dict())
+    model, ref = twin_models("qwen2_5_vl", dtype=dtype)
     inputs = token_inputs()
     handle = headgain.attach(model, cfg=dict(CFG, g_perc=1.0, g_reas=1.0))
     _logits(model, inputs)
@@ -125,9 +123,7 @@ def test_half_precision_models(dtype):
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_mean_text_query_matches_eager_reference(backend):
-    model = tiny_model("llava", backend)
-    ref = tiny_model("llava", "eager")
-    ref.load_state_dict(model.state_dict())
+    model, ref = twin_models("llava", backend)
     inputs = token_inputs()
     handle = headgain.attach(model, cfg=dict(CFG, g_perc=1.0, g_reas=1.0, query="mean_text"))
     _logits(model, inputs)

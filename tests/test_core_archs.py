@@ -4,29 +4,21 @@ import pytest
 import torch
 
 import headgain
-from headgain.tiny import ARCHS, tiny_model
-from support import attach_gain_hooks, mixed_cfg, reference_ratios, token_inputs, visual_of
+from headgain.tiny import ARCHS
+from support import attach_gain_hooks, attach_mixed, reference_ratios, token_inputs, twin_models, visual_of
 
 NO_IDS = {"deepseek_v3"}  # the decoder alone: visual positions are given explicitly
 
 
 def _attach_mixed(model, inputs, arch):
-    handle = headgain.attach(model, cfg=dict(l_perc=0, l_reas=1, tau_perc=0.9, tau_reas=0.1))
-    if arch in NO_IDS:
-        handle.set_visual_mask(visual_of(inputs["input_ids"], inputs["attention_mask"]))
-    handle.enabled = False
-    model(**inputs)
-    handle.cfg = mixed_cfg(handle.last_ratios, handle.num_layers)
-    handle.enabled = True
-    return handle
+    visual = visual_of(inputs["input_ids"], inputs["attention_mask"]) if arch in NO_IDS else None
+    return attach_mixed(model, inputs, visual)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ratios_and_logits_match_eager_reference(arch, backend):
-    model = tiny_model(arch, backend)
-    ref = tiny_model(arch, "eager")
-    ref.load_state_dict(model.state_dict())
+    model, ref = twin_models(arch, backend)
     inputs = token_inputs()
     handle = _attach_mixed(model, inputs, arch)
     with torch.no_grad():
@@ -55,9 +47,7 @@ def test_registry_covers_the_tested_architectures():
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava", "deepseek_v3"])
 def test_sdpa_and_eager_agree(arch):
-    sdpa = tiny_model(arch, "sdpa")
-    eager = tiny_model(arch, "eager")
-    eager.load_state_dict(sdpa.state_dict())
+    sdpa, eager = twin_models(arch)
     inputs = token_inputs()
     results = []
     for model in (sdpa, eager):

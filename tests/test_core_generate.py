@@ -5,8 +5,7 @@ import torch
 
 import headgain
 from headgain.synthetic import draw_image, qwen_vl_inputs
-from headgain.tiny import tiny_model
-from support import attach_gain_hooks, mixed_cfg, reference_ratios, visual_of
+from support import attach_gain_hooks, attach_mixed, reference_ratios, twin_models, visual_of
 
 
 def _record(model, handle):
@@ -16,25 +15,12 @@ def _record(model, handle):
 
 
 def _pair(backend="sdpa", **kw):
-    model = tiny_model("qwen2_5_vl", backend, **kw)
-    ref = tiny_model("qwen2_5_vl", "eager", **kw)
-    ref.load_state_dict(model.state_dict())
-    return model, ref
+    return twin_models("qwen2_5_vl", backend, **kw)
 
 
 def _images_inputs(**kw):
     return qwen_vl_inputs([draw_image(seed=1), [draw_image(seed=2), draw_image(seed=3)]],
                           ["What is red?", "Which shapes?"], max_pixels=112 * 112, **kw)
-
-
-def _mixed_handle(model, inputs):
-    handle = headgain.attach(model, cfg=dict(l_perc=0, l_reas=1, tau_perc=0.9, tau_reas=0.1))
-    handle.enabled = False
-    with torch.no_grad():
-        model(**inputs)
-    handle.cfg = mixed_cfg(handle.last_ratios, handle.num_layers)
-    handle.enabled = True
-    return handle
 
 
 def _check_steps_against_eager(model, ref, inputs, handle, new):
@@ -65,14 +51,14 @@ def _check_steps_against_eager(model, ref, inputs, handle, new):
 def test_generate_every_step_matches_eager_reference(backend, video):
     model, ref = _pair(backend)
     inputs = _images_inputs(video_frames=video)
-    steps, _ = _check_steps_against_eager(model, ref, inputs, _mixed_handle(model, inputs), new=4)
+    steps, _ = _check_steps_against_eager(model, ref, inputs, attach_mixed(model, inputs), new=4)
     assert any((g > 1).any() for _, g in steps)
 
 
 def test_sampling_with_cache_records_every_step():
     model, _ = _pair()
     inputs = _images_inputs()
-    handle = _mixed_handle(model, inputs)
+    handle = attach_mixed(model, inputs)
     steps, hook = _record(model, handle)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -119,7 +105,7 @@ def test_second_prompt_does_not_see_first_prompt_visual_positions():
 def test_generate_without_cache_treats_each_step_as_a_full_pass():
     model, _ = _pair()
     inputs = _images_inputs()
-    handle = _mixed_handle(model, inputs)
+    handle = attach_mixed(model, inputs)
     with torch.no_grad():
         seq = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
         last_step = handle.last_ratios
@@ -144,7 +130,7 @@ def test_sliding_window_cache_aligns_visual_keys(backend):
     ref = tf.AutoModelForImageTextToText.from_config(config, attn_implementation="eager").eval()
     ref.load_state_dict(model.state_dict())
     inputs = token_inputs(batch_lengths=(14, 14), image_span=(7, 11))
-    _, out = _check_steps_against_eager(model, ref, inputs, _mixed_handle(model, inputs), new=3)
+    _, out = _check_steps_against_eager(model, ref, inputs, attach_mixed(model, inputs), new=3)
     widths = {a.shape[-1] for a in out.attentions[-1]}
     assert len(widths) == 2, "sliding layers must see fewer keys than full layers"
 
@@ -152,7 +138,7 @@ def test_sliding_window_cache_aligns_visual_keys(backend):
 def test_static_cache_gives_the_dynamic_cache_ratios():
     model, _ = _pair()
     inputs = _images_inputs()
-    handle = _mixed_handle(model, inputs)
+    handle = attach_mixed(model, inputs)
     runs = []
     for extra in ({}, {"cache_implementation": "static"}):
         steps, hook = _record(model, handle)
