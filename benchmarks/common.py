@@ -65,11 +65,11 @@ SHAPES = {
 def build_model(shape: Shape, attn_implementation: str = "sdpa", seed: int = 0):
     """A random-weight ``Qwen2_5_VLForConditionalGeneration`` of ``shape`` on its device, in eval mode.
 
-    Visual placeholder ids are those of `headgain.tiny`, so `synthetic_batch` inputs fit.
+    Visual placeholder ids are those of `headgain.testing.tiny`, so `synthetic_batch` inputs fit.
     """
     import transformers as tf
 
-    from headgain.tiny import IMAGE_ID, VIDEO_ID, VISION_END_ID, VISION_START_ID
+    from headgain.testing.tiny import IMAGE_ID, VIDEO_ID, VISION_END_ID, VISION_START_ID
 
     if shape.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"shape {shape.name!r} needs a CUDA GPU; none is visible (torch {torch.__version__})")
@@ -90,7 +90,7 @@ def image_side(visual_tokens: int) -> int:
 
 def synthetic_batch(batch: int, visual_tokens: int, device="cpu", dtype=None) -> dict:
     """``batch`` prompts, each a drawn image of about ``visual_tokens`` tokens and a question."""
-    from headgain.synthetic import draw_image, qwen_vl_inputs
+    from headgain.testing.synthetic import draw_image, qwen_vl_inputs
 
     side = image_side(visual_tokens)
     questions = ["How many shapes are in the picture, and which colours do they have?",
@@ -115,7 +115,7 @@ def load_checkpoint(path: str, attn_implementation: str = "sdpa", device: str | 
 
 def checkpoint_batch(processor, batch: int, visual_tokens: int, device="cpu", dtype=None) -> dict:
     """Left-padded processor inputs for ``batch`` chat prompts with a drawn image each."""
-    from headgain.synthetic import draw_image
+    from headgain.testing.synthetic import draw_image
 
     side = image_side(visual_tokens)
     questions = ["How many shapes are in the picture?", "Which shape is the largest?", "Is there a red circle?",
@@ -168,7 +168,7 @@ def machine(device: str) -> dict:
 
 def extension_status(device: str) -> str:
     """Which headgain ops run on ``device``: the compiled ones or the PyTorch reference."""
-    from headgain import ops
+    from headgain.core import ops
 
     if ops.extension_available(device):
         return "compiled headgain._C"

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common
-from headgain import ops, reference
+from headgain.core import ops, reference
 
 HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128  # Qwen2.5-VL-7B
 PROBS_ROWS = 4  # query rows of the probability tensor (the ratio reads one of them)

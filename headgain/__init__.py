@@ -5,12 +5,12 @@ shallow heads that look at the image (perception) and the deep heads that do not
 (reasoning), scaling their outputs before the output projection.
 """
 
-from .head_census import Census, census
-from .config import ConfigError, HeadGainConfig, presets
-from .contrib import ContributionMap, contribution_map
-from .handle import Handle, HeadGainError, attach
-from .ops import extension_available
-from .registry import ArchError, ArchMap, register_arch, registered_archs
+from .analysis.census import Census, census
+from .core.config import ConfigError, HeadGainConfig, presets
+from .analysis.contrib import ContributionMap, contribution_map
+from .core.handle import Handle, HeadGainError, attach
+from .core.ops import extension_available
+from .core.registry import ArchError, ArchMap, register_arch, registered_archs
 
 __all__ = [
     "attach",

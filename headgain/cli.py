@@ -100,9 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own usage error (status 2)
         return int(e.code or 0)
-    from .config import ConfigError
-    from .handle import HeadGainError
-    from .registry import ArchError
+    from .core.errors import ConfigError
+    from .core.errors import HeadGainError
+    from .core.errors import ArchError
 
     import torch
 
@@ -148,7 +148,7 @@ def load_image(path: str):
 
 
 def load_config(args):
-    from .config import ConfigError, HeadGainConfig
+    from .core.config import ConfigError, HeadGainConfig
 
     if args.preset and args.config:
         raise CLIError("give --preset or --config, not both")
@@ -241,8 +241,8 @@ def _to(batch: dict, device) -> dict:
 
 
 def _embedded(attn: str, dtype, device) -> Loaded:
-    from .synthetic import ByteTokenizer, qwen_vl_inputs
-    from .tiny import EMBEDDED, embedded_model
+    from .testing.synthetic import ByteTokenizer, qwen_vl_inputs
+    from .testing.tiny import EMBEDDED, embedded_model
 
     model = embedded_model(attn, dtype).to(device)
     tok = ByteTokenizer()
@@ -337,8 +337,8 @@ def _prepare(args):
 
 
 def cmd_run(args) -> int:
-    from .head_census import PERCEPTION, REASONING, classify, selected_heads
-    from .handle import attach
+    from .analysis.census import PERCEPTION, REASONING, classify, selected_heads
+    from .core.handle import attach
 
     image, cfg, loaded = _prepare(args)
     with attach(loaded.model, cfg=cfg) as handle:
@@ -388,9 +388,9 @@ class _Batches:
 def cmd_census(args) -> int:
     import numpy as np
 
-    from . import plots
-    from .head_census import census
-    from .handle import attach
+    from .analysis import plots
+    from .analysis.census import census
+    from .core.handle import attach
 
     if not 0.0 < args.target_fraction < 1.0:
         raise CLIError(f"--target-fraction {args.target_fraction} must be between 0 and 1")
@@ -433,7 +433,7 @@ def cmd_census(args) -> int:
 
 
 def cmd_contrib(args) -> int:
-    from .contrib import contribution_map
+    from .analysis.contrib import contribution_map
 
     image, cfg, loaded = _prepare(args)
     batch = loaded.inputs([image], [args.question])

@@ -16,9 +16,9 @@ import time
 import torch
 
 import headgain
-from headgain.head_census import classify, selected_heads
-from headgain.synthetic import ByteTokenizer, draw_image, qwen_vl_inputs
-from headgain.tiny import embedded_model
+from headgain.analysis.census import classify, selected_heads
+from headgain.testing.synthetic import ByteTokenizer, draw_image, qwen_vl_inputs
+from headgain.testing.tiny import embedded_model
 
 
 def summarize(handle: headgain.Handle, sample: int = 0) -> str:

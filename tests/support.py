@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from headgain.registry import get_arch, resolve_layers
-from headgain.tiny import IMAGE_ID, VIDEO_ID, tiny_model
+from headgain.core.registry import get_arch, resolve_layers
+from headgain.testing.tiny import IMAGE_ID, VIDEO_ID, tiny_model
 
 
 def token_inputs(batch_lengths=(14, 10), image_span=(3, 8), seed=0, vocab=290):

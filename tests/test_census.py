@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import headgain
-from headgain.head_census import NEUTRAL, PERCEPTION, REASONING, Census, classify
-from headgain.synthetic import draw_image, qwen_vl_inputs
-from headgain.tiny import tiny_model
+from headgain.analysis.census import NEUTRAL, PERCEPTION, REASONING, Census, classify
+from headgain.testing.synthetic import draw_image, qwen_vl_inputs
+from headgain.testing.tiny import tiny_model
 
 MODEL = dict(layers=4, hidden=64, heads=4, kv_heads=2)
 

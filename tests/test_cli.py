@@ -15,8 +15,8 @@ from PIL import Image
 
 import headgain
 from headgain.cli import main
-from headgain.synthetic import draw_image
-from headgain.tiny import EMBEDDED
+from headgain.testing.synthetic import draw_image
+from headgain.testing.tiny import EMBEDDED
 
 L, H = EMBEDDED["layers"], EMBEDDED["heads"]
 

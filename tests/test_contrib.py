@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import headgain
-from headgain.contrib import _extend, _step_losses, gated, normalize_importance, rank_heads
-from headgain.synthetic import draw_image, qwen_vl_inputs
-from headgain.tiny import tiny_model
+from headgain.analysis.contrib import _extend, _step_losses, gated, normalize_importance, rank_heads
+from headgain.testing.synthetic import draw_image, qwen_vl_inputs
+from headgain.testing.tiny import tiny_model
 
 SMALL = dict(layers=2, hidden=64, heads=4, kv_heads=2)
 ANSWER = [70, 71, 72]

@@ -11,7 +11,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import headgain
 from headgain import ArchMap, HeadGainConfig
-from headgain.tiny import IMAGE_ID, tiny_model
+from headgain.testing.tiny import IMAGE_ID, tiny_model
 from support import reference_ratios, token_inputs, twin_models, visual_of
 
 CFG = dict(l_perc=1, l_reas=2, tau_perc=0.3, tau_reas=0.29, g_perc=1.5, g_reas=1.7)

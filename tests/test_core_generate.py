@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import headgain
-from headgain.synthetic import draw_image, qwen_vl_inputs
+from headgain.testing.synthetic import draw_image, qwen_vl_inputs
 from support import attach_gain_hooks, attach_mixed, reference_ratios, twin_models, visual_of
 
 
@@ -119,7 +119,7 @@ def test_generate_without_cache_treats_each_step_as_a_full_pass():
 def test_sliding_window_cache_aligns_visual_keys(backend):
     import transformers as tf
 
-    from headgain.tiny import tiny_config
+    from headgain.testing.tiny import tiny_config
     from support import token_inputs
 
     config = tiny_config("gemma3")

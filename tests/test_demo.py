@@ -3,7 +3,7 @@
 import re
 
 from headgain.demo import main
-from headgain.tiny import EMBEDDED
+from headgain.testing.tiny import EMBEDDED
 
 
 def test_demo_prints_both_answers_and_every_layer(capsys):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from headgain import ops, reference
+from headgain.core import ops, reference
 
 REQUIRE_EXTENSION = os.environ.get("HEADGAIN_REQUIRE_EXTENSION") == "1"
 if not ops.extension_available() and not REQUIRE_EXTENSION:

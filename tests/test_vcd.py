@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from headgain.baselines import vcd
-from headgain.synthetic import draw_image, qwen_vl_inputs
-from headgain.tiny import tiny_model
+from headgain.testing.synthetic import draw_image, qwen_vl_inputs
+from headgain.testing.tiny import tiny_model
 
 PIXELS = 112 * 112
 

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import ArchError
+
 __all__ = ["ArchMap", "ArchError", "register_arch", "get_arch", "registered_archs", "resolve_layers"]
-
-
-class ArchError(ValueError):
-    """An architecture map does not fit the model it is applied to."""
 
 
 @dataclass(frozen=True)
@@ -127,34 +125,7 @@ def resolve_layers(model: nn.Module, arch: ArchMap) -> list[tuple[str, nn.Module
     return [(name, module) for _, name, module in found]
 
 
-_KIMI_NOTES = (
-    "Kimi-VL (moonshotai/Kimi-VL-A3B-*) is remote code (trust_remote_code=True): "
-    "KimiVLForConditionalGeneration keeps its DeepSeek-V3 decoder at language_model.model.layers.*.self_attn "
-    "(multi-head latent attention, value width v_head_dim) and its MoonViT tower at vision_tower; the image "
-    "placeholder id is config.media_placeholder_token_id. Its attention must go through transformers' "
-    "attention interface; remote code that calls its own kernels directly is reported at the first forward pass."
-)
+from ..adapters.hf_archs import BUILTIN  # noqa: E402  (the table needs ArchMap, defined above)
 
-_LM = "model.language_model.layers.*.self_attn"
-_BUILTIN = {
-    "qwen2_vl": ArchMap(_LM),
-    "qwen2_5_vl": ArchMap(_LM),
-    "qwen3_vl": ArchMap(_LM),
-    "llava": ArchMap(_LM, visual_token_ids=("image_token_id",)),
-    "llava_next": ArchMap(_LM, visual_token_ids=("image_token_id",)),
-    "llava_onevision": ArchMap(_LM),
-    "gemma3": ArchMap(_LM, visual_token_ids=("image_token_id",)),
-    "idefics3": ArchMap("model.text_model.layers.*.self_attn", visual_token_ids=("image_token_id",)),
-    "smolvlm": ArchMap("model.text_model.layers.*.self_attn", visual_token_ids=("image_token_id",)),
-    "mistral3": ArchMap(_LM, visual_token_ids=("image_token_id",)),
-    "internvl": ArchMap(_LM, visual_token_ids=("image_token_id",)),
-    "deepseek_v3": ArchMap("model.layers.*.self_attn", head_dim="v_head_dim", visual_token_ids=()),
-    "kimi_vl": ArchMap(
-        "language_model.model.layers.*.self_attn",
-        head_dim="v_head_dim",
-        visual_token_ids=("media_placeholder_token_id",),
-        notes=_KIMI_NOTES,
-    ),
-}
-for _key, _map in _BUILTIN.items():
+for _key, _map in BUILTIN.items():
     register_arch(_key, _map)

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import HeadGainConfig
-from .handle import Handle, HeadGainError, borrowed
+from ..core.config import HeadGainConfig
+from ..core.errors import HeadGainError
+from ..core.handle import Handle, borrowed
 
 __all__ = ["ContributionMap", "contribution_map", "NORMALIZATIONS"]
 

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 try:
-    from . import _C  # loading the library registers torch.ops.headgain
+    from .. import _C  # loading the library registers torch.ops.headgain
 
     _EXT_ERROR: str | None = None
     if not hasattr(_C, "with_cuda"):

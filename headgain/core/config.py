@@ -18,15 +18,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .errors import ConfigError
+
 __all__ = ["HeadGainConfig", "ConfigError", "presets", "CLASSES", "STRATEGIES", "QUERIES"]
 
 CLASSES = ("perception", "reasoning", "neutral")
 STRATEGIES = ("enhance", "attenuate", "bipolar", "mixed")
 QUERIES = ("last", "mean_text")
-
-
-class ConfigError(ValueError):
-    """A `HeadGainConfig` value is out of range or inconsistent."""
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import HeadGainConfig
-from .handle import borrowed
+from ..core.config import HeadGainConfig
+from ..core.handle import borrowed
 
 __all__ = ["Census", "Suggestion", "census", "classify", "selected_heads", "NEUTRAL", "PERCEPTION", "REASONING",
            "CLASS_NAMES"]

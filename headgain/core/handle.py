@@ -21,18 +21,15 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import ops
-from .attention import ForwardState, layer_ratios
+from .readout import ForwardState, layer_ratios
 from .config import HeadGainConfig
-from .registry import ArchError, ArchMap, get_arch, resolve_layers
+from .errors import ArchError, HeadGainError
+from .registry import ArchMap, get_arch, resolve_layers
 
 __all__ = ["attach", "borrowed", "Handle", "HeadGainError"]
 
 _VISION_WORDS = ("vision", "visual", "image_encoder", "vit")  # module-name prefixes of vision towers
 _names = itertools.count(1)
-
-
-class HeadGainError(ValueError):
-    """headgain cannot run on this input or model state."""
 
 
 def attach(

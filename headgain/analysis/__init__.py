@@ -1,0 +1,1 @@
+"""Looking at the heads: the head census, contribution maps and their heat maps."""
