@@ -337,7 +337,7 @@ def _prepare(args):
 
 
 def cmd_run(args) -> int:
-    from .analysis.census import PERCEPTION, REASONING, classify, selected_heads
+    from .core.rules import HeadClass, classify, selected_heads
     from .core.handle import attach
 
     image, cfg, loaded = _prepare(args)
@@ -365,7 +365,7 @@ def cmd_run(args) -> int:
             print(f"  layer {layer:2d}: perception {perc} reasoning {reas}")
     count = int((classes > 0).sum())
     print(f"total: {count} of {classes.size} heads ({count / classes.size:.1%}): "
-          f"{int((classes == PERCEPTION).sum())} perception, {int((classes == REASONING).sum())} reasoning")
+          f"{int((classes == HeadClass.PERCEPTION).sum())} perception, {int((classes == HeadClass.REASONING).sum())} reasoning")
     return 0
 
 

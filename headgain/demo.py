@@ -16,7 +16,7 @@ import time
 import torch
 
 import headgain
-from headgain.analysis.census import classify, selected_heads
+from headgain.core.rules import classify, selected_heads
 from headgain.testing.synthetic import ByteTokenizer, draw_image, qwen_vl_inputs
 from headgain.testing.tiny import embedded_model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from headgain.core.registry import get_arch, resolve_layers
+from headgain.core.registry import resolve
 from headgain.testing.tiny import IMAGE_ID, VIDEO_ID, tiny_model
 
 
@@ -52,9 +52,8 @@ def attach_gain_hooks(model, gains_per_call, arch_map=None):
     gains_per_call: a list; each top-level call of ``model`` pops the next (L, B, H) tensor.
     Returns a remove() callable.
     """
-    arch = get_arch(model, arch_map)
-    layers = resolve_layers(model, arch)
-    heads = getattr(model.config.get_text_config(), arch.num_heads)
+    decoder = resolve(model, arch_map)
+    heads = decoder.num_heads
     current = {}
     handles = [model.register_forward_pre_hook(lambda m, a: current.__setitem__("g", gains_per_call.pop(0)))]
 
@@ -67,8 +66,8 @@ def attach_gain_hooks(model, gains_per_call, arch_map=None):
 
         return hook
 
-    for layer, (_, module) in enumerate(layers):
-        handles.append(getattr(module, arch.o_proj).register_forward_pre_hook(make(layer)))
+    for position, layer in enumerate(decoder.layers):
+        handles.append(layer.o_proj.register_forward_pre_hook(make(position)))
     return lambda: [h.remove() for h in handles]
 
 
@@ -87,7 +86,7 @@ def attach_mixed(model, inputs, visual_mask=None):
 
     handle = headgain.attach(model, cfg=dict(l_perc=0, l_reas=1, tau_perc=0.9, tau_reas=0.1))
     if visual_mask is not None:
-        handle.set_visual_mask(visual_mask)
+        handle.set_visual_mask(visual_mask, keep=True)
     handle.enabled = False
     with torch.no_grad():
         model(**inputs)

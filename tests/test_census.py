@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import headgain
-from headgain.analysis.census import NEUTRAL, PERCEPTION, REASONING, Census, classify
+from headgain.analysis.census import Census
+from headgain.core.rules import HeadClass, classify
 from headgain.testing.synthetic import draw_image, qwen_vl_inputs
 from headgain.testing.tiny import tiny_model
 
@@ -102,7 +103,7 @@ def test_quantiles_and_selection(model):
     np.testing.assert_allclose(fr, (perc | reas).mean(0), atol=1e-6)
     assert result.selected_share(cfg) == pytest.approx((perc | reas).mean(), abs=1e-6)
     classes = result.classes(cfg)
-    assert set(np.unique(classes)) <= {NEUTRAL, PERCEPTION, REASONING}
+    assert set(np.unique(classes)) <= set(HeadClass)
     with pytest.raises(headgain.ConfigError, match="outside the model"):
         result.selected_fraction(headgain.HeadGainConfig())  # l_perc=7 on 4 layers
 

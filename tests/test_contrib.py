@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import headgain
-from headgain.analysis.contrib import _extend, _step_losses, gated, normalize_importance, rank_heads
+from headgain.analysis.contrib import _extend, _step_losses, normalize_importance, rank_heads
 from headgain.testing.synthetic import draw_image, qwen_vl_inputs
 from headgain.testing.tiny import tiny_model
 
@@ -48,7 +48,7 @@ def _finite_difference(model, inputs, answer, cfg, eps=2.0**-10):
                     for sign in (1.0, -1.0):
                         g = torch.ones(num_layers, num_heads)
                         g[layer, head] += sign * eps
-                        with gated(handle, g):
+                        with handle.gates(g):
                             if cfg is None:
                                 losses = _step_losses(model, inputs, a, len(answer))
                             else:  # one pass per step, as contribution_map does with a cfg
@@ -138,7 +138,7 @@ def test_gates_at_one_change_nothing(enabled):
         handle.enabled = enabled
         with torch.no_grad():
             plain = model(**inputs).logits
-        with gated(handle) as gates, torch.no_grad():
+        with handle.gates() as gates, torch.no_grad():
             gated_logits = model(**inputs).logits
         assert len(gates) == 2 and gates[0].shape == (4,) and gates[0].requires_grad
         assert handle._gates is None

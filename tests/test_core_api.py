@@ -46,18 +46,22 @@ def test_detach_restores_everything_and_reattach_works():
     inputs = token_inputs()
     before = _logits(model, inputs)
     hooks = _hook_count(model)
-    impl = model.config.text_config._attn_implementation
+    text_config = model.config.text_config
+    attention = [layer.self_attn for layer in model.model.language_model.layers]
     handle = headgain.attach(model, cfg=CFG)
-    name = model.config.text_config._attn_implementation
-    assert name != impl and name in ALL_ATTENTION_FUNCTIONS
+    name = attention[0].config._attn_implementation
+    assert name == "headgain_sdpa" and name in ALL_ATTENTION_FUNCTIONS and name in ALL_MASK_ATTENTION_FUNCTIONS
+    assert text_config._attn_implementation == "sdpa", "no config object may change"
+    assert all(a.config is attention[0].config and a.config is not text_config for a in attention)
+    assert headgain.handle_of(model) is handle and "generate" in model.__dict__
     with pytest.raises(headgain.HeadGainError, match="already attached"):
         headgain.attach(model, cfg=CFG)
     _logits(model, inputs)
     handle.detach()
     handle.detach()  # idempotent
-    assert model.config.text_config._attn_implementation == impl
-    assert name not in ALL_ATTENTION_FUNCTIONS._global_mapping and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
-    assert _hook_count(model) == hooks and not hasattr(model, "_headgain_handle")
+    assert all(a.config is text_config and "_headgain_site" not in a.__dict__ for a in attention)
+    assert _hook_count(model) == hooks and not hasattr(model, "_headgain_handle") and "generate" not in model.__dict__
+    assert headgain.handle_of(model) is None
     assert torch.equal(_logits(model, inputs), before)
     with headgain.attach(model, cfg=CFG) as again:
         assert not torch.equal(_logits(model, inputs), before)
@@ -150,7 +154,7 @@ def test_cfg_is_live_and_validated_against_the_model():
     handle.detach()
     with pytest.raises(headgain.ConfigError, match="outside the model"):
         headgain.attach(model)  # the default preset needs 8 layers
-    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.model.language_model.layers[0].self_attn.config is model.config.text_config
 
 
 def test_default_preset_on_a_model_deep_enough():
@@ -176,15 +180,19 @@ def test_arch_map_errors_leave_the_model_untouched():
     with pytest.raises(headgain.ArchError, match="vision-tower modules only"):
         headgain.attach(model, ArchMap("model.visual.blocks.*.attn"), CFG)
     model.config.text_config.odd_heads = 3
-    with pytest.raises(headgain.ArchError, match="3 heads do not divide .*o_proj input width 64"):
+    with pytest.raises(headgain.ArchError, match=r"ArchMap.num_heads gives 3 heads but model.language_model.layers.0.self_attn.num_heads = 4"):
         headgain.attach(model, ArchMap("model.language_model.layers.*.self_attn", num_heads="odd_heads"), CFG)
+    model.config.text_config.odd_dim = 7
+    with pytest.raises(headgain.ArchError, match="4 heads x head_dim 7 do not divide .*o_proj input width 64"):
+        headgain.attach(model, ArchMap("model.language_model.layers.*.self_attn", head_dim="odd_dim"), CFG)
     with pytest.raises(headgain.ArchError, match="exactly one"):
         ArchMap("model.language_model.layers.self_attn")
     with pytest.raises(headgain.ArchError, match="unknown architecture map 'nope'"):
         headgain.attach(model, "nope", CFG)
     with pytest.raises(headgain.ArchError, match="visual token id attributes"):
         headgain.attach(model, ArchMap("model.language_model.layers.*.self_attn", visual_token_ids=("no_such_id",)), CFG)
-    assert model.config.text_config._attn_implementation == "sdpa" and not hasattr(model, "_headgain_handle")
+    attn = model.model.language_model.layers[0].self_attn
+    assert attn.config is model.config.text_config and not hasattr(model, "_headgain_handle")
     with pytest.raises(headgain.ArchError, match="already registered"):
         headgain.register_arch("qwen2_5_vl", ArchMap("model.layers.*.self_attn"))
 
@@ -194,8 +202,10 @@ def test_arch_map_errors_leave_the_model_untouched():
     [
         (dict(tau_perc=1.5), r"tau_perc=1.5 must be a number in \[0, 1\]"),
         (dict(tau_reas=0.5, tau_perc=0.2), "tau_reas=0.5 must be below tau_perc=0.2"),
-        (dict(g_perc=0.0), "g_perc=0.0 must be a finite number > 0"),
-        (dict(g_reas=-1), "g_reas=-1 must be a finite number > 0"),
+        (dict(g_perc=0.0), "g_perc=0.0 must be a number with 0 < g_perc <= 10"),
+        (dict(g_reas=-1), "g_reas=-1 must be a number with 0 < g_reas <= 10"),
+        (dict(g_perc=1e6), "g_perc=1000000.0 must be a number with 0 < g_perc <= 10 .*overflow float16"),
+        (dict(alpha=float("inf")), "alpha=inf must be a number with 0 < alpha <= 10"),
         (dict(l_perc=-1), "l_perc=-1 must be a non-negative integer"),
         (dict(l_reas=1.5), "l_reas=1.5 must be a non-negative integer"),
         (dict(strategy="boost"), "strategy='boost' is not one of enhance, attenuate, bipolar, mixed"),
@@ -293,8 +303,21 @@ def test_attention_that_bypasses_the_interface_is_reported():
     assert type(attn).forward is original
 
 
-def test_submodule_call_is_reported():
+def test_layer_call_outside_a_pass_is_reported():
     model = tiny_model("llava", "sdpa")
     headgain.attach(model, cfg=CFG)
-    with pytest.raises(headgain.HeadGainError, match="ran outside a call of the attached"):
-        model.model.language_model(input_ids=token_inputs()["input_ids"])
+    layer = model.model.language_model.layers[0]
+    hidden = torch.randn(1, 5, model.config.text_config.hidden_size)
+    positions = model.model.language_model.rotary_emb(hidden, torch.arange(5)[None])
+    with pytest.raises(headgain.HeadGainError, match="ran outside a call of the attached LlavaForConditionalGeneration"):
+        layer(hidden, attention_mask=None, position_embeddings=positions)
+
+
+def test_decoder_called_directly_starts_its_own_pass():
+    model = tiny_model("llava", "sdpa")
+    inputs = token_inputs()
+    handle = headgain.attach(model, cfg=CFG)
+    _logits(model, inputs)
+    expected = handle.last_ratios
+    model.model.language_model(**inputs)
+    torch.testing.assert_close(handle.last_ratios, expected)

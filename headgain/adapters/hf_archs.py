@@ -2,12 +2,13 @@
 
 Pure data: each entry says where the language decoder's attention modules are, their
 output projection, and which config attributes hold the visual placeholder token ids.
-`headgain.core.registry` registers every entry at import.
+`headgain.core.registry` registers every entry of `BUILTIN` at import; `UNSUPPORTED` names
+the layouts headgain refuses, with the reason and what to do instead.
 """
 
 from __future__ import annotations
 
-from ..core.registry import ArchMap
+from ..core.archmap import ArchMap
 
 _KIMI_NOTES = (
     "Kimi-VL (moonshotai/Kimi-VL-A3B-*) is remote code (trust_remote_code=True): "
@@ -36,5 +37,23 @@ BUILTIN: dict[str, ArchMap] = {
         head_dim="v_head_dim",
         visual_token_ids=("media_placeholder_token_id",),
         notes=_KIMI_NOTES,
+    ),
+}
+
+#: model_type -> why headgain refuses it and what to do instead.
+UNSUPPORTED: dict[str, str] = {
+    "mllama": (
+        "Llama 3.2 Vision reads the image through cross-attention layers, so its self-attention never sees image "
+        "tokens and S_v (the share of self-attention on image tokens) is zero for every head. Use a VLM whose "
+        "decoder holds the image tokens in its sequence (qwen2_5_vl, llava, gemma3, ...)"
+    ),
+    "lfm2_vl": (
+        "LFM2-VL's decoder interleaves short-convolution layers with attention layers; headgain reads and scales "
+        "every decoder layer's attention heads and does not support such hybrid decoders. Use a model whose decoder "
+        "layers are all attention layers"
+    ),
+    "florence2": (
+        "Florence-2 is an encoder-decoder: the image tokens sit in the encoder's input and the decoder that generates "
+        "reads them only through cross-attention, which the paper's S_v does not define. Use a decoder-only VLM"
     ),
 }

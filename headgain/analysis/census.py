@@ -21,38 +21,9 @@ from torch import nn
 
 from ..core.config import HeadGainConfig
 from ..core.handle import borrowed
+from ..core.rules import CLASS_NAMES, HeadClass, classify
 
-__all__ = ["Census", "Suggestion", "census", "classify", "selected_heads", "NEUTRAL", "PERCEPTION", "REASONING",
-           "CLASS_NAMES"]
-
-NEUTRAL, PERCEPTION, REASONING = 0, 1, 2
-CLASS_NAMES = ("neutral", "perception", "reasoning")
-
-
-def classify(ratios: np.ndarray, cfg: HeadGainConfig) -> np.ndarray:
-    """Head classes under ``cfg`` by the rule the gains use.
-
-    Args:
-        ratios: (..., L, H) S_v values of samples that hold visual tokens.
-
-    Returns:
-        (..., L, H) int8: `PERCEPTION` (1) where ``l <= l_perc`` and ``S_v >= tau_perc``,
-        `REASONING` (2) where ``l >= l_reas`` and ``S_v <= tau_reas``, `NEUTRAL` (0) elsewhere.
-    """
-    r = np.asarray(ratios)
-    layer = np.arange(r.shape[-2])[:, None]
-    perception = (layer <= cfg.l_perc) & (r >= cfg.tau_perc)
-    reasoning = (layer >= cfg.l_reas) & (r <= cfg.tau_reas)
-    out = np.zeros(r.shape, dtype=np.int8)
-    out[reasoning] = REASONING
-    out[perception] = PERCEPTION
-    return out
-
-
-def selected_heads(classes: np.ndarray) -> list[tuple[list[int], list[int]]]:
-    """(perception heads, reasoning heads) of every layer of (L, H) classes from `classify`."""
-    return [([int(h) for h in np.flatnonzero(row == PERCEPTION)], [int(h) for h in np.flatnonzero(row == REASONING)])
-            for row in np.asarray(classes)]
+__all__ = ["Census", "Suggestion", "census"]
 
 
 @dataclass
@@ -149,11 +120,29 @@ class Census:
         """(L, H) int8: the class each head takes in at least half of the samples (else neutral)."""
         return self._majority(self.class_fractions(cfg))
 
+    def static_gains(self, cfg: HeadGainConfig | str | Mapping[str, Any] | None, min_share: float = 0.5) -> np.ndarray:
+        """(L, H) float32 gain table for `headgain.fold_gains`: each head gets the gain of
+        its class under ``cfg`` where it takes that class in at least ``min_share`` of the
+        samples, else the neutral gain.
+
+        This freezes the per-token selection of the method into one head set for every
+        input: a zero-cost approximation, to be checked on held-out data.
+        """
+        if not 0.0 < min_share <= 1.0:
+            raise ValueError(f"min_share={min_share!r} must be in (0, 1]")
+        cfg = self._cfg(cfg)
+        classes = self._majority(self.class_fractions(cfg), min_share)
+        gains = cfg.class_gains()
+        table = np.full(classes.shape, gains["neutral"], dtype=np.float32)
+        table[classes == HeadClass.PERCEPTION] = gains["perception"]
+        table[classes == HeadClass.REASONING] = gains["reasoning"]
+        return table
+
     @staticmethod
-    def _majority(fractions: dict[str, np.ndarray]) -> np.ndarray:
-        out = np.zeros(fractions["perception"].shape, dtype=np.int8)
-        out[fractions["reasoning"] >= 0.5] = REASONING
-        out[fractions["perception"] >= 0.5] = PERCEPTION
+    def _majority(fractions: dict[str, np.ndarray], share: float = 0.5) -> np.ndarray:
+        out = np.full(fractions["perception"].shape, int(HeadClass.NEUTRAL), dtype=np.int8)
+        out[fractions["reasoning"] >= share] = HeadClass.REASONING
+        out[fractions["perception"] >= share] = HeadClass.PERCEPTION
         return out
 
     def _cfg(self, cfg) -> HeadGainConfig:

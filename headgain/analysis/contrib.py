@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..core.config import HeadGainConfig
 from ..core.errors import HeadGainError
-from ..core.handle import Handle, borrowed
+from ..core.handle import borrowed
 
 __all__ = ["ContributionMap", "contribution_map", "NORMALIZATIONS"]
 
@@ -135,32 +135,6 @@ def rank_heads(importance: np.ndarray) -> list[tuple[int, int]]:
     return [(int(i // h), int(i % h)) for i in order]
 
 
-@contextlib.contextmanager
-def gated(handle: Handle, values: Sequence[torch.Tensor] | torch.Tensor | None = None) -> Iterator[list[torch.Tensor]]:
-    """Install gates at the rescaling site of ``handle`` for the duration of the block.
-
-    Args:
-        values: (L, H) initial gate values (default: ones).
-
-    Yields:
-        L tensors of shape (H,), float32, ``requires_grad=True``, each on its layer's
-        device. Every forward pass in the block multiplies head h of layer l by
-        ``gain * gates[l][h]``; the gates are removed on exit, even on error.
-    """
-    if handle._gates is not None:
-        raise HeadGainError("gates are already installed on this handle (nested contribution maps are not supported)")
-    gates = []
-    for layer, module in enumerate(handle._modules):
-        device = _module_device(module)
-        init = torch.ones(handle.num_heads) if values is None else torch.as_tensor(values[layer]).detach()
-        gates.append(init.to(device=device, dtype=torch.float32).clone().requires_grad_(True))
-    handle._gates = gates
-    try:
-        yield gates
-    finally:
-        handle._gates = None
-
-
 def contribution_map(
     model: nn.Module,
     inputs: Mapping[str, torch.Tensor],
@@ -223,7 +197,7 @@ def contribution_map(
         device = prompt.device
         answer_t = torch.tensor(answer, dtype=torch.long, device=device)
         steps, losses = [], []
-        with gated(handle) as gates:
+        with handle.gates() as gates:
             if cfg is None:
                 step_losses = _step_losses(model, inputs, answer_t, len(answer))
                 for i, loss in enumerate(step_losses):
@@ -255,12 +229,6 @@ def contribution_map(
 
 
 # ---------------------------------------------------------------------- internals
-def _module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _stack(grads, gates) -> torch.Tensor:
     return torch.stack(
         [torch.zeros_like(g) if d is None else d.detach() for d, g in zip(grads, gates)]

@@ -12,9 +12,12 @@ from typing import Sequence
 
 import numpy as np
 
+from ..core.rules import HeadClass
+
 __all__ = ["plot_ratio", "plot_classes", "plot_contribution", "plot_overview"]
 
-CLASS_COLORS = ("#e6e6e6", "#f28e2b", "#4e79a7")  # neutral, perception, reasoning
+#: Colour of each head class, indexed by its `HeadClass` code.
+CLASS_COLORS = {HeadClass.NEUTRAL: "#e6e6e6", HeadClass.PERCEPTION: "#f28e2b", HeadClass.REASONING: "#4e79a7"}
 LAYER_LABEL, HEAD_LABEL = "decoder layer (0-based)", "head"
 
 
@@ -88,18 +91,18 @@ def _draw_classes(fig, ax, classes: np.ndarray, title: str, cfg=None) -> None:
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    ax.imshow(classes, cmap=ListedColormap(CLASS_COLORS), vmin=-0.5, vmax=2.5, aspect="auto", interpolation="nearest")
+    colors = [CLASS_COLORS[c] for c in HeadClass]
+    ax.imshow(classes, cmap=ListedColormap(colors), vmin=-0.5, vmax=len(colors) - 0.5, aspect="auto",
+              interpolation="nearest")
     ax.set_xticks(np.arange(-0.5, classes.shape[1], 1), minor=True)
     ax.set_yticks(np.arange(-0.5, classes.shape[0], 1), minor=True)
     ax.grid(which="minor", color="white", lw=0.5)
     ax.tick_params(which="minor", length=0)
     _ticks(ax, *classes.shape)
     total = classes.size
-    names = ("neutral", "perception", "reasoning")
     handles = [
-        Patch(facecolor=CLASS_COLORS[k], edgecolor="#555555",
-              label=f"{names[k]}: {int((classes == k).sum())} of {total}")
-        for k in (1, 2, 0)
+        Patch(facecolor=CLASS_COLORS[c], edgecolor="#555555", label=f"{c.label}: {int((classes == c).sum())} of {total}")
+        for c in (HeadClass.PERCEPTION, HeadClass.REASONING, HeadClass.NEUTRAL)
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     if cfg is not None:

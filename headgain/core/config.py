@@ -1,13 +1,8 @@
 """`HeadGainConfig`: the method's hyper-parameters, validated, with JSON round-trip.
 
 Layer indices are 0-based decoder layer indices (the ``layer_idx`` that ``transformers``
-gives each decoder layer). A head h of layer l is
-
-* a perception head when ``l <= l_perc`` and ``S_v(l, h) >= tau_perc``;
-* a reasoning head when ``l >= l_reas`` and ``S_v(l, h) <= tau_reas``;
-* neutral otherwise.
-
-``tau_reas < tau_perc`` keeps the two classes disjoint.
+gives each decoder layer). The head-class rule the thresholds and layer bounds feed is
+in `headgain.core.rules`.
 """
 
 from __future__ import annotations
@@ -19,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .rules import CLASS_NAMES
 
-__all__ = ["HeadGainConfig", "ConfigError", "presets", "CLASSES", "STRATEGIES", "QUERIES"]
+__all__ = ["HeadGainConfig", "presets", "STRATEGIES", "QUERIES", "MAX_GAIN"]
 
-CLASSES = ("perception", "reasoning", "neutral")
+#: Gains are bounded: the method works near 1.1-1.4, and large gains overflow float16 activations.
+MAX_GAIN = 10.0
 STRATEGIES = ("enhance", "attenuate", "bipolar", "mixed")
 QUERIES = ("last", "mean_text")
 
@@ -56,8 +53,9 @@ class HeadGainConfig:
     query: str = field(default="last", metadata={"help": "'last' (the paper's i*) or 'mean_text'"})
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "enhance_classes", tuple(self.enhance_classes))
-        object.__setattr__(self, "attenuate_classes", tuple(self.attenuate_classes))
+        for name in ("enhance_classes", "attenuate_classes"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         errors = []
         for name in ("l_perc", "l_reas"):
             value = getattr(self, name)
@@ -69,12 +67,15 @@ class HeadGainConfig:
                 errors.append(f"{name}={value!r} must be a number in [0, 1] (a share of attention)")
         if _is_real(self.tau_perc) and _is_real(self.tau_reas) and not self.tau_reas < self.tau_perc:
             errors.append(f"tau_reas={self.tau_reas!r} must be below tau_perc={self.tau_perc!r} so the classes stay disjoint")
-        for name in ("g_perc", "g_reas"):
+        for name in ("g_perc", "g_reas", "alpha"):
             value = getattr(self, name)
-            if not _is_real(value) or not value > 0 or math.isinf(value):
-                errors.append(f"{name}={value!r} must be a finite number > 0")
-        if self.alpha is not None and (not _is_real(self.alpha) or not self.alpha > 0 or math.isinf(self.alpha)):
-            errors.append(f"alpha={self.alpha!r} must be None or a finite number > 0")
+            if name == "alpha" and value is None:
+                continue
+            if not _is_real(value) or not 0 < value <= MAX_GAIN:
+                errors.append(
+                    f"{name}={value!r} must be a number with 0 < {name} <= {MAX_GAIN:g} (the method works with gains "
+                    "near 1.1-1.4; large gains overflow float16 activations into inf and NaN)"
+                )
         if not _is_real(self.beta) or not 0.0 < self.beta < 1.0:
             errors.append(f"beta={self.beta!r} must be a number with 0 < beta < 1")
         if self.strategy not in STRATEGIES:
@@ -82,9 +83,9 @@ class HeadGainConfig:
         if self.query not in QUERIES:
             errors.append(f"query={self.query!r} is not one of {', '.join(QUERIES)}")
         for name in ("enhance_classes", "attenuate_classes"):
-            bad = [c for c in getattr(self, name) if c not in CLASSES]
+            bad = [c for c in getattr(self, name) if c not in CLASS_NAMES]
             if bad:
-                errors.append(f"{name} holds {bad}; allowed classes are {', '.join(CLASSES)}")
+                errors.append(f"{name} holds {bad}; allowed classes are {', '.join(CLASS_NAMES)}")
         if self.strategy == "mixed" and set(self.enhance_classes) & set(self.attenuate_classes):
             errors.append(
                 f"strategy 'mixed' needs disjoint enhance_classes {self.enhance_classes} and "
@@ -98,16 +99,16 @@ class HeadGainConfig:
         """The gain each class of head receives under this config's strategy."""
         enhanced = {"perception": self.g_perc, "reasoning": self.g_reas, "neutral": 1.0}
         if self.alpha is not None:
-            enhanced = {c: self.alpha for c in CLASSES}
+            enhanced = {c: self.alpha for c in CLASS_NAMES}
         if self.strategy == "enhance":
             return {"perception": self.g_perc, "reasoning": self.g_reas, "neutral": 1.0}
         if self.strategy == "attenuate":
-            return {c: (self.beta if c in self.attenuate_classes else 1.0) for c in CLASSES}
+            return {c: (self.beta if c in self.attenuate_classes else 1.0) for c in CLASS_NAMES}
         if self.strategy == "bipolar":
-            return {c: (enhanced[c] if c in self.enhance_classes else self.beta) for c in CLASSES}
+            return {c: (enhanced[c] if c in self.enhance_classes else self.beta) for c in CLASS_NAMES}
         return {
             c: enhanced[c] if c in self.enhance_classes else self.beta if c in self.attenuate_classes else 1.0
-            for c in CLASSES
+            for c in CLASS_NAMES
         }
 
     def check_layers(self, num_layers: int) -> None:

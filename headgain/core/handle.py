@@ -1,35 +1,53 @@
 """`attach` and `Handle`: install headgain on a model, run it, and take it off exactly.
 
-headgain registers one attention function per attached model in ``transformers``'
-``AttentionInterface`` under a fresh name that wraps the backend the decoder already
-uses (eager, sdpa, flash), and points only the decoder's config at it. The wrapper
-calls the original backend unchanged, reads S_v for each head, and scales each head's
-output (B, N, H, D) in place before the module applies its output projection.
+`attach` resolves the model's decoder (`headgain.core.registry.resolve`), then hands it
+to an adapter that reaches each decoder layer's attention: ``transformers`` models
+through their attention interface (`headgain.adapters.hf`), plain PyTorch models through
+their ``scaled_dot_product_attention`` calls (`headgain.adapters.sdpa`). The `Handle`
+holds what both share: the config and its per-layer rules, the per-pass bookkeeping (one
+per thread), the S_v read-out, the gains and the scaling of the head outputs.
+
+Lifecycle rules (each tested):
+
+* A pass starts when the model, or the module that runs its decoder layers, is called
+  (the outermost of the two in a call). ``generate()`` of models that generate through
+  a submodule (BLIP-2, InstructBLIP) works: the visual positions come from the
+  ``input_ids`` given to the attached model's ``generate``.
+* Per-pass state is per thread: one attached model can run in several threads at once;
+  ``last_ratios`` / ``last_gains`` are those of the calling thread's latest pass.
+* A layer that runs again outside its pass (activation checkpointing recomputes layers
+  during backward) gets the gains it had in its pass: training-mode passes keep their
+  gains (the last 8 passes), matched to the recomputation by a fingerprint of the
+  layer's queries and keys.
+* A copy of an attached model (``copy.deepcopy``, ``torch.save`` + ``torch.load``,
+  pickle) carries an attachment of its own, with the same config: ``headgain.handle_of
+  (copy)`` returns it. Detaching one leaves the other attached and working.
+* Nothing global refers to a model or handle, so an attached model that is deleted
+  without ``detach()`` is freed like any other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
+import threading
 import warnings
-from typing import Any, Iterator, Mapping
+from collections import OrderedDict
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import ops
-from .readout import ForwardState, layer_ratios
+from .archmap import ArchMap
 from .config import HeadGainConfig
-from .errors import ArchError, HeadGainError
-from .registry import ArchMap, get_arch, resolve_layers
+from .decoder import ResolvedDecoder
+from .errors import HeadGainError
+from .readout import ForwardState, layer_ratios
+from .registry import resolve
+from .rules import LayerRule, layer_rules
 
-__all__ = ["attach", "borrowed", "Handle", "HeadGainError"]
-
-_VISION_WORDS = ("vision", "visual", "image_encoder", "vit")  # module-name prefixes of vision towers
-_names = itertools.count(1)
+__all__ = ["attach", "borrowed", "handle_of", "Handle"]
 
 
 def attach(
@@ -40,8 +58,10 @@ def attach(
     """Attach functional-head rescaling to ``model``'s language decoder.
 
     Args:
-        model: a ``transformers`` model (for example ``Qwen2_5_VLForConditionalGeneration``);
-            call this model (``model(...)`` or ``model.generate(...)``) afterwards.
+        model: a ``transformers`` model (for example ``Qwen2_5_VLForConditionalGeneration``),
+            or a plain PyTorch module whose attention modules call
+            ``torch.nn.functional.scaled_dot_product_attention`` (then ``arch_map`` is
+            required). Call this model (``model(...)``, ``model.generate(...)``) afterwards.
         arch_map: an `ArchMap`, the name of a registered one, or None to look it up by
             ``model.config.model_type``.
         cfg: a `HeadGainConfig`, a preset name, a dict of fields, or None (preset
@@ -53,26 +73,18 @@ def attach(
     Everything is validated before the model is touched: on error the model is unchanged.
     """
     cfg = HeadGainConfig.coerce(cfg)
-    arch = get_arch(model, arch_map)
-    if getattr(model, "_headgain_handle", None) is not None:
+    existing = handle_of(model)
+    if existing is not None:
         raise HeadGainError("headgain is already attached to this model; call handle.detach() before attaching again")
-    layers = resolve_layers(model, arch)
-    text_config = _text_config(model, arch)
-    _check_decoder_modules(model, arch, layers, text_config)
-    num_heads = _num_heads(arch, text_config)
-    head_dim = _check_heads(arch, layers, text_config, num_heads)
-    cfg.check_layers(len(layers))
-    impl = text_config._attn_implementation or "eager"
-    if impl == "flex_attention" or impl.startswith("paged"):
-        raise HeadGainError(
-            f"attention implementation {impl!r} is not supported; load the model with attn_implementation='sdpa', "
-            "'eager' or a flash attention backend"
-        )
-    if impl not in ALL_ATTENTION_FUNCTIONS and impl != "eager":
-        raise HeadGainError(f"attention implementation {impl!r} is not registered in transformers' AttentionInterface")
-    originals = [_original_function(module, impl) for _, module in layers]
-    visual_ids = _visual_ids(model, arch, text_config)
-    return Handle(model, arch, cfg, layers, text_config, impl, originals, visual_ids, num_heads, head_dim)
+    decoder = resolve(model, arch_map)
+    cfg.check_layers(decoder.num_layers)
+    return Handle(model, decoder, cfg)
+
+
+def handle_of(model: nn.Module) -> "Handle | None":
+    """The `Handle` attached to ``model`` (also the one a copy of an attached model carries), or None."""
+    handle = getattr(model, "_headgain_handle", None)
+    return handle if isinstance(handle, Handle) and handle.attached else None
 
 
 @contextlib.contextmanager
@@ -82,7 +94,7 @@ def borrowed(model: nn.Module, arch_map=None, cfg: HeadGainConfig | None = None,
     ``cfg`` (when given) and ``enabled`` are set for the block; on exit a temporary handle
     is detached and an existing one gets its own config and state back, even on error.
     """
-    handle = getattr(model, "_headgain_handle", None)
+    handle = handle_of(model)
     temporary = handle is None
     if temporary:
         # layer bounds of 0 fit a decoder of any depth
@@ -100,86 +112,184 @@ def borrowed(model: nn.Module, arch_map=None, cfg: HeadGainConfig | None = None,
             handle.cfg, handle.enabled = saved
 
 
+class _Local(threading.local):
+    """Per-thread bookkeeping of one handle (a fresh, empty one in every thread)."""
+
+    def __init__(self) -> None:
+        self.owner: nn.Module | None = None  # the entry module whose call is the pass in flight
+        self.state: ForwardState | None = None  # the pass in flight, or the latest one (decoding continues it)
+        self.rules: tuple[LayerRule, ...] = ()  # the config's rules when the pass began
+        self.enabled = True
+        self.pass_id = 0
+        self.calls = 0
+        self.ratios: list[torch.Tensor | None] = []
+        self.gains: list[torch.Tensor | None] = []
+        self.user_mask: tuple[torch.Tensor, bool] | None = None  # (mask, keep)
+        self.prompt_ids: torch.Tensor | None = None  # input_ids of the generate() call in flight
+        self.pending: dict[int, torch.Tensor | None] = {}  # layer position -> gains for its o_proj (plain models)
+        self.readers: dict[int, list] = {}  # layer position -> function modes in flight (plain models)
+        self.visual_known = False  # whether this pass's visual flags came from a mask or token ids
+
+
+class _Records:
+    """Gains of recent training-mode passes, for layers that run again outside their pass.
+
+    Activation checkpointing recomputes a layer's forward during backward, after the pass
+    has ended (possibly in another thread). The recomputation must apply the gains of the
+    original pass; it is matched to its pass by a fingerprint of the layer's queries and
+    keys (sums in float32), among the last `KEEP` training-mode passes.
+    """
+
+    KEEP = 8
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._passes: OrderedDict[int, dict[int, tuple[torch.Tensor, torch.Tensor | None]]] = OrderedDict()
+
+    def add(self, pass_id: int, position: int, fingerprint: torch.Tensor, gains: torch.Tensor | None) -> None:
+        with self._lock:
+            layers = self._passes.setdefault(pass_id, {})
+            layers[position] = (fingerprint, gains)
+            while len(self._passes) > self.KEEP:
+                self._passes.popitem(last=False)
+
+    def find(self, position: int, fingerprint: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+        """(found, gains) of the recorded pass whose fingerprint matches (relative 1e-3)."""
+        with self._lock:
+            candidates = [layers[position] for layers in self._passes.values() if position in layers]
+        if not candidates:
+            return False, None
+        prints = torch.stack([fp for fp, _ in candidates])
+        error = ((prints - fingerprint).abs() / (fingerprint.abs() + 1e-6)).amax(1)
+        best = int(torch.argmin(error))
+        if float(error[best]) > 1e-3:
+            return False, None
+        return True, candidates[best][1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._passes.clear()
+
+
+def _fingerprint(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """(2,) float32 on the inputs' device: the sums of the queries and of the keys."""
+    return torch.stack([query.sum(dtype=torch.float32), key.sum(dtype=torch.float32)])
+
+
 class Handle:
     """A live attachment of headgain to one model.
 
-    Attributes read after a forward pass (prefill or one decoding step):
+    Attributes:
+        model: the attached model.
+        decoder: its `ResolvedDecoder` (layers, heads, visual ids, backend).
+        attached: False once `detach` ran.
+
+    Read after a forward pass (prefill or one decoding step) in the same thread:
         last_ratios: (L, B, H) float32 on the CPU, S_v of every head at i*.
         last_gains: (L, B, H) float32 on the CPU, the gains applied.
+        last_has_visual: (B,) bool, which samples held visual tokens.
     """
 
-    def __init__(self, model, arch, cfg, layers, text_config, impl, originals, visual_ids, num_heads, head_dim):
+    def __init__(self, model: nn.Module, decoder: ResolvedDecoder, cfg: HeadGainConfig):
         self.model = model
-        self.arch = arch
-        self.num_layers = len(layers)
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.layer_names = [name for name, _ in layers]
-        self._layer_of = {id(module): i for i, (_, module) in enumerate(layers)}
-        self._modules = [module for _, module in layers]
-        self._originals = originals
-        self._text_config = text_config
-        self._impl = impl
-        self._visual_ids = torch.tensor(sorted(visual_ids), dtype=torch.long) if visual_ids else None
-        self._visual_ids_by_device: dict = {}
-        self._user_mask: torch.Tensor | None = None
-        self._state: ForwardState | None = None
-        self._live = False
-        self._calls = 0
-        self._ratios: list[torch.Tensor | None] = [None] * self.num_layers
-        self._gains: list[torch.Tensor | None] = [None] * self.num_layers
-        self._warned_no_visual = False
-        self.enabled = True
+        self.decoder = decoder
+        self._cfg = cfg
+        self._rules = layer_rules(cfg, [layer.index for layer in decoder.layers])
+        self._enabled = True
         self._gates: list[torch.Tensor] | None = None
-        self._set_cfg(cfg)
-
-        self._name = f"headgain{next(_names)}_{impl}"
-        ALL_ATTENTION_FUNCTIONS.register(self._name, self._attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(self._name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
-        text_config._attn_implementation = self._name
-        self._hooks = [
-            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-            model.register_forward_hook(self._post_forward, always_call=True),
-        ]
+        self._warned_no_visual = False
+        self._warned_kept_mask = False
+        self._pass_ids = itertools.count(1)
+        self._local = _Local()
+        self._records = _Records()
+        self._adapter = _adapter_for(decoder)
+        self._hooks: list = []
+        self._adapter.install(self)
         model._headgain_handle = self
         self.attached = True
 
     # ------------------------------------------------------------------ public API
+    @property
+    def num_layers(self) -> int:
+        return self.decoder.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.decoder.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.decoder.head_dim
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self.decoder.names
+
     @property
     def cfg(self) -> HeadGainConfig:
         return self._cfg
 
     @cfg.setter
     def cfg(self, value) -> None:
-        self._set_cfg(HeadGainConfig.coerce(value))
+        cfg = HeadGainConfig.coerce(value)
+        cfg.check_layers(self.num_layers)
+        self._rules = layer_rules(cfg, [layer.index for layer in self.decoder.layers])
+        self._cfg = cfg
+
+    @property
+    def enabled(self) -> bool:
+        """Whether gains are applied (ratios are recorded either way). Takes bools only."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise HeadGainError(f"handle.enabled takes True or False, got {value!r} ({type(value).__name__})")
+        self._enabled = value
 
     @property
     def last_ratios(self) -> torch.Tensor | None:
-        """(L, B, H) float32 on the CPU: S_v at i* in the most recent forward pass (None before any)."""
-        return self._stacked(self._ratios)
+        """(L, B, H) float32 on the CPU: S_v at i* in this thread's latest forward pass (None before any)."""
+        ratios = self._local.ratios
+        if not ratios or any(t is None for t in ratios):
+            return None
+        return torch.stack(ratios).float().cpu()
 
     @property
     def last_gains(self) -> torch.Tensor | None:
-        """(L, B, H) float32 on the CPU: gains applied in the most recent forward pass (None before any)."""
-        return self._stacked(self._gains)
+        """(L, B, H) float32 on the CPU: gains applied in this thread's latest forward pass (None before any)."""
+        ratios = self.last_ratios
+        if ratios is None:
+            return None
+        gains = [torch.ones_like(r) if g is None else g.float().cpu() for g, r in zip(self._local.gains, ratios)]
+        return torch.stack(gains)
 
     @property
     def last_has_visual(self) -> torch.Tensor | None:
-        """(B,) bool on the CPU: which samples of the most recent forward pass hold visual tokens."""
-        return None if self._state is None else self._state.has_visual.cpu()
+        """(B,) bool on the CPU: which samples of this thread's latest forward pass hold visual tokens."""
+        state = self._local.state
+        return None if state is None else state.has_visual.cpu()
 
-    def set_visual_mask(self, mask: torch.Tensor | None) -> None:
-        """Mark visual positions by hand, for inputs without visual token ids (``inputs_embeds``).
+    def set_visual_mask(self, mask: torch.Tensor | None, *, keep: bool = False) -> None:
+        """Mark visual positions by hand, for inputs without visual token ids (``inputs_embeds``,
+        plain PyTorch models).
 
         Args:
-            mask: (B, N) bool (or 0/1 integers) over the prompt of the next forward passes
-                that start a new prompt; it must match their batch size and length. Tokens
-                added while decoding are text unless their ids are visual ids. None clears
-                it and goes back to token ids.
+            mask: (B, N) bool (or 0/1 integers) over the prompt of the next forward pass that
+                starts a new prompt in this thread; it must match that prompt's batch size and
+                length. Tokens added while decoding are text unless their ids are visual ids.
+                None clears it and goes back to token ids.
+            keep: False (default): the mask serves the next prompt only and is then dropped,
+                so it cannot silently apply to a later input. True: it serves every following
+                prompt of this thread until cleared (for a fixed layout); where the prompt also
+                carries visual token ids that disagree with it, the mask wins and a warning
+                says so once.
         """
         if mask is None:
-            self._user_mask = None
+            self._local.user_mask = None
             return
+        if not isinstance(keep, bool):
+            raise HeadGainError(f"keep takes True or False, got {keep!r}")
         if not isinstance(mask, torch.Tensor):
             mask = torch.as_tensor(mask)
         if mask.dim() != 2:
@@ -188,7 +298,36 @@ class Handle:
             if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
                 raise HeadGainError(f"visual mask must be bool or hold only 0 and 1, got dtype {mask.dtype}")
             mask = mask.bool()
-        self._user_mask = mask
+        self._local.user_mask = (mask, keep)
+
+    @contextlib.contextmanager
+    def gates(self, values: Sequence[torch.Tensor] | torch.Tensor | None = None) -> Iterator[list[torch.Tensor]]:
+        """Gates on every head for the duration of the block (contribution maps, appendix H.1).
+
+        Args:
+            values: (L, H) initial gate values (default: ones).
+
+        Yields:
+            L tensors of shape (H,), float32, ``requires_grad=True``, each on its layer's
+            device. Every forward pass in the block multiplies head h of layer l by
+            ``gain * gates[l][h]`` at the rescaling site (out of place, so gradients flow to
+            the gates); gates of one leave every output bit for bit as it was. The gates are
+            removed on exit, even on error. Gates are shared by all threads.
+        """
+        if self._gates is not None:
+            raise HeadGainError("gates are already installed on this handle (nested gates are not supported)")
+        gates = []
+        for position, layer in enumerate(self.decoder.layers):
+            device = next((p.device for p in layer.module.parameters()), torch.device("cpu"))
+            init = torch.ones(self.num_heads) if values is None else torch.as_tensor(values[position]).detach()
+            if init.shape != (self.num_heads,):
+                raise HeadGainError(f"gate values of layer {position} must have shape ({self.num_heads},), got {tuple(init.shape)}")
+            gates.append(init.to(device=device, dtype=torch.float32).clone().requires_grad_(True))
+        self._gates = gates
+        try:
+            yield gates
+        finally:
+            self._gates = None
 
     def detach(self) -> None:
         """Restore the model exactly as it was before `attach`; calling it again does nothing."""
@@ -196,12 +335,11 @@ class Handle:
             return
         for hook in self._hooks:
             hook.remove()
-        self._text_config._attn_implementation = self._impl
-        ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self._name, None)
-        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self._name, None)
-        if getattr(self.model, "_headgain_handle", None) is self:
+        self._hooks = []
+        self._adapter.uninstall(self)
+        if self.model.__dict__.get("_headgain_handle") is self:
             del self.model._headgain_handle
-        self._state = None
+        self._records.clear()
         self.attached = False
 
     def __enter__(self) -> "Handle":
@@ -214,214 +352,239 @@ class Handle:
         state = "attached" if self.attached else "detached"
         return (
             f"Handle({state}, {type(self.model).__name__}, layers={self.num_layers}, heads={self.num_heads}, "
-            f"backend={self._impl!r}, enabled={self.enabled}, cfg={self._cfg})"
+            f"backend={self.decoder.backend!r} ({self.decoder.kind}), enabled={self.enabled}, cfg={self._cfg})"
         )
 
-    # ------------------------------------------------------------------ internals
-    def _set_cfg(self, cfg: HeadGainConfig) -> None:
-        cfg.check_layers(self.num_layers)
-        gains = cfg.class_gains()
-        self._layer_params = [
-            (
-                cfg.tau_perc if layer <= cfg.l_perc else 2.0,
-                cfg.tau_reas if layer >= cfg.l_reas else -1.0,
-                gains["perception"],
-                gains["reasoning"],
-                gains["neutral"],
-            )
-            for layer in range(self.num_layers)
-        ]
-        self._cfg = cfg
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_local"], state["_records"], state["_pass_ids"]
+        return state
 
-    @staticmethod
-    def _stacked(items: list) -> torch.Tensor | None:
-        if any(t is None for t in items):
-            return None
-        return torch.stack(items).float().cpu()
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = _Local()
+        self._records = _Records()
+        self._pass_ids = itertools.count(1)
+        self._adapter.restore(self)
 
-    def _ids_on(self, device: torch.device) -> torch.Tensor:
-        ids = self._visual_ids_by_device.get(device)
-        if ids is None:
-            ids = self._visual_ids_by_device[device] = self._visual_ids.to(device)
-        return ids
+    # ------------------------------------------------------------------ for the adapters
+    def _add_hook(self, hook) -> None:
+        self._hooks.append(hook)
 
-    def _pre_forward(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+    def _watch(self, entries: Sequence[nn.Module]) -> None:
+        """Start and end passes at the calls of ``entries`` (the outermost one in a call wins)."""
+        for module in entries:
+            self._add_hook(module.register_forward_pre_hook(self._entry_pre, with_kwargs=True))
+            self._add_hook(module.register_forward_hook(self._entry_post, always_call=True))
+
+    def _entry_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._begin_pass(module, args, kwargs)
+
+    def _entry_post(self, module: nn.Module, args: tuple, output) -> None:
+        self._end_pass(module, failed=output is None)  # None: the forward raised
+
+    def _begin_pass(self, entry: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Start a pass when ``entry`` is the outermost entry module called in this thread."""
+        local = self._local
+        if local.owner is not None and local.owner is not entry:
+            return  # an inner entry: the outer call owns the pass
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            input_ids = args[0]
         embeds = kwargs.get("inputs_embeds")
-        source = input_ids if input_ids is not None else embeds
-        if source is None:
-            raise HeadGainError("headgain needs input_ids or inputs_embeds in the model call")
-        batch, length = source.shape[:2]
-        device = source.device
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        source = next((t for t in (input_ids, embeds, first) if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
+        user = local.user_mask
+        if source is not None:
+            batch, length = source.shape[:2]
+            device = source.device
+        elif user is not None:
+            batch, length = user[0].shape
+            device = next((p.device for p in entry.parameters()), torch.device("cpu"))
+        else:  # nothing says the length: `sized` fixes it at the first attention call
+            batch, length, device = 1, 1, next((p.device for p in entry.parameters()), torch.device("cpu"))
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         new_prompt = past == 0
         previous = None
         if not new_prompt:
-            previous = self._state.visual if self._state is not None else None
+            previous = local.state.visual if local.state is not None else None
             if previous is None or previous.shape != (batch, past):
                 seen = "nothing" if previous is None else f"{tuple(previous.shape)} (batch, tokens)"
                 raise HeadGainError(
-                    f"the cache holds {past} tokens for a batch of {batch}, but headgain saw {seen} for this prompt; "
-                    "run the whole prompt through the attached model (attach before the prefill)"
+                    f"the cache holds {past} tokens for a batch of {batch}, but headgain saw {seen} for this prompt in "
+                    "this thread; run the whole prompt through the attached model (attach before the prefill)"
                 )
-        if new_prompt and self._user_mask is not None:
-            if tuple(self._user_mask.shape) != (batch, length):
-                raise HeadGainError(
-                    f"visual mask has shape {tuple(self._user_mask.shape)} but the prompt is {(batch, length)} "
-                    "(batch, sequence); call handle.set_visual_mask with a mask for this input, or "
-                    "set_visual_mask(None) to detect visual tokens from their ids"
-                )
-            current = self._user_mask.to(device)
-        elif input_ids is not None and self._visual_ids is not None:
-            current = torch.isin(input_ids, self._ids_on(device))
-        else:
-            current = torch.zeros((batch, length), dtype=torch.bool, device=device)
+        current, local.visual_known = self._visual_of_prompt(new_prompt, input_ids, embeds, (batch, length), device)
+        local.visual_known = local.visual_known or not new_prompt
         mask = kwargs.get("attention_mask")
         valid = None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             valid = mask[:, -length:].to(device=device, dtype=torch.bool)
-        self._state = ForwardState.build(current, valid, previous, self._cfg.query)
-        if new_prompt and not self._warned_no_visual and not bool(self._state.has_visual.all()):
+        local.state = ForwardState.build(current, valid, previous, self._cfg.query)
+        if new_prompt and not self._warned_no_visual and not bool(local.state.has_visual.all()):
             self._warned_no_visual = True
             warnings.warn(
                 "headgain found no visual tokens in at least one sample; those samples are left untouched (gain 1). "
                 "Pass images through the processor, or mark visual positions with handle.set_visual_mask(mask).",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        self._calls = 0
-        self._live = True
+        local.rules, local.enabled = self._rules, self._enabled
+        local.pass_id = next(self._pass_ids)
+        local.calls = 0
+        local.ratios = [None] * self.num_layers
+        local.gains = [None] * self.num_layers
+        local.pending = {}
+        local.owner = entry
 
-    def _post_forward(self, module, args, output):
-        self._live = False
-        if output is not None and self._calls != self.num_layers:  # None: the forward raised
+    def _visual_of_prompt(self, new_prompt, input_ids, embeds, shape, device) -> tuple[torch.Tensor, bool]:
+        """(B, N) bool visual flags of this pass's positions, and whether a mask or token ids gave them."""
+        local = self._local
+        ids = torch.tensor(self.decoder.visual_ids, dtype=torch.long, device=device) if self.decoder.visual_ids else None
+        from_ids = None
+        if input_ids is not None and ids is not None:
+            from_ids = torch.isin(input_ids, ids)
+        elif embeds is not None and ids is not None and new_prompt and local.prompt_ids is not None:
+            if tuple(local.prompt_ids.shape[:2]) == tuple(shape):  # generate() passed only the embeddings on
+                from_ids = torch.isin(local.prompt_ids.to(device), ids)
+        if new_prompt and local.user_mask is not None:
+            mask, keep = local.user_mask
+            if tuple(mask.shape) != tuple(shape):
+                raise HeadGainError(
+                    f"visual mask has shape {tuple(mask.shape)} but the prompt is {tuple(shape)} (batch, sequence); "
+                    "call handle.set_visual_mask with a mask for this input, or set_visual_mask(None) to detect "
+                    "visual tokens from their ids"
+                )
+            mask = mask.to(device)
+            if not keep:
+                local.user_mask = None
+            elif from_ids is not None and not self._warned_kept_mask and not torch.equal(mask, from_ids):
+                self._warned_kept_mask = True
+                warnings.warn(
+                    "the visual mask kept with set_visual_mask(..., keep=True) disagrees with the visual token ids of "
+                    "this prompt; the mask wins. Call handle.set_visual_mask(None) to go back to token ids.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return mask, True
+        if from_ids is not None:
+            return from_ids, True
+        return torch.zeros(shape, dtype=torch.bool, device=device), False
+
+    def _sized(self, batch: int, length: int) -> ForwardState:
+        """The pass's state, remade for (batch, length) positions when nothing gave the visual
+        positions (then every position is text); raises when a mask or ids disagree."""
+        local = self._local
+        state = local.state
+        if tuple(state.visual.shape) == (batch, length):
+            return state
+        if local.visual_known:
             raise HeadGainError(
-                f"only {self._calls} of {self.num_layers} decoder layers went through transformers' attention "
-                f"interface in this call of {type(self.model).__name__}; headgain cannot act on attention modules "
-                "that call their kernels directly (remote code may need a transformers-native port)"
+                f"the attention sees {batch} x {length} (batch, keys) positions but the visual positions of this pass "
+                f"cover {tuple(state.visual.shape)}; give set_visual_mask a ({batch}, {length}) mask (plain PyTorch "
+                "models are read without a KV cache: one call covers the whole sequence)"
+            )
+        local.state = ForwardState.build(torch.zeros((batch, length), dtype=torch.bool, device=state.visual.device),
+                                         None, None, self._cfg.query)
+        return local.state
+
+    def _end_pass(self, entry: nn.Module, failed: bool) -> None:
+        local = self._local
+        if local.owner is not entry:
+            return
+        local.owner = None
+        if not failed and local.calls != self.num_layers:
+            raise HeadGainError(
+                f"only {local.calls} of {self.num_layers} decoder layers went through {self._adapter.route} in this "
+                f"call of {type(entry).__name__}; headgain cannot act on attention modules that compute attention "
+                f"another way. {self._adapter.bypass_hint}"
             )
 
-    def _attention(self, module, query, key, value, attention_mask, **kwargs):
-        layer = self._layer_of.get(id(module))
-        if layer is None:
-            return _original_function(module, self._impl)(module, query, key, value, attention_mask, **kwargs)
-        out, weights = self._originals[layer](module, query, key, value, attention_mask, **kwargs)
-        if not self._live or self._state is None:
+    def _layer_gains(
+        self,
+        position: int,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        rows,
+        *,
+        scaling: float,
+        weights: torch.Tensor | None = None,
+        softcap: float = 0.0,
+    ) -> torch.Tensor | None:
+        """Read S_v of one layer and return its (B, H) float32 gains (None: leave it as it is).
+
+        ``rows(state)`` gives the mask rows of the recomputed query rows (see
+        `layer_ratios`). Outside a pass (a recomputation during backward) the gains of the
+        layer's original pass are returned.
+        """
+        local = self._local
+        state = local.state if local.owner is not None else None
+        if state is None:
+            return self._recomputed_gains(position, query, key)
+        if local.ratios[position] is not None:
             raise HeadGainError(
-                f"decoder layer {layer} ran outside a call of the attached {type(self.model).__name__}; "
-                "call the model headgain was attached to, not one of its submodules"
+                f"decoder layer {self.decoder.layers[position].index} ran twice in one pass; headgain expects one "
+                "attention call per decoder layer per forward pass"
             )
-        state = self._state
-        self._calls += 1
         if query.shape[2] != state.num_queries:
             raise HeadGainError(
-                f"decoder layer {layer} received {query.shape[2]} query positions but the model call had "
-                f"{state.num_queries}; headgain supports one attention call per layer over the whole input"
+                f"decoder layer {self.decoder.layers[position].index} received {query.shape[2]} query positions but "
+                f"the model call had {state.num_queries}; headgain supports one attention call per layer over the "
+                "whole input"
             )
+        local.calls += 1
         with torch.no_grad():
-            ratios = layer_ratios(state, module, query, key, attention_mask, weights, kwargs)
-            if self.enabled:
-                gains = ops.head_gains(ratios, state.has_visual, *self._layer_params[layer])
-            else:
-                gains = torch.ones_like(ratios)
-        self._ratios[layer] = ratios
-        heads = out.view(out.shape[0], out.shape[1], self.num_heads, -1) if out.dim() == 3 else out
-        if self._gates is not None:
-            heads = ops.scale_heads(heads, gains * self._gates[layer])
-            out = heads.view(out.shape)
-        elif self.enabled:
-            if torch.is_grad_enabled() and heads.requires_grad:
-                out = ops.scale_heads(heads, gains).view(out.shape)
-            else:
-                ops.scale_heads_(heads, gains)
-        self._gains[layer] = gains
-        return out, weights
+            ratios = layer_ratios(state, query, key, scaling=scaling, mask_rows=rows(state), weights=weights,
+                                  softcap=softcap)
+            gains = None
+            if local.enabled:
+                rule = local.rules[position]
+                gains = ops.head_gains(ratios, state.has_visual, rule.perception_threshold, rule.reasoning_threshold,
+                                       rule.perception_gain, rule.reasoning_gain, rule.neutral_gain)
+            if module.training:
+                self._records.add(local.pass_id, position, _fingerprint(query, key), gains)
+        local.ratios[position] = ratios
+        local.gains[position] = gains
+        return gains
 
-
-# ---------------------------------------------------------------------- validation helpers
-def _text_config(model, arch: ArchMap):
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ArchError(f"{type(model).__name__} has no .config; headgain attaches to transformers models")
-    if arch.text_config:
-        text = getattr(config, arch.text_config, None)
-        if text is None:
-            raise ArchError(f"model.config has no attribute {arch.text_config!r} (ArchMap.text_config)")
-        return text
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _check_decoder_modules(model, arch: ArchMap, layers, text_config) -> None:
-    names = [name for name, _ in layers]
-    in_vision = [n for n in names if any(part.startswith(_VISION_WORDS) for part in n.lower().split("."))]
-    if len(in_vision) == len(names):
-        raise ArchError(
-            f"attention path {arch.attention!r} matches vision-tower modules only ({names[0]}, ...); point it at the "
-            "language decoder, for example 'model.language_model.layers.*.self_attn'"
-        )
-    for name, module in layers:
-        if getattr(module, "config", None) is not text_config:
-            raise ArchError(
-                f"module {name} ({type(module).__name__}) does not use the decoder config; headgain needs the "
-                "decoder's attention modules, which read config._attn_implementation (check ArchMap.attention "
-                "and ArchMap.text_config)"
+    def _recomputed_gains(self, position: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        with torch.no_grad():
+            found, gains = self._records.find(position, _fingerprint(query, key))
+        if not found:
+            layer = self.decoder.layers[position]
+            raise HeadGainError(
+                f"decoder layer {layer.index} ({layer.name}) ran outside a call of the attached "
+                f"{type(self.model).__name__} and matches none of its recent training-mode passes. headgain starts a "
+                f"pass when {self._adapter.entry_names(self)} is called; call one of them rather than a layer or "
+                "another submodule. Layers recomputed by activation checkpointing are matched to their pass when the "
+                f"model ran in training mode (model.train()) within the last {_Records.KEEP} passes"
             )
-    expected = getattr(text_config, "num_hidden_layers", None)
-    if expected is not None and expected != len(layers):
-        raise ArchError(
-            f"attention path {arch.attention!r} matched {len(layers)} modules but the decoder has {expected} layers"
-        )
+        return gains
+
+    def _scale(self, position: int, heads: torch.Tensor, gains: torch.Tensor | None) -> torch.Tensor:
+        """Heads (B, N, H, D) times the layer's gains (and gates): in place when no gradient
+        flows through ``heads``, else out of place (differentiable). Returns the result."""
+        gates = self._gates
+        if gates is not None:
+            gate = gates[position]
+            both = gate[None].expand(heads.shape[0], -1) if gains is None else gains * gate
+            return ops.scale_heads(heads, both.contiguous())
+        if gains is None:
+            return heads
+        if torch.is_grad_enabled() and heads.requires_grad:
+            return ops.scale_heads(heads, gains)
+        ops.scale_heads_(heads, gains)
+        return heads
 
 
-def _num_heads(arch: ArchMap, text_config) -> int:
-    value = getattr(text_config, arch.num_heads, None)
-    if not isinstance(value, int) or value <= 0:
-        raise ArchError(f"decoder config has no positive integer {arch.num_heads!r} (ArchMap.num_heads), got {value!r}")
-    return value
+def _adapter_for(decoder: ResolvedDecoder):
+    if decoder.kind == "transformers":
+        from ..adapters.hf import TransformersAdapter
 
+        return TransformersAdapter()
+    from ..adapters.sdpa import SDPAAdapter
 
-def _check_heads(arch: ArchMap, layers, text_config, num_heads: int) -> int:
-    head_dim = getattr(text_config, arch.head_dim, None)
-    for name, module in layers:
-        proj = getattr(module, arch.o_proj, None)
-        width = getattr(proj, "in_features", None)
-        if width is None:
-            raise ArchError(f"module {name} has no linear {arch.o_proj!r} (ArchMap.o_proj) with in_features")
-        if width % num_heads != 0 or (head_dim is not None and head_dim * num_heads != width):
-            detail = f" x head_dim {head_dim}" if head_dim is not None else ""
-            raise ArchError(
-                f"{num_heads} heads{detail} do not divide {name}.{arch.o_proj} input width {width}; check "
-                f"ArchMap.num_heads ({arch.num_heads!r}) and ArchMap.head_dim ({arch.head_dim!r})"
-            )
-    return head_dim if head_dim is not None else width // num_heads
-
-
-def _original_function(module: nn.Module, impl: str):
-    if impl != "eager":
-        return ALL_ATTENTION_FUNCTIONS[impl]
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise HeadGainError(
-            f"{type(module).__name__} is set to eager attention but its modeling module defines no "
-            "eager_attention_forward; load the model with attn_implementation='sdpa'"
-        )
-    return fn
-
-
-def _visual_ids(model, arch: ArchMap, text_config) -> list[int]:
-    ids = []
-    for name in arch.visual_token_ids:
-        for config in (model.config, text_config):
-            value = getattr(config, name, None)
-            if value is None and name.endswith("_id"):
-                value = getattr(config, name[:-3] + "_index", None)
-            if isinstance(value, int):
-                ids.append(value)
-                break
-    if arch.visual_token_ids and not ids:
-        raise ArchError(
-            f"none of the visual token id attributes {list(arch.visual_token_ids)} (ArchMap.visual_token_ids) is set "
-            "on model.config; name the right attributes, or use visual_token_ids=() with handle.set_visual_mask"
-        )
-    return sorted(set(ids))
+    return SDPAAdapter()

@@ -3,8 +3,8 @@
 The ops are implemented in ``csrc/`` (CPU and, where built, CUDA). When the extension
 is not importable, or has no kernels for a tensor's device (a CPU-only build given CUDA
 tensors, or devices such as MPS), each wrapper runs the pure-PyTorch reference of
-`headgain.reference` instead and a warning says so once per device type. Shapes and
-dtypes are those documented in `headgain.reference`.
+`headgain.core.reference` instead and a warning says so once per device type. Shapes and
+dtypes are those documented in `headgain.core.reference`.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def head_gains(
     g_reas: float,
     g_neutral: float,
 ) -> torch.Tensor:
-    """(B, H) float32 ratios, (B,) bool -> (B, H) float32 gains of one layer."""
+    """(B, H) float32 ratios, (B,) bool -> (B, H) float32 gains of one layer, by the thresholds and
+    gains of one `headgain.core.rules.LayerRule` (+inf / -inf thresholds: the class is absent)."""
     if _fallback(ratios.device):
         return reference.head_gains(ratios, has_visual, tau_perc, tau_reas, g_perc, g_reas, g_neutral)
     return torch.ops.headgain.head_gains(ratios, has_visual, tau_perc, tau_reas, g_perc, g_reas, g_neutral)

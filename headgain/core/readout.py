@@ -1,7 +1,7 @@
 """Per-forward visual bookkeeping and the visual-ratio read-out at one attention call.
 
-`ForwardState` is built once per top-level forward pass (prefill or one decoding step)
-from the model's inputs; every decoder layer then reads S_v for its heads with
+`ForwardState` is built once per forward pass (prefill or one decoding step) from the
+model's inputs; every decoder layer then reads S_v for its heads with
 `layer_ratios`, either from the attention probabilities (eager) or by recomputing only
 the i* row(s) from queries and keys (sdpa, flash and other fused kernels).
 """
@@ -137,21 +137,26 @@ class ForwardState:
 
 def layer_ratios(
     state: ForwardState,
-    module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    weights: torch.Tensor | None,
-    kwargs: dict,
+    *,
+    scaling: float,
+    mask_rows: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """S_v of every head of one layer: (B, H) float32.
 
     Args:
         query: (B, H, Nq, D) queries as given to the attention function.
         key: (B, Hkv, Nk, D) keys after the cache update.
-        attention_mask: what the attention function received (4D bool/additive, 2D
-            padding or None).
-        weights: the probabilities (B, H, Nq, Nk) when the backend returned them.
+        scaling: the factor the backend multiplies q.k by.
+        mask_rows: None (every key allowed), (B, R, Nk) rows of the mask for the rows
+            the state recomputes (bool, True = attend, or additive float), or
+            (B, H, R, Nk) when the mask differs between heads.
+        weights: the probabilities (B, H, Nq, Nk) when the backend returned them; then
+            S_v is read from them and nothing is recomputed.
+        softcap: when > 0, scores become softcap * tanh(s / softcap) (Gemma 2 style).
     """
     num_keys = key.shape[2]
     visual = state.key_visual(num_keys)
@@ -160,9 +165,25 @@ def layer_ratios(
     b, h, _, d = query.shape
     index = state.row_index
     rows = query if index is None else query.gather(2, index[:, None, None, None].expand(b, h, 1, d))
-    mask = state.mask_rows(attention_mask, num_keys, kwargs.get("sliding_window"))
-    scaling = kwargs.get("scaling")
-    if scaling is None:
-        scaling = getattr(module, "scaling", d**-0.5)
-    softcap = kwargs.get("softcap") or 0.0
-    return ops.ratio_from_qk(rows, key, mask, visual, state.row_weights, float(scaling), float(softcap))
+    if mask_rows is not None and mask_rows.dim() == 4:
+        return _per_head_mask_ratios(rows, key, mask_rows, visual, state.row_weights, scaling, softcap)
+    return ops.ratio_from_qk(rows, key, mask_rows, visual, state.row_weights, float(scaling), float(softcap))
+
+
+def _per_head_mask_ratios(rows, key, mask_rows, visual, row_weights, scaling, softcap) -> torch.Tensor:
+    """`ops.ratio_from_qk` for a mask that differs between heads (ALiBi-style biases):
+    every head becomes a sample of its own, with its own mask rows."""
+    b, h, r, d = rows.shape
+    nk = key.shape[2]
+    keys = key.repeat_interleave(h // key.shape[1], dim=1).reshape(b * h, 1, nk, d)
+    masks = mask_rows.expand(b, h, r, nk).reshape(b * h, r, nk)
+    ratios = ops.ratio_from_qk(
+        rows.reshape(b * h, 1, r, d),
+        keys,
+        masks,
+        visual.repeat_interleave(h, dim=0),
+        row_weights.repeat_interleave(h, dim=0),
+        float(scaling),
+        float(softcap),
+    )
+    return ratios.view(b, h)

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of headgain's ops.
 
 These functions define what the compiled ops in ``csrc/`` compute; tests compare the two,
-and `headgain.ops` falls back to them when the extension is not built. Shapes:
+and `headgain.core.ops` falls back to them when the extension is not built. Shapes:
 
 * B batch, H (= Hq) query heads, Hkv key/value heads (H % Hkv == 0), D head width,
   Nq queries of the current pass, Nk keys, R selected query rows.
@@ -10,6 +10,8 @@ and `headgain.ops` falls back to them when the extension is not built. Shapes:
 from __future__ import annotations
 
 import torch
+
+from .rules import HeadClass, classify_tensor
 
 __all__ = ["ratio_from_probs", "ratio_from_qk", "head_gains", "scale_heads"]
 
@@ -81,22 +83,23 @@ def head_gains(
     g_reas: float,
     g_neutral: float,
 ) -> torch.Tensor:
-    """Per-head gains of one layer from its visual ratios.
+    """Per-head gains of one layer from its visual ratios (the rule of `headgain.core.rules`).
 
     Args:
         ratios: (B, H) float32 S_v.
         has_visual: (B,) bool; samples without visual tokens get gain 1 on every head.
-        tau_perc: ``ratio >= tau_perc`` is a perception head (pass > 1 where the layer
-            holds none); tau_reas: ``ratio <= tau_reas`` is a reasoning head (pass < 0
-            where the layer holds none); perception wins ties.
+        tau_perc: ``ratio >= tau_perc`` is a perception head (+inf where the layer holds
+            none); tau_reas: ``ratio <= tau_reas`` is a reasoning head (-inf where the
+            layer holds none). A `LayerRule` gives both.
         g_perc, g_reas, g_neutral: gains of the three classes.
 
     Returns:
         (B, H) float32 gains.
     """
-    perc = ratios >= tau_perc
-    reas = ratios <= tau_reas
-    gains = torch.where(perc, g_perc, torch.where(reas, g_reas, g_neutral)).float()
+    classes = classify_tensor(ratios, tau_perc, tau_reas)
+    gains = torch.where(
+        classes == HeadClass.PERCEPTION, g_perc, torch.where(classes == HeadClass.REASONING, g_reas, g_neutral)
+    ).float()
     return torch.where(has_visual[:, None], gains, torch.ones((), dtype=gains.dtype, device=gains.device))
 
 
