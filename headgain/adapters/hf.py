@@ -79,8 +79,8 @@ def _refuse_layouts(model: nn.Module, config) -> None:
         raise ArchError(
             f"{name} is an encoder-decoder model: the image tokens sit in the encoder's input and the decoder that "
             "generates reads them only through cross-attention, where the paper's S_v (the share of self-attention "
-            "on image tokens) is not defined. headgain supports decoder-only VLMs whose decoder holds the image "
-            "tokens in its sequence (qwen2_5_vl, llava, gemma3, ...)"
+            "on image tokens) is not defined. Use a decoder-only VLM whose decoder holds the image tokens in its "
+            "sequence (qwen2_5_vl, llava, gemma3, ...)"
         )
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(text, "cross_attention_layers", None):
@@ -215,7 +215,14 @@ class _Generate:
 
     def __init__(self, handle, model: nn.Module, previous):
         self.handle, self.model, self.previous = handle, model, previous
-        functools.update_wrapper(self, type(model).generate)
+
+    @property
+    def __wrapped__(self):  # inspect.signature(model.generate) shows the real signature
+        return self.previous if self.previous is not None else type(self.model).generate
+
+    @property
+    def __doc__(self):
+        return self.__wrapped__.__doc__
 
     def __call__(self, *args, **kwargs):
         ids = kwargs.get("input_ids")

@@ -1,0 +1,54 @@
+"""Layouts headgain cannot act on are refused before the model is touched, with a reason and
+what to do instead, whether they are found by model_type or from an explicit ArchMap."""
+
+import pytest
+import transformers as tf
+
+import headgain
+from headgain import ArchMap
+from headgain.testing.tiny import text_config_kwargs
+
+CFG = dict(l_perc=0, l_reas=0)
+
+
+def _mllama():
+    text = dict(text_config_kwargs(layers=3), cross_attention_layers=[1])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=2,
+                  image_size=28, patch_size=14, vision_output_dim=64, intermediate_layers_indices=[0])
+    return tf.AutoModelForImageTextToText.from_config(tf.MllamaConfig(text_config=text, vision_config=vision))
+
+
+def _lfm2_vl():
+    text = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, layer_types=["conv", "full_attention", "conv"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+    return tf.AutoModelForImageTextToText.from_config(tf.Lfm2VlConfig(text_config=text, vision_config=vision))
+
+
+def _florence2():
+    text = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=320, max_position_embeddings=64)
+    vision = dict(depths=(1, 1), patch_size=(7, 3), patch_stride=(4, 2), patch_padding=(3, 1), patch_prenorm=(False, True),
+                  embed_dim=(16, 32), num_heads=(2, 2), num_groups=(2, 2), window_size=4, projection_dim=32)
+    return tf.AutoModelForImageTextToText.from_config(tf.Florence2Config(text_config=text, vision_config=vision))
+
+
+LAYOUTS = {
+    "mllama": (_mllama, "model.language_model.layers.*.self_attn", "cross-attention layers"),
+    "lfm2_vl": (_lfm2_vl, "model.language_model.layers.*.self_attn", "(interleaves short-convolution|not layers)"),
+    "florence2": (_florence2, "model.language_model.decoder.layers.*.self_attn", "encoder-decoder"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_unsupported_layouts_are_refused_with_a_reason_and_a_remedy(name):
+    make, path, reason = LAYOUTS[name]
+    model = make()
+    assert model.config.model_type == name
+    with pytest.raises(headgain.ArchError, match=f"model_type '{name}' is not supported: .*{reason}.*Use a"):
+        headgain.attach(model, cfg=CFG)
+    with pytest.raises(headgain.ArchError, match=reason) as refused:  # found from the layout itself
+        headgain.attach(model, ArchMap(path), CFG)
+    assert "use" in str(refused.value).lower()
+    assert headgain.handle_of(model) is None
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
