@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import sys
 
 import torch
@@ -225,9 +226,10 @@ class _Generate:
         return self.__wrapped__.__doc__
 
     def __call__(self, *args, **kwargs):
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            ids = args[0]
+        try:
+            ids = inspect.signature(self.__wrapped__).bind_partial(self.model, *args, **kwargs).arguments.get("input_ids")
+        except TypeError:  # let generate report its own argument error
+            ids = None
         local = self.handle._local
         saved, local.prompt_ids = local.prompt_ids, ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
         try:
