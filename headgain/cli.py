@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", metavar="PATH", help="local checkpoint folder (default: the embedded tiny model)")
     g.add_argument("--preset", metavar="NAME", help="a paper preset (default: ocean-r1-7b)")
     g.add_argument("--config", metavar="FILE.json", help="a HeadGainConfig saved as JSON")
+    g.add_argument("--arch-map", metavar="FILE.json",
+                   help="an ArchMap saved as JSON, for a model type headgain has not registered "
+                        '(e.g. {"attention": "model.layers.*.self_attn", "visual_token_ids": ["image_token_id"]})')
     g.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation (default sdpa)")
     g.add_argument("--device", default="auto", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -147,6 +150,21 @@ def load_image(path: str):
         raise CLIError(f"cannot read image {path}: {e}") from None
 
 
+def load_arch_map(args):
+    """The ArchMap of --arch-map, or None (look the model type up in the registry)."""
+    from .core.archmap import ArchMap
+    from .core.errors import ArchError
+
+    if not args.arch_map:
+        return None
+    if not os.path.isfile(args.arch_map):
+        raise CLIError(f"arch map file not found: {args.arch_map}")
+    try:
+        return ArchMap.from_json(args.arch_map)
+    except ArchError as e:
+        raise CLIError(f"bad arch map file {args.arch_map}: {e}") from None
+
+
 def load_config(args):
     from .core.config import ConfigError, HeadGainConfig
 
@@ -187,6 +205,8 @@ def read_questions(images_dir: str, questions: str | None, limit: int | None) ->
                     item.get("question"), str
                 ):
                     raise CLIError(f'{questions} line {number}: expected {{"image": "...", "question": "..."}}')
+                if not item["question"].strip():
+                    raise CLIError(f"{questions} line {number}: the question is empty")
                 pairs.append((os.path.join(images_dir, item["image"]), item["question"]))
         if not pairs:
             raise CLIError(f"{questions} holds no questions")
@@ -328,20 +348,23 @@ def _generate(loaded: Loaded, batch: dict, max_new_tokens: int) -> tuple[list[in
 # ---------------------------------------------------------------------- subcommands
 def _prepare(args):
     """The image, config and model of a single-image subcommand, announced on stdout."""
+    if not args.question.strip():
+        raise CLIError("--question is empty; ask something about the image")
     image = load_image(args.image)
     cfg = load_config(args)
+    arch = load_arch_map(args)
     loaded = load_model(args)
     print(f"model: {loaded.name}")
     print(_describe_cfg(args, cfg))
-    return image, cfg, loaded
+    return image, cfg, arch, loaded
 
 
 def cmd_run(args) -> int:
     from .core.rules import HeadClass, classify, selected_heads
     from .core.handle import attach
 
-    image, cfg, loaded = _prepare(args)
-    with attach(loaded.model, cfg=cfg) as handle:
+    image, cfg, arch, loaded = _prepare(args)
+    with attach(loaded.model, arch, cfg) as handle:
         batch = loaded.inputs([image], [args.question])
         # warm-up (so the first timing carries no one-time cost): one rescaled prefill, whose
         # ratios are those at the prompt's last token
@@ -398,10 +421,11 @@ def cmd_census(args) -> int:
     for path, _ in pairs:  # every image readable before the model loads
         load_image(path)
     cfg = load_config(args)
+    arch = load_arch_map(args)
     loaded = load_model(args)
     print(f"model: {loaded.name}")
     print(_describe_cfg(args, cfg))
-    with attach(loaded.model, cfg=cfg):  # validates cfg against the model; census runs it disabled
+    with attach(loaded.model, arch, cfg):  # validates cfg against the model; census runs it disabled
         result = census(loaded.model, _Batches(loaded, pairs, args.batch_size), progress=not args.no_progress)
     if result.num_samples == 0:
         raise CLIError(f"none of the {result.skipped} samples holds visual tokens; nothing to measure")
@@ -435,14 +459,14 @@ def cmd_census(args) -> int:
 def cmd_contrib(args) -> int:
     from .analysis.contrib import contribution_map
 
-    image, cfg, loaded = _prepare(args)
+    image, cfg, arch, loaded = _prepare(args)
     batch = loaded.inputs([image], [args.question])
     targets = None
     if args.answer is not None:
         targets = loaded.encode(args.answer)
         if not targets:
             raise CLIError("--answer is empty after tokenization; give some answer text or leave --answer out")
-    kw = dict(normalize=args.normalize, signed=args.signed, n_tokens=args.max_new_tokens)
+    kw = dict(normalize=args.normalize, signed=args.signed, n_tokens=args.max_new_tokens, arch_map=arch)
     start = time.perf_counter()
     vanilla = contribution_map(loaded.model, batch, targets, **kw)
     rescaled = contribution_map(loaded.model, batch, vanilla.targets, cfg=cfg, **kw)

@@ -65,6 +65,15 @@ def test_run(data, capsys):
     assert "layer  0: perception" in out and "total: " in out
 
 
+def test_run_with_an_arch_map_file(data, tmp_path, capsys):
+    path = tmp_path / "map.json"
+    headgain.ArchMap("model.language_model.layers.*.self_attn", visual_token_ids=("image_token_id",)).to_json(str(path))
+    rc = main(["run", "--image", str(data / "images" / "im0.png"), "--question", "What is red?",
+               "--max-new-tokens", "2", "--arch-map", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "selected heads" in out, out
+
+
 def test_run_with_config_and_eager(data, capsys):
     rc = main(["run", "--image", str(data / "images" / "im1.png"), "--question", "Q?", "--max-new-tokens", "2",
                "--config", str(data / "cfg.json"), "--attn", "eager", "--dtype", "float32", "--device", "cpu"])
@@ -166,6 +175,19 @@ def test_bad_inputs(data, tmp_path, capsys):
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"image": "gone.png", "question": "ok"}\n')
     _bad(capsys, ["census", "--images", str(data / "images"), "--questions", str(missing)], "image file not found")
+    _bad(capsys, ["run", "--image", img, "--question", "  "], "--question is empty")
+    _bad(capsys, ["contrib", "--image", img, "--question", ""], "--question is empty")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"image": "im0.png", "question": " "}\n')
+    _bad(capsys, ["census", "--images", str(data / "images"), "--questions", str(blank)], "line 1: the question is empty")
+    _bad(capsys, ["run", "--image", img, "--question", "Q", "--arch-map", str(tmp_path / "a.json")],
+         "arch map file not found")
+    (tmp_path / "bad_map.json").write_text('{"attention": "model.layers.self_attn"}')
+    _bad(capsys, ["run", "--image", img, "--question", "Q", "--arch-map", str(tmp_path / "bad_map.json")],
+         "exactly one '*'")
+    (tmp_path / "wrong_map.json").write_text('{"attention": "model.decoder.layers.*.attn"}')
+    _bad(capsys, ["run", "--image", img, "--question", "Q", "--arch-map", str(tmp_path / "wrong_map.json")],
+         "matches no module")
     small = tmp_path / "small.json"
     headgain.HeadGainConfig(l_perc=20, l_reas=3).to_json(str(small))
     _bad(capsys, ["run", "--image", img, "--question", "Q", "--config", str(small)], "outside the model")

@@ -321,3 +321,20 @@ def test_decoder_called_directly_starts_its_own_pass():
     expected = handle.last_ratios
     model.model.language_model(**inputs)
     torch.testing.assert_close(handle.last_ratios, expected)
+
+
+def test_arch_map_json_round_trip_and_validation(tmp_path):
+    arch = ArchMap("blocks.*.attn", o_proj="proj", num_heads=8, head_dim=None, visual_token_ids=(5, "vision_config.image_id"))
+    assert ArchMap.from_json(arch.to_json()) == arch
+    arch.to_json(str(tmp_path / "map.json"))
+    assert ArchMap.from_json(str(tmp_path / "map.json")) == arch
+    with pytest.raises(headgain.ArchError, match=r"unknown ArchMap field\(s\) \['layers'\]"):
+        ArchMap.from_dict({"attention": "a.*.b", "layers": 3})
+    with pytest.raises(headgain.ArchError, match="needs 'attention'"):
+        ArchMap.from_dict({"o_proj": "proj"})
+    with pytest.raises(headgain.ArchError, match="num_heads=0 must be a positive integer"):
+        ArchMap("a.*.b", num_heads=0)
+    with pytest.raises(headgain.ArchError, match="visual_token_ids holds -1"):
+        ArchMap("a.*.b", visual_token_ids=(-1,))
+    assert isinstance(headgain.ArchError("x"), headgain.HeadGainError)
+    assert isinstance(headgain.ConfigError("x"), headgain.HeadGainError)
