@@ -29,9 +29,11 @@ Lifecycle rules (each tested):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -204,9 +206,13 @@ class Handle:
         self._records = _Records()
         self._adapter = _adapter_for(decoder)
         self._hooks: list = []
-        self._adapter.install(self)
-        model._headgain_handle = self
         self.attached = True
+        try:
+            self._adapter.install(self)
+        except BaseException:
+            self.detach()
+            raise
+        model._headgain_handle = self
 
     # ------------------------------------------------------------------ public API
     @property
@@ -389,11 +395,13 @@ class Handle:
         local = self._local
         if local.owner is not None and local.owner is not entry:
             return  # an inner entry: the outer call owns the pass
-        input_ids = kwargs.get("input_ids")
-        if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            input_ids = args[0]
-        embeds = kwargs.get("inputs_embeds")
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        call = _arguments(entry, args, kwargs)
+        input_ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)  # plain models: the first tensor
+        if input_ids is None and first is not None and not first.is_floating_point():
+            input_ids = first  # token ids passed positionally under another name
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
+            input_ids = None
         source = next((t for t in (input_ids, embeds, first) if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
         user = local.user_mask
         if source is not None:
@@ -404,7 +412,7 @@ class Handle:
             device = next((p.device for p in entry.parameters()), torch.device("cpu"))
         else:  # nothing says the length: `sized` fixes it at the first attention call
             batch, length, device = 1, 1, next((p.device for p in entry.parameters()), torch.device("cpu"))
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = call.get("past_key_values", call.get("cache"))
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         new_prompt = past == 0
         previous = None
@@ -418,7 +426,7 @@ class Handle:
                 )
         current, local.visual_known = self._visual_of_prompt(new_prompt, input_ids, embeds, (batch, length), device)
         local.visual_known = local.visual_known or not new_prompt
-        mask = kwargs.get("attention_mask")
+        mask = call.get("attention_mask")
         valid = None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             valid = mask[:, -length:].to(device=device, dtype=torch.bool)
@@ -578,6 +586,29 @@ class Handle:
             return ops.scale_heads(heads, gains)
         ops.scale_heads_(heads, gains)
         return heads
+
+
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # forward function -> (signature, **name)
+
+
+def _arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The arguments of one call of ``module`` by parameter name (positional ones and those
+    caught by ``**kwargs`` included)."""
+    forward = module.forward
+    key = getattr(forward, "__func__", forward)
+    known = _SIGNATURES.get(key)
+    if known is None:
+        signature = inspect.signature(forward)
+        extra = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        known = _SIGNATURES[key] = (signature, extra)
+    signature, extra = known
+    try:
+        bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+    except TypeError:  # the forward itself will report the bad call
+        return dict(kwargs)
+    if extra is not None:
+        bound.update(bound.pop(extra, {}))
+    return bound
 
 
 def _adapter_for(decoder: ResolvedDecoder):
