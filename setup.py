@@ -50,7 +50,8 @@ def _warn_without_cudart():
 
 
 def extensions():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # csrc/headgain.cpp (schemas), csrc/checks.cpp and the CPU kernels in csrc/cpu/
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources:
         return []
     cxx = ["-O3", "-fno-trapping-math", "-Wno-psabi"]
