@@ -40,8 +40,7 @@ __attribute__((always_inline)) inline void score_tile(const float* q, int64_t d,
     }
   }
   for (int r = 0; r < RT; ++r) {
-    const Lanes t = lane_totals4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-    for (int u = 0; u < 4; ++u) out[r * n + u] = t[u];
+    lane_totals4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], out + r * n);
   }
 }
 

@@ -54,8 +54,7 @@ HG_AVX512_TARGET __attribute__((always_inline)) inline void score_tile_avx512(co
     }
   }
   for (int r = 0; r < RT; ++r) {
-    const Lanes t = lane_totals4((Lanes)acc[r][0], (Lanes)acc[r][1], (Lanes)acc[r][2], (Lanes)acc[r][3]);
-    for (int u = 0; u < 4; ++u) out[r * n + u] = t[u];
+    lane_totals4((Lanes)acc[r][0], (Lanes)acc[r][1], (Lanes)acc[r][2], (Lanes)acc[r][3], out + r * n);
   }
 }
 
@@ -84,8 +83,7 @@ HG_BF16_TARGET __attribute__((always_inline)) inline void dot_tile_bf16(const ui
   }
   for (int r = 0; r < RT; ++r) {
     if constexpr (KT == 4) {
-      const Lanes t = lane_totals4((Lanes)acc[r][0], (Lanes)acc[r][1], (Lanes)acc[r][2], (Lanes)acc[r][3]);
-      for (int u = 0; u < 4; ++u) out[r * n + u] = t[u];
+      lane_totals4((Lanes)acc[r][0], (Lanes)acc[r][1], (Lanes)acc[r][2], (Lanes)acc[r][3], out + r * n);
     } else {
       for (int t = 0; t < KT; ++t) out[r * n + t] = lane_total((Lanes)acc[r][t]);
     }

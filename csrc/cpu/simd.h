@@ -3,9 +3,9 @@
 // products and widening loads to float32.
 //
 // Contiguous inner loops are written as kLanes independent lanes, which the compiler turns
-// into SIMD code. On x86-64 Linux the hot loops are HG_SIMD functions: built for AVX-512
-// (x86-64-v4), AVX2 (x86-64-v3) and baseline x86-64, and picked once at load time through
-// an ifunc.
+// into SIMD code. On x86-64 Linux the hot loops are HG_SIMD functions: built by GCC for
+// AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and baseline x86-64, and picked once at load time
+// through an ifunc.
 //
 // Rule for HG_SIMD: a cloned function has internal linkage (an anonymous namespace) in the
 // .cpp file that calls it. GCC emits an ifunc resolver in every file that calls a
@@ -22,7 +22,10 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+// GCC only: Clang does not clone function templates (llvm/llvm-project#116501), so a Clang
+// build runs the portable loops at the build's baseline (the x86 kernels of ratio_from_qk
+// are still chosen at run time).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define HG_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define HG_SIMD
@@ -39,17 +42,22 @@ typedef float Lanes4 __attribute__((vector_size(4 * sizeof(float))));
 
 static_assert(kLanes == 16, "lane_total assumes 16 lanes");
 
+// Vectors are passed by reference and results stored to memory: Clang refuses a 16-float
+// vector argument or return value between functions of different targets (its ABI
+// depends on AVX-512), even where the call is inlined.
+
 // Sum of the lanes as a tree of vector adds (16 -> 8 -> 4 -> 1).
-__attribute__((always_inline)) inline float lane_total(Lanes v) {
+__attribute__((always_inline)) inline float lane_total(const Lanes& v) {
   const Lanes8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const Lanes4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// The lane sums of four vectors at once, in lanes 0..3 of the result: each halving step
-// folds two vectors into one, so four sums cost about as much as one lane_total.
-__attribute__((always_inline)) inline Lanes lane_totals4(Lanes a0, Lanes a1, Lanes a2, Lanes a3) {
+// The lane sums of four vectors at once, into out[0..3]: each halving step folds two
+// vectors into one, so four sums cost about as much as one lane_total.
+__attribute__((always_inline)) inline void lane_totals4(const Lanes& a0, const Lanes& a1, const Lanes& a2,
+                                                        const Lanes& a3, float* out) {
   const Lanes b01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                     __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   const Lanes b23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -59,8 +67,9 @@ __attribute__((always_inline)) inline Lanes lane_totals4(Lanes a0, Lanes a1, Lan
                   __builtin_shufflevector(b01, b23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
   const Lanes d = __builtin_shufflevector(c, c, 0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13) +
                   __builtin_shufflevector(c, c, 2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15);
-  return __builtin_shufflevector(d, d, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6) +
-         __builtin_shufflevector(d, d, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
+  const Lanes e = __builtin_shufflevector(d, d, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6) +
+                  __builtin_shufflevector(d, d, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
+  for (int u = 0; u < 4; ++u) out[u] = e[u];
 }
 
 __attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t d) {
