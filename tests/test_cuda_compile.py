@@ -35,7 +35,9 @@ def _nvcc() -> str | None:
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (no CUDA toolkit on PATH or in CUDA_HOME)")
 def test_kernels_compile_with_nvcc():
-    run = subprocess.run([str(ROOT / ".ci" / "nvcc_check")], capture_output=True, text=True, env={**os.environ, "NVCC": _nvcc()})
+    run = subprocess.run(
+        [str(ROOT / ".ci" / "nvcc_check")], capture_output=True, text=True, env={**os.environ, "NVCC": _nvcc()}
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     compiled = set(re.findall(r"headgain7kernels\d+(\w+?)(?:I|E)", run.stdout))
     declared = {m.group(2) for path in KERNEL_SOURCES for m in KERNEL.finditer(path.read_text())}
@@ -45,8 +47,13 @@ def test_kernels_compile_with_nvcc():
 def test_headers_define_only_kernel_templates():
     # a kernel defined in a header would be compiled (and registered) by every file including it
     headers = sorted(CUDA.glob("*.cuh"))
-    defined = {(h.name, m.group(2)) for h in headers for m in KERNEL.finditer(h.read_text()) if m.group(3) == "{" and not m.group(1)}
-    assert headers and not defined, f"non-template kernels defined in headers (move them to a .cu file): {sorted(defined)}"
+    defined = {
+        (h.name, m.group(2))
+        for h in headers
+        for m in KERNEL.finditer(h.read_text())
+        if m.group(3) == "{" and not m.group(1)  # a definition, not a template
+    }
+    assert headers and not defined, f"non-template kernels defined in headers (move them to a .cu file): {defined}"
 
 
 def _fake_compiler(tmp_path: Path, version_output: str) -> str:
@@ -62,9 +69,14 @@ OLD_GCC = "g++ (Ubuntu 9.4.0-1ubuntu1~20.04.2) 9.4.0\nCopyright (C) 2019 Free So
 def test_setup_stops_before_compiling_with_old_gcc(tmp_path):
     cxx = _fake_compiler(tmp_path, OLD_GCC)
     build = tmp_path / "build"
+    build_ext = ["build_ext", "--build-temp", str(build / "temp"), "--build-lib", str(build / "lib")]
     run = subprocess.run(
-        [sys.executable, "setup.py", "build_ext", "--build-temp", str(build / "temp"), "--build-lib", str(build / "lib")],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "CXX": cxx, "HEADGAIN_FORCE_CPU": "1"}, timeout=300,
+        [sys.executable, "setup.py", *build_ext],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CXX": cxx, "HEADGAIN_FORCE_CPU": "1"},
+        timeout=300,
     )
     out = run.stdout + run.stderr
     assert run.returncode != 0, out
@@ -96,7 +108,8 @@ def test_compiler_check_accepts_gcc12_and_clang(setup_py, tmp_path, monkeypatch,
 
 
 def test_compiler_check_rejects_gcc11(setup_py, tmp_path, monkeypatch):
-    monkeypatch.setenv("CXX", _fake_compiler(tmp_path, "g++-11 (Ubuntu 11.4.0-1ubuntu1~22.04) 11.4.0\nCopyright (C) 2021 Free Software Foundation, Inc."))
+    gcc11 = "g++-11 (Ubuntu 11.4.0-1ubuntu1~22.04) 11.4.0\nCopyright (C) 2021 Free Software Foundation, Inc."
+    monkeypatch.setenv("CXX", _fake_compiler(tmp_path, gcc11))
     with pytest.raises(Exception, match=r"is GCC 11\.4\.0; headgain needs GCC 12 or newer, or Clang"):
         setup_py.check_cxx_compiler()
 
