@@ -2,19 +2,25 @@
 
 The C++ extension ``headgain._C`` (``csrc/``) is compiled by ``torch.utils.cpp_extension``:
 CPU kernels always; CUDA kernels when torch is a CUDA build and a CUDA toolkit is found.
+The C++ compiler must be GCC 12 or newer, or Clang (checked before anything is compiled).
 Install with ``pip install --no-build-isolation -e .`` (an isolated build would fetch a
 different torch).
 """
 
 import glob
 import os
+import re
+import shlex
+import subprocess
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
+from setuptools.errors import PlatformError
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, get_cxx_compiler
 
 # Ampere and Hopper code, plus PTX that newer GPUs compile at load time.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# The CPU kernels use __builtin_shufflevector (GCC 12 or Clang) and target_clones.
+MIN_GCC = 12
 
 
 def _flag(name):
@@ -44,13 +50,57 @@ def _warn_without_cudart():
     dirs = library_paths(device_type="cuda", torch_include_dirs=False)
     dirs += [flag[2:] for flag in os.environ.get("LDFLAGS", "").split() if flag.startswith("-L")]
     if not any(glob.glob(os.path.join(d, "libcudart.so*")) for d in dirs):
-        print(f"headgain: WARNING: no libcudart.so in {dirs} (CUDA toolkit at {CUDA_HOME}); if linking fails "
-              "with 'cannot find -lcudart', set CUDA_HOME to the toolkit's root (for example /usr/local/cuda), "
-              "add its library folder to LDFLAGS (-L...), or build the CPU kernels only with HEADGAIN_FORCE_CPU=1")
+        print(
+            f"headgain: WARNING: no libcudart.so in {dirs} (CUDA toolkit at {CUDA_HOME}); if linking fails "
+            "with 'cannot find -lcudart', set CUDA_HOME to the toolkit's root (for example /usr/local/cuda), "
+            "add its library folder to LDFLAGS (-L...), or build the CPU kernels only with HEADGAIN_FORCE_CPU=1"
+        )
+
+
+def check_cxx_compiler():
+    """Stop with a message naming the compiler, its version and the fix unless the C++
+    compiler torch.utils.cpp_extension builds with ($CXX, else c++) is GCC 12 or newer or
+    Clang; warn and go on when its --version output names neither."""
+    cxx = get_cxx_compiler()
+    where = "from $CXX" if os.environ.get("CXX") else "the default; CXX is not set"
+    fix = (
+        f"install g++-{MIN_GCC} or newer (for example apt-get install g++-{MIN_GCC}) and set CXX=g++-{MIN_GCC}, "
+        "or set CXX=clang++"
+    )
+    try:
+        out = subprocess.run([*shlex.split(cxx), "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise PlatformError(f"headgain: cannot run the C++ compiler {cxx!r} ({where}): {err}; {fix}") from err
+    first = (out.strip().splitlines() or [""])[0]
+    if "clang" in out.lower():
+        return
+    versions = re.findall(r"\b(\d+)\.(\d+)(?:\.(\d+))?", first)
+    if not ("Free Software Foundation" in out or re.search(r"\b(gcc|g\+\+|GCC)\b", first)) or not versions:
+        print(
+            f"headgain: WARNING: cannot tell which compiler {cxx!r} ({where}) is from its --version output "
+            f"{first!r}; headgain needs GCC {MIN_GCC} or newer, or Clang"
+        )
+        return
+    major, minor, patch = versions[-1]
+    if int(major) < MIN_GCC:
+        version = ".".join(v for v in (major, minor, patch) if v)
+        raise PlatformError(
+            f"headgain: the C++ compiler {cxx!r} ({where}) is GCC {version}; headgain needs "
+            f"GCC {MIN_GCC} or newer, or Clang: {fix}"
+        )
+
+
+class BuildExtensionChecked(BuildExtension):
+    """torch's BuildExtension, after check_cxx_compiler."""
+
+    def build_extensions(self):
+        check_cxx_compiler()
+        super().build_extensions()
 
 
 def extensions():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # csrc/headgain.cpp (schemas), csrc/checks.cpp and the CPU kernels in csrc/cpu/
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources:
         return []
     cxx = ["-O3", "-fno-trapping-math", "-Wno-psabi"]
@@ -63,11 +113,15 @@ def extensions():
         if torch.cuda.device_count() == 0:
             # torch reads the target architectures off the visible GPUs and fails without one
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-            print(f"headgain: no GPU visible, building CUDA kernels for {DEFAULT_CUDA_ARCHS} "
-                  "(set TORCH_CUDA_ARCH_LIST to choose, e.g. TORCH_CUDA_ARCH_LIST=8.9)")
+            print(
+                f"headgain: no GPU visible, building CUDA kernels for {DEFAULT_CUDA_ARCHS} "
+                "(set TORCH_CUDA_ARCH_LIST to choose, e.g. TORCH_CUDA_ARCH_LIST=8.9)"
+            )
     _warn_without_cudart()
     # csrc/cuda/check_*.cu are torch-free compile checks of the kernels, not part of the build.
-    cuda = sorted(p for p in glob.glob(os.path.join("csrc", "cuda", "*.cu")) if not os.path.basename(p).startswith("check_"))
+    cuda = sorted(
+        p for p in glob.glob(os.path.join("csrc", "cuda", "*.cu")) if not os.path.basename(p).startswith("check_")
+    )
     print("headgain: building the CPU and CUDA extension (set HEADGAIN_FORCE_CPU=1 for CPU only)")
     return [
         CUDAExtension(
@@ -79,15 +133,18 @@ def extensions():
     ]
 
 
-setup(
-    name="headgain",
-    version="0.1.0",
-    description="Training-free functional-head rescaling against hallucination in vision-language models",
-    packages=find_packages(include=["headgain", "headgain.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11,<2.14", "transformers>=5.17", "numpy", "pillow", "matplotlib"],
-    extras_require={"test": ["pytest"]},
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension},
-    entry_points={"console_scripts": ["headgain=headgain.cli:main"]},
-)
+# Guarded so that tests can import check_cxx_compiler; pip and `python setup.py` run this
+# file as __main__.
+if __name__ == "__main__":
+    setup(
+        name="headgain",
+        version="0.1.0",
+        description="Training-free functional-head rescaling against hallucination in vision-language models",
+        packages=find_packages(include=["headgain", "headgain.*"]),
+        python_requires=">=3.10",
+        install_requires=["torch>=2.11,<2.14", "transformers>=5.17", "numpy", "pillow", "matplotlib"],
+        extras_require={"test": ["pytest"]},
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildExtensionChecked},
+        entry_points={"console_scripts": ["headgain=headgain.cli:main"]},
+    )

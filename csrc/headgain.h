@@ -1,10 +1,11 @@
-// Argument checks shared by the CPU (headgain.cpp) and CUDA (cuda/headgain_cuda.cu)
-// implementations of the headgain ops. Each check names the argument, its shape and its
-// dtype, so a wrong call fails with the same message on every device.
+// Argument checks shared by the CPU (cpu/*.cpp) and CUDA (cuda/headgain_cuda.cu)
+// implementations of the headgain ops, defined in checks.cpp. Each check names the
+// argument, its shape and its dtype, so a wrong call fails with the same message on every
+// device.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

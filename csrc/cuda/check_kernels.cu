@@ -1,7 +1,9 @@
-// Compile check of headgain's CUDA kernels, free of torch: instantiates every kernel for
-// every element type the launch wrappers use. Built by .ci/nvcc_check and
-// tests/test_cuda_compile.py with `nvcc -c`; not part of the extension (setup.py skips
-// csrc/cuda/check_*.cu).
+// Compile and link check of headgain's CUDA kernels, free of torch. It instantiates every
+// kernel template of headgain_kernels.cuh for every element type the launch wrappers use,
+// and launches each kernel defined in headgain_kernels.cu, so that linking the two files
+// fails where a declaration in the header does not match its definition. Built by
+// .ci/nvcc_check (which tests/test_cuda_compile.py runs) and never run; not part of the
+// extension (setup.py skips csrc/cuda/check_*.cu).
 #include "headgain_kernels.cuh"
 
 namespace hk = headgain::kernels;
@@ -22,7 +24,11 @@ void instantiate_all() {
   instantiate_per_element_type<__half>();
   instantiate_per_element_type<__nv_bfloat16>();
   (void)&hk::scale_heads_kernel<double>;
-  (void)&hk::sum_splits_kernel;
-  (void)&hk::ratio_from_qk_combine_kernel;
-  (void)&hk::head_gains_kernel;
+}
+
+// The launches reference the kernels of headgain_kernels.cu, which the link must resolve.
+void launch_defined_elsewhere() {
+  hk::sum_splits_kernel<<<1, 1>>>(nullptr, 0, 1, nullptr);
+  hk::ratio_from_qk_combine_kernel<<<1, 1>>>(nullptr, nullptr, 0, 1, 1, 1, nullptr);
+  hk::head_gains_kernel<<<1, 1>>>(nullptr, nullptr, 0, 1, 0.f, 0.f, 1.f, 1.f, 1.f, nullptr);
 }

@@ -1,6 +1,7 @@
-// CUDA implementations of headgain's ops: argument checks (shared with the CPU code),
-// launch wrappers on the current stream, and the CUDA registration. The kernels are in
-// headgain_kernels.cuh; the op schemas in ../headgain.cpp.
+// CUDA implementations of headgain's ops: the argument checks (shared with the CPU code,
+// ../checks.cpp), launch wrappers on the current stream, and the CUDA registration. The
+// kernels are in headgain_kernels.cuh (templates) and headgain_kernels.cu; the op schemas
+// in ../headgain.cpp.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

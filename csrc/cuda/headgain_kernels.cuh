@@ -1,6 +1,8 @@
 // headgain's CUDA kernels: device code only, free of torch so that nvcc can compile it on
-// any machine with a CUDA toolkit (csrc/cuda/check_kernels.cu does, in CI). The launch
-// wrappers and the op registration are in headgain_cuda.cu.
+// any machine with a CUDA toolkit (.ci/nvcc_check does, in CI). The kernel templates are
+// defined here and instantiated where they are launched; the other kernels are declared
+// here and defined once, in headgain_kernels.cu. The launch wrappers and the op
+// registration are in headgain_cuda.cu.
 //
 // Element types are float, double (scale_heads and masks only), __half and
 // __nv_bfloat16; every reduction accumulates in float. Tensors are passed as a base
@@ -116,13 +118,7 @@ __global__ void ratio_from_probs_kernel(const T* __restrict__ probs, const bool*
 }
 
 // out[i] = sum_s partial[i * splits + s], one thread per output.
-__global__ void sum_splits_kernel(const float* __restrict__ partial, int64_t n, int splits, float* __restrict__ out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
-  float acc = 0.f;
-  for (int s = 0; s < splits; ++s) acc += partial[i * splits + s];
-  out[i] = acc;
-}
+__global__ void sum_splits_kernel(const float* __restrict__ partial, int64_t n, int splits, float* __restrict__ out);
 
 // ---------------------------------------------------------------- ratio_from_qk
 
@@ -188,32 +184,14 @@ __global__ void ratio_from_qk_kernel(const T* __restrict__ q, const T* __restric
 // out[b, h] = sum_r w[b, r] * vis / sum over the merged splits; one thread per (b, h).
 // A fully masked row of nonzero weight gives NaN, as the reference's softmax does.
 __global__ void ratio_from_qk_combine_kernel(const Stats* __restrict__ partial, const float* __restrict__ row_weights,
-                                             int64_t BH, int64_t H, int64_t R, int splits, float* __restrict__ out) {
-  const int64_t bh = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (bh >= BH) return;
-  const int64_t b = bh / H;
-  float acc = 0.f;
-  for (int64_t r = 0; r < R; ++r) {
-    const float w = row_weights[b * R + r];
-    if (!(w > 0.f)) continue;
-    Stats total = empty_stats();
-    for (int s = 0; s < splits; ++s) total = merge(total, partial[(bh * R + r) * splits + s]);
-    acc += w * (total.vis / total.sum);
-  }
-  out[bh] = acc;
-}
+                                             int64_t BH, int64_t H, int64_t R, int splits, float* __restrict__ out);
 
 // ---------------------------------------------------------------- head_gains
 
 // ratios (n = B*H) contiguous, has_visual (B,); perception wins ties.
 __global__ void head_gains_kernel(const float* __restrict__ ratios, const bool* __restrict__ has_visual, int64_t n,
                                   int64_t H, float tau_perc, float tau_reas, float g_perc, float g_reas,
-                                  float g_neutral, float* __restrict__ out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
-  const float x = ratios[i];
-  out[i] = !has_visual[i / H] ? 1.f : x >= tau_perc ? g_perc : x <= tau_reas ? g_reas : g_neutral;
-}
+                                  float g_neutral, float* __restrict__ out);
 
 // ---------------------------------------------------------------- scale_heads
 

@@ -1,0 +1,89 @@
+// The argument checks of headgain's ops (declared in headgain.h), shared by the CPU
+// (cpu/*.cpp) and CUDA (cuda/headgain_cuda.cu) implementations.
+
+#include <ATen/MemoryOverlap.h>
+
+#include "headgain.h"
+
+namespace headgain {
+
+namespace {
+
+bool is_reduced_or_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool is_reduced_or_float_or_double(at::ScalarType t) { return is_reduced_or_float(t) || t == at::kDouble; }
+
+void check_tensor(bool ok, const char* name, const at::Tensor& t, const char* expected) {
+  TORCH_CHECK(ok, "headgain: ", name, " must be ", expected, ", got shape ", t.sizes(), " dtype ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& a, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(a.device() == ref.device(), "headgain: ", name, " is on ", a.device(), " but ", ref_name, " is on ",
+              ref.device());
+}
+
+}  // namespace
+
+void check_ratio_from_probs(const at::Tensor& probs, const at::Tensor& visual, const at::Tensor& query_weights) {
+  check_tensor(probs.dim() == 4 && is_reduced_or_float(probs.scalar_type()), "probs", probs,
+               "(B, H, Nq, Nk) float32/bfloat16/float16");
+  const auto b = probs.size(0), nq = probs.size(2), nk = probs.size(3);
+  check_tensor(visual.dim() == 2 && visual.size(0) == b && visual.size(1) == nk && visual.scalar_type() == at::kBool,
+               "visual", visual, "(B, Nk) bool matching probs");
+  check_tensor(query_weights.dim() == 2 && query_weights.size(0) == b && query_weights.size(1) == nq &&
+                   query_weights.scalar_type() == at::kFloat,
+               "query_weights", query_weights, "(B, Nq) float32 matching probs");
+  check_same_device(visual, "visual", probs, "probs");
+  check_same_device(query_weights, "query_weights", probs, "probs");
+}
+
+void check_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                         const at::Tensor& visual, const at::Tensor& row_weights) {
+  check_tensor(q.dim() == 4 && is_reduced_or_float(q.scalar_type()), "q", q, "(B, H, R, D) float32/bfloat16/float16");
+  const auto b = q.size(0), h = q.size(1), r = q.size(2), d = q.size(3);
+  check_tensor(k.dim() == 4 && k.size(0) == b && k.size(3) == d && k.scalar_type() == q.scalar_type() &&
+                   k.size(1) > 0 && h % k.size(1) == 0,
+               "k", k, "(B, Hkv, Nk, D) with H % Hkv == 0 and q's dtype");
+  const auto nk = k.size(2);
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    check_tensor(m.dim() == 3 && m.size(0) == b && m.size(1) == r && m.size(2) == nk &&
+                     (m.scalar_type() == at::kBool || is_reduced_or_float_or_double(m.scalar_type())),
+                 "mask", m, "None or (B, R, Nk) bool/float64/float32/bfloat16/float16");
+    check_same_device(m, "mask", q, "q");
+  }
+  check_tensor(visual.dim() == 2 && visual.size(0) == b && visual.size(1) == nk && visual.scalar_type() == at::kBool,
+               "visual", visual, "(B, Nk) bool matching k");
+  check_tensor(row_weights.dim() == 2 && row_weights.size(0) == b && row_weights.size(1) == r &&
+                   row_weights.scalar_type() == at::kFloat,
+               "row_weights", row_weights, "(B, R) float32 matching q");
+  check_same_device(k, "k", q, "q");
+  check_same_device(visual, "visual", q, "q");
+  check_same_device(row_weights, "row_weights", q, "q");
+}
+
+void check_head_gains(const at::Tensor& ratios, const at::Tensor& has_visual) {
+  check_tensor(ratios.dim() == 2 && ratios.scalar_type() == at::kFloat, "ratios", ratios, "(B, H) float32");
+  check_tensor(has_visual.dim() == 1 && has_visual.size(0) == ratios.size(0) && has_visual.scalar_type() == at::kBool,
+               "has_visual", has_visual, "(B,) bool matching ratios");
+  check_same_device(has_visual, "has_visual", ratios, "ratios");
+}
+
+void check_scale_heads(const at::Tensor& out, const at::Tensor& gains) {
+  const auto t = out.scalar_type();
+  check_tensor(out.dim() == 4 && is_reduced_or_float_or_double(t), "out", out,
+               "(B, N, H, D) float32/bfloat16/float16/float64");
+  check_tensor(gains.dim() == 2 && gains.size(0) == out.size(0) && gains.size(1) == out.size(2) &&
+                   (gains.scalar_type() == at::kFloat || gains.scalar_type() == at::kDouble),
+               "gains", gains, "(B, H) float32 matching out");
+  check_same_device(gains, "gains", out, "out");
+}
+
+void check_scale_heads_inplace(const at::Tensor& out, const at::Tensor& gains) {
+  check_scale_heads(out, gains);
+  at::assert_no_internal_overlap(out);
+}
+
+}  // namespace headgain
