@@ -12,7 +12,7 @@ $(PY):
 
 # torch first (the pinned CPU wheel on machines without one), then headgain and its
 # compiled extension, built against that torch (no build isolation).
-$(STAMP): $(PY) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+$(STAMP): $(PY) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install setuptools wheel ninja pytest "ruff==$(RUFF_VERSION)"
 	$(PY) -m pip install --no-build-isolation -e .
