@@ -16,8 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SHAPES", "Shape", "build_model", "synthetic_batch", "load_checkpoint", "checkpoint_batch", "machine",
-           "extension_status", "cpu_model", "cpu_has"]
+__all__ = [
+    "SHAPES",
+    "Shape",
+    "build_model",
+    "synthetic_batch",
+    "load_checkpoint",
+    "checkpoint_batch",
+    "machine",
+    "extension_status",
+    "cpu_model",
+    "cpu_has",
+]
 
 
 @dataclass(frozen=True)
@@ -36,10 +46,20 @@ class Shape:
 
 
 def _text(hidden, intermediate, layers, heads, kv_heads, vocab, theta, mrope):
-    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": theta})
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": theta},
+    )
 
 
 SHAPES = {
@@ -47,18 +67,50 @@ SHAPES = {
     "cpu-default": Shape(
         name="cpu-default",
         text=_text(1024, 2048, 12, 16, 4, 320, 10000.0, [12, 10, 10]),
-        vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=1024,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                    fullatt_block_indexes=[1]),
-        device="cpu", dtype=torch.float32, batch=4, visual_tokens=(256,), new_tokens=16, rounds=5),
+        vision=dict(
+            depth=2,
+            hidden_size=128,
+            intermediate_size=256,
+            num_heads=2,
+            out_hidden_size=1024,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        ),
+        device="cpu",
+        dtype=torch.float32,
+        batch=4,
+        visual_tokens=(256,),
+        new_tokens=16,
+        rounds=5,
+    ),
     # Qwen2.5-VL-7B-Instruct's config.json
     "qwen2.5-vl-7b": Shape(
         name="qwen2.5-vl-7b",
         text=_text(3584, 18944, 28, 28, 4, 152064, 1000000.0, [16, 24, 24]),
-        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                    fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu"),
-        device="cuda", dtype=torch.bfloat16, batch=8, visual_tokens=(1024,), new_tokens=64, rounds=5),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            tokens_per_second=2,
+            hidden_act="silu",
+        ),
+        device="cuda",
+        dtype=torch.bfloat16,
+        batch=8,
+        visual_tokens=(1024,),
+        new_tokens=64,
+        rounds=5,
+    ),
 }
 
 
@@ -73,13 +125,19 @@ def build_model(shape: Shape, attn_implementation: str = "sdpa", seed: int = 0):
 
     if shape.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"shape {shape.name!r} needs a CUDA GPU; none is visible (torch {torch.__version__})")
-    config = tf.Qwen2_5_VLConfig(text_config=dict(shape.text), vision_config=dict(shape.vision),
-                                 image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-                                 vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID)
+    config = tf.Qwen2_5_VLConfig(
+        text_config=dict(shape.text),
+        vision_config=dict(shape.vision),
+        image_token_id=IMAGE_ID,
+        video_token_id=VIDEO_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+    )
     torch.manual_seed(seed)
     with torch.device(shape.device):
-        model = tf.AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation,
-                                                           dtype=shape.dtype)
+        model = tf.AutoModelForImageTextToText.from_config(
+            config, attn_implementation=attn_implementation, dtype=shape.dtype
+        )
     return model.eval()
 
 
@@ -93,8 +151,12 @@ def synthetic_batch(batch: int, visual_tokens: int, device="cpu", dtype=None) ->
     from headgain.testing.synthetic import draw_image, qwen_vl_inputs
 
     side = image_side(visual_tokens)
-    questions = ["How many shapes are in the picture, and which colours do they have?",
-                 "Which shape is the largest?", "Is there a red circle?", "Describe the picture."]
+    questions = [
+        "How many shapes are in the picture, and which colours do they have?",
+        "Which shape is the largest?",
+        "Is there a red circle?",
+        "Describe the picture.",
+    ]
     images = [draw_image((side, side), seed=i) for i in range(batch)]
     inputs = qwen_vl_inputs(images, [questions[i % len(questions)] for i in range(batch)], max_pixels=side * side)
     return _to(inputs, device, dtype)
@@ -118,8 +180,12 @@ def checkpoint_batch(processor, batch: int, visual_tokens: int, device="cpu", dt
     from headgain.testing.synthetic import draw_image
 
     side = image_side(visual_tokens)
-    questions = ["How many shapes are in the picture?", "Which shape is the largest?", "Is there a red circle?",
-                 "Describe the picture."]
+    questions = [
+        "How many shapes are in the picture?",
+        "Which shape is the largest?",
+        "Is there a red circle?",
+        "Describe the picture.",
+    ]
     texts, images = [], []
     for i in range(batch):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[i % 4]}]}]
@@ -152,8 +218,14 @@ def machine(device: str) -> dict:
     """The hardware and software a result was measured on."""
     import transformers
 
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -202,7 +274,12 @@ def cpu_has(flag: str) -> bool | None:
 
 def git_revision() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=os.path.dirname(__file__),
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None

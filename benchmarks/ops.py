@@ -21,9 +21,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -82,18 +82,46 @@ def make_cases(nk: int, b: int, device: str, dtype: torch.dtype, prefill: bool =
     shape = f"B={b} Nk={nk}"
     row_bytes = probs[:, :, :1].numel() * probs.element_size()  # the one weighted row per head
     cases = [
-        Case("ratio_from_probs", shape, lambda: ops.ratio_from_probs(probs, visual, last),
-             lambda: reference.ratio_from_probs(probs, visual, last), row_bytes + _nbytes(visual)),
-        Case("ratio_from_qk", shape, lambda: ops.ratio_from_qk(q, k, mask, visual, row_w, scaling),
-             lambda: reference.ratio_from_qk(q, k, mask, visual, row_w, scaling), _nbytes(q, k, mask, visual)),
-        Case("head_gains", f"B={b}", lambda: ops.head_gains(*gain_args), lambda: reference.head_gains(*gain_args),
-             _nbytes(ratios, has_visual) + _nbytes(ratios)),
-        Case("scale_heads_ decode", f"B={b} N=1", lambda: ops.scale_heads_(decode, gains),
-             lambda: decode.copy_(reference.scale_heads(decode, gains)), 2 * _nbytes(decode)),
+        Case(
+            "ratio_from_probs",
+            shape,
+            lambda: ops.ratio_from_probs(probs, visual, last),
+            lambda: reference.ratio_from_probs(probs, visual, last),
+            row_bytes + _nbytes(visual),
+        ),
+        Case(
+            "ratio_from_qk",
+            shape,
+            lambda: ops.ratio_from_qk(q, k, mask, visual, row_w, scaling),
+            lambda: reference.ratio_from_qk(q, k, mask, visual, row_w, scaling),
+            _nbytes(q, k, mask, visual),
+        ),
+        Case(
+            "head_gains",
+            f"B={b}",
+            lambda: ops.head_gains(*gain_args),
+            lambda: reference.head_gains(*gain_args),
+            _nbytes(ratios, has_visual) + _nbytes(ratios),
+        ),
+        Case(
+            "scale_heads_ decode",
+            f"B={b} N=1",
+            lambda: ops.scale_heads_(decode, gains),
+            lambda: decode.copy_(reference.scale_heads(decode, gains)),
+            2 * _nbytes(decode),
+        ),
     ]
     if prefill:
-        cases.insert(3, Case("scale_heads_ prefill", f"B={b} N={nk}", lambda: ops.scale_heads_(full, gains),
-                             lambda: full.copy_(reference.scale_heads(full, gains)), 2 * _nbytes(full)))
+        cases.insert(
+            3,
+            Case(
+                "scale_heads_ prefill",
+                f"B={b} N={nk}",
+                lambda: ops.scale_heads_(full, gains),
+                lambda: full.copy_(reference.scale_heads(full, gains)),
+                2 * _nbytes(full),
+            ),
+        )
     return cases
 
 
@@ -131,18 +159,32 @@ def run(grid: dict, devices: list[str], dtype: torch.dtype, repeats: int) -> lis
                 prefill_bytes = b * nk * HEADS * HEAD_DIM * 4 * 3  # the reference's float copies
                 prefill = device != "cpu" or prefill_bytes <= CPU_MAX_BYTES
                 if not prefill:
-                    print(f"skip cpu scale_heads_ prefill B={b} Nk={nk}: its reference needs "
-                          f"{prefill_bytes / 2**30:.1f} GiB", file=sys.stderr)
+                    print(
+                        f"skip cpu scale_heads_ prefill B={b} Nk={nk}: its reference needs "
+                        f"{prefill_bytes / 2**30:.1f} GiB",
+                        file=sys.stderr,
+                    )
                 for case in make_cases(nk, b, device, dtype, prefill):
                     if nk != grid["nk"][0] and case.op in NK_FREE:
                         continue  # shapes that do not depend on Nk run once per B
                     fused = median_ms(case.fused, device, repeats)
                     ref = median_ms(case.ref, device, repeats)
                     floor = case.bytes_moved / bandwidth * 1e3
-                    rows.append({"device": device, "op": case.op, "shape": case.shape, "ref": ref, "fused": fused,
-                                 "floor": floor})
-                    print(f"{device:4} {case.op:22} {case.shape:18} ref {ref:9.3f} ms  fused {fused:9.3f} ms  "
-                          f"x{ref / fused:6.1f}  floor {floor:8.3f} ms", flush=True)
+                    rows.append(
+                        {
+                            "device": device,
+                            "op": case.op,
+                            "shape": case.shape,
+                            "ref": ref,
+                            "fused": fused,
+                            "floor": floor,
+                        }
+                    )
+                    print(
+                        f"{device:4} {case.op:22} {case.shape:18} ref {ref:9.3f} ms  fused {fused:9.3f} ms  "
+                        f"x{ref / fused:6.1f}  floor {floor:8.3f} ms",
+                        flush=True,
+                    )
     return rows
 
 
@@ -152,13 +194,16 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['device']} | {r['op']} | {r['shape']} | {r['ref']:.3f} | {r['fused']:.3f} | "
-                     f"{r['ref'] / r['fused']:.1f}x | {r['floor']:.3f} | {r['fused'] / r['floor']:.1f} |")
+        lines.append(
+            f"| {r['device']} | {r['op']} | {r['shape']} | {r['ref']:.3f} | {r['fused']:.3f} | "
+            f"{r['ref'] / r['fused']:.1f}x | {r['floor']:.3f} | {r['fused'] / r['floor']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def machine() -> str:
-    text = f"{common.cpu_model()}, {torch.get_num_threads()} threads (CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    text = f"{common.cpu_model()}, {torch.get_num_threads()} threads (CPU capability {capability}"
     bf16_dot = common.cpu_has("avx512_bf16")
     if bf16_dot is not None:  # the CPU ratio_from_qk kernel for bfloat16 uses AVX512-BF16 where the CPU has it
         text += f", AVX512-BF16 {'yes' if bf16_dot else 'no'}"
@@ -172,22 +217,24 @@ def machine() -> str:
 
 def write_section(rows: list[dict], command: str, dtype: torch.dtype, path: Path = RESULTS) -> None:
     devices = sorted({r["device"] for r in rows})
-    body = "\n".join([
-        SECTION,
-        "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {machine()}",
-        f"- torch {torch.__version__}; ops: "
-        + "; ".join(f"{d}: {common.extension_status(d)}" for d in devices)
-        + f"; revision {common.git_revision() or 'unknown'}",
-        f"- command: `{command}`",
-        f"- shapes: Qwen2.5-VL-7B ({HEADS} heads, {KV_HEADS} kv heads, head dim {HEAD_DIM}), {dtype}; "
-        f"ratio_from_probs over {PROBS_ROWS} query rows (one weighted), ratio_from_qk over one row with a "
-        "padding mask; median of repeated runs; floor = bytes the op must move / bandwidth of a large copy",
-        "",
-        table(rows),
-        "",
-    ])
+    body = "\n".join(
+        [
+            SECTION,
+            "",
+            f"- date: {datetime.date.today().isoformat()}",
+            f"- machine: {machine()}",
+            f"- torch {torch.__version__}; ops: "
+            + "; ".join(f"{d}: {common.extension_status(d)}" for d in devices)
+            + f"; revision {common.git_revision() or 'unknown'}",
+            f"- command: `{command}`",
+            f"- shapes: Qwen2.5-VL-7B ({HEADS} heads, {KV_HEADS} kv heads, head dim {HEAD_DIM}), {dtype}; "
+            f"ratio_from_probs over {PROBS_ROWS} query rows (one weighted), ratio_from_qk over one row with a "
+            "padding mask; median of repeated runs; floor = bytes the op must move / bandwidth of a large copy",
+            "",
+            table(rows),
+            "",
+        ]
+    )
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     start = text.find(SECTION)
     if start < 0:
@@ -215,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     rows = run(FULL if args.full else QUICK, devices, dtype, args.repeats)
     if not args.no_write:
-        write_section(rows, " ".join(["python benchmarks/ops.py", *(argv if argv is not None else sys.argv[1:])]), dtype)
+        write_section(
+            rows, " ".join(["python benchmarks/ops.py", *(argv if argv is not None else sys.argv[1:])]), dtype
+        )
 
 
 if __name__ == "__main__":

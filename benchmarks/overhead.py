@@ -42,8 +42,13 @@ from benchmarks import common
 from headgain.baselines import vcd
 
 ARMS = ("vanilla-sdpa", "headgain-sdpa", "vanilla-eager", "headgain-eager", "vcd-sdpa")
-LABELS = {"vanilla-sdpa": "Vanilla (sdpa)", "headgain-sdpa": "headgain (sdpa)", "vanilla-eager": "Vanilla (eager)",
-          "headgain-eager": "headgain (eager)", "vcd-sdpa": "VCD (sdpa)"}
+LABELS = {
+    "vanilla-sdpa": "Vanilla (sdpa)",
+    "headgain-sdpa": "headgain (sdpa)",
+    "vanilla-eager": "Vanilla (eager)",
+    "headgain-eager": "headgain (eager)",
+    "vcd-sdpa": "VCD (sdpa)",
+}
 SECTION = "## Overhead benchmark (benchmarks/overhead.py)"
 # Fixed glibc mmap/trim thresholds in the probe: every allocation of 1 MiB or more is mapped
 # on its own and unmapped when freed, so VmHWM follows the live tensors. With glibc's
@@ -64,8 +69,12 @@ def baseline(arm: str) -> str:
 # ---------------------------------------------------------------------- setup
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--shape", choices=sorted(common.SHAPES), default="cpu-default",
-                   help="random-weight model size (default cpu-default; qwen2.5-vl-7b needs a GPU)")
+    p.add_argument(
+        "--shape",
+        choices=sorted(common.SHAPES),
+        default="cpu-default",
+        help="random-weight model size (default cpu-default; qwen2.5-vl-7b needs a GPU)",
+    )
     p.add_argument("--model", metavar="PATH", help="a local checkpoint with its processor instead of --shape")
     p.add_argument("--visual-tokens", metavar="N[,N...]", help="visual tokens per image; several values sweep")
     p.add_argument("--batch", type=int, help="prompts per batch")
@@ -73,8 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="timed rounds (after one warm-up round)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
     p.add_argument("--preset", default="ocean-r1-7b", help="headgain config preset (default ocean-r1-7b)")
-    p.add_argument("--memory", choices=("auto", "off"), default="auto",
-                   help="measure peak memory (auto: CUDA allocator stats, or one subprocess per arm on the CPU)")
+    p.add_argument(
+        "--memory",
+        choices=("auto", "off"),
+        default="auto",
+        help="measure peak memory (auto: CUDA allocator stats, or one subprocess per arm on the CPU)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--results", metavar="PATH", default=RESULTS_MD, help="Markdown file to append a dated entry to")
     p.add_argument("--no-record", action="store_true", help="do not append to the results file")
@@ -158,7 +171,9 @@ class Progress:
         fill = round(width * self.done / self.total)
         elapsed = time.perf_counter() - self.start
         eta = elapsed / self.done * (self.total - self.done)
-        line = f"[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {label:<32} {elapsed:5.0f}s eta {eta:4.0f}s"
+        line = (
+            f"[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {label:<32} {elapsed:5.0f}s eta {eta:4.0f}s"
+        )
         if self.tty:
             sys.stderr.write("\r" + line + ("\n" if self.done == self.total else ""))
         elif self.done == self.total or self.done % 5 == 0:
@@ -202,8 +217,11 @@ def measure(args, setup: Setup, progress: Progress) -> list[dict]:
         arms = {}
         for arm in args.arms:
             med = statistics.median(times[arm])
-            arms[arm] = {"times_s": [round(t, 4) for t in times[arm]], "median_s": med,
-                         "tokens_per_s": args.batch * args.new_tokens / med}
+            arms[arm] = {
+                "times_s": [round(t, 4) for t in times[arm]],
+                "median_s": med,
+                "tokens_per_s": args.batch * args.new_tokens / med,
+            }
             if peaks[arm]:
                 arms[arm]["peak_mib"] = max(p for p, _ in peaks[arm]) / 2**20
                 arms[arm]["peak_above_rest_mib"] = max(d for _, d in peaks[arm]) / 2**20
@@ -241,21 +259,43 @@ def probe(args) -> None:
     rest = _status_kb("VmRSS")
     setup.run(args.probe, inputs)
     peak = _status_kb("VmHWM")
-    print("PROBE " + json.dumps({"peak_mib": peak / 1024, "peak_above_rest_mib": (peak - rest) / 1024 if reset else None,
-                                 "memory_method": "VmHWM of a fresh process" + ("" if reset else " (no reset)")}))
+    print(
+        "PROBE "
+        + json.dumps(
+            {
+                "peak_mib": peak / 1024,
+                "peak_above_rest_mib": (peak - rest) / 1024 if reset else None,
+                "memory_method": "VmHWM of a fresh process" + ("" if reset else " (no reset)"),
+            }
+        )
+    )
 
 
 def cpu_memory(args, results: list[dict], progress: Progress) -> None:
     """Run one probe subprocess per arm and setting; fill the peaks into ``results``."""
     for entry in results:
         for arm in args.arms:
-            cmd = [sys.executable, os.path.abspath(__file__), "--probe", arm, "--shape", args.shape,
-                   "--visual-tokens", str(entry["visual_tokens"]), "--batch", str(args.batch),
-                   "--new-tokens", str(args.new_tokens), "--preset", args.preset, "--no-record"]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--probe",
+                arm,
+                "--shape",
+                args.shape,
+                "--visual-tokens",
+                str(entry["visual_tokens"]),
+                "--batch",
+                str(args.batch),
+                "--new-tokens",
+                str(args.new_tokens),
+                "--preset",
+                args.preset,
+                "--no-record",
+            ]
             if args.model:
                 cmd += ["--model", args.model]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **PROBE_MALLOC))
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("PROBE ")), None)
+            line = next((out for out in proc.stdout.splitlines() if out.startswith("PROBE ")), None)
             if proc.returncode != 0 or line is None:
                 raise RuntimeError(f"memory probe for {arm} failed:\n{proc.stderr[-2000:]}")
             entry["arms"][arm].update(json.loads(line[6:]))
@@ -303,17 +343,27 @@ def tables(args, results: list[dict]) -> tuple[str, str]:
     sep = "|---|" + "---|" * len(results)
     rows = [head, sep]
     for arm in args.arms:
-        rows.append(f"| {LABELS[arm]} | " + " | ".join(_cell(e["arms"][arm], arm == baseline(arm)) for e in results) + " |")
+        rows.append(
+            f"| {LABELS[arm]} | " + " | ".join(_cell(e["arms"][arm], arm == baseline(arm)) for e in results) + " |"
+        )
     t1 = "\n".join(rows)
-    rows = ["| method | visual tok | s/batch | tokens/s | peak MiB | peak above rest MiB |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| method | visual tok | s/batch | tokens/s | peak MiB | peak above rest MiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in results:
         for arm in args.arms:
             a = e["arms"][arm]
-            peak = "n/a" if a.get("peak_mib") is None else f"{a['peak_mib']:.0f}" + (
-                f" ({a['peak_change_pct']:+.2f}%)" if "peak_change_pct" in a else "")
+            peak = (
+                "n/a"
+                if a.get("peak_mib") is None
+                else f"{a['peak_mib']:.0f}" + (f" ({a['peak_change_pct']:+.2f}%)" if "peak_change_pct" in a else "")
+            )
             above = "n/a" if a.get("peak_above_rest_mib") is None else f"{a['peak_above_rest_mib']:.0f}"
-            rows.append(f"| {LABELS[arm]} | {e['visual_tokens_per_prompt']:.0f} | {a['median_s']:.3f} | "
-                        f"{a['tokens_per_s']:.1f} | {peak} | {above} |")
+            rows.append(
+                f"| {LABELS[arm]} | {e['visual_tokens_per_prompt']:.0f} | {a['median_s']:.3f} | "
+                f"{a['tokens_per_s']:.1f} | {peak} | {above} |"
+            )
     return t1, "\n".join(rows)
 
 
@@ -324,8 +374,10 @@ def verdict_lines(targets: dict) -> list[str]:
         parts = [f"{v['visual_tokens']} visual tokens:"]
         if "headgain_sdpa_vs_vanilla_sdpa_pct" in v:
             ok = "met" if v[f"time_within_{lim:g}pct"] else "MISSED"
-            parts.append(f"headgain-sdpa vs vanilla-sdpa {v['headgain_sdpa_vs_vanilla_sdpa_pct']:+.2f}% "
-                         f"(target <= +{lim:g}%: {ok});")
+            parts.append(
+                f"headgain-sdpa vs vanilla-sdpa {v['headgain_sdpa_vs_vanilla_sdpa_pct']:+.2f}% "
+                f"(target <= +{lim:g}%: {ok});"
+            )
         if "faster_than_vanilla_eager" in v:
             ok = "met" if v["faster_than_vanilla_eager"] else "MISSED"
             parts.append(f"vs vanilla-eager {v['headgain_sdpa_vs_vanilla_eager_pct']:+.1f}% (faster: {ok});")
@@ -359,7 +411,9 @@ def main(argv=None) -> int:
     if args.probe:
         probe(args)
         return 0
-    command = "python benchmarks/overhead.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python benchmarks/overhead.py" + "".join(
+        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     setup = Setup(args)
     mem_probes = args.memory == "auto" and not setup.cuda and os.path.exists("/proc/self/status")
     total = len(args.visual_tokens) * len(args.arms) * (args.rounds + 1 + (1 if mem_probes else 0))
@@ -379,35 +433,61 @@ def main(argv=None) -> int:
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     what = args.model or args.shape
     t1, t2 = tables(args, results)
-    title = (f"Overhead: {what}, batch {args.batch}, {args.new_tokens} new tokens (greedy, min = max), "
-             f"median of {args.rounds} interleaved rounds")
+    title = (
+        f"Overhead: {what}, batch {args.batch}, {args.new_tokens} new tokens (greedy, min = max), "
+        f"median of {args.rounds} interleaved rounds"
+    )
     print("\n" + title + "\n\nSeconds per batch (change against vanilla of the same backend):\n\n" + t1)
     print("\nThroughput and peak memory (change against vanilla of the same backend):\n\n" + t2 + "\n")
     for line in verdict_lines(targets):
         print(line)
-    payload = {"date": date, "command": command, "model": what, "batch": args.batch, "new_tokens": args.new_tokens,
-               "rounds": args.rounds, "preset": args.preset, "machine": info, "revision": common.git_revision(),
-               "results": results, "targets": targets}
+    payload = {
+        "date": date,
+        "command": command,
+        "model": what,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "preset": args.preset,
+        "machine": info,
+        "revision": common.git_revision(),
+        "results": results,
+        "targets": targets,
+    }
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2)
     if not args.no_record:
         hw = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores ({info['threads']} torch threads)"
         ext = common.extension_status(setup.device.type)
-        entry = "\n".join([
-            f"### {date}: {what}", "",
-            f"- Machine: {hw}; torch {info['torch']}, transformers {info['transformers']}, python {info['python']}"
-            + (f", CUDA {info['cuda']}" if "cuda" in info else ""),
-            f"- headgain ops: {ext}; revision {payload['revision']}",
-            f"- Command: `{command}`",
-            f"- Workload: batch {args.batch}, {args.new_tokens} new tokens (greedy, min = max), preset {args.preset}, "
-            f"median of {args.rounds} interleaved rounds after a warm-up round; prompt lengths "
-            + ", ".join(str(e["prompt_tokens"]) for e in results),
-            "- Peak memory: " + ("torch.cuda.max_memory_allocated around each timed run" if setup.cuda else
-                                  "VmHWM of a fresh subprocess per arm, reset before its one run (glibc mmap threshold 1 MiB)"
-                                  if mem_probes else "not measured"),
-            "", t1, "", t2, "", *[f"- {l}" for l in verdict_lines(targets)],
-        ])
+        entry = "\n".join(
+            [
+                f"### {date}: {what}",
+                "",
+                f"- Machine: {hw}; torch {info['torch']}, transformers {info['transformers']}, python {info['python']}"
+                + (f", CUDA {info['cuda']}" if "cuda" in info else ""),
+                f"- headgain ops: {ext}; revision {payload['revision']}",
+                f"- Command: `{command}`",
+                f"- Workload: batch {args.batch}, {args.new_tokens} new tokens (greedy, min = max), "
+                f"preset {args.preset}, "
+                f"median of {args.rounds} interleaved rounds after a warm-up round; prompt lengths "
+                + ", ".join(str(e["prompt_tokens"]) for e in results),
+                "- Peak memory: "
+                + (
+                    "torch.cuda.max_memory_allocated around each timed run"
+                    if setup.cuda
+                    else "VmHWM of a fresh subprocess per arm, reset before its one run (glibc mmap threshold 1 MiB)"
+                    if mem_probes
+                    else "not measured"
+                ),
+                "",
+                t1,
+                "",
+                t2,
+                "",
+                *[f"- {verdict}" for verdict in verdict_lines(targets)],
+            ]
+        )
         record(args.results, entry)
         print(f"\nappended to {args.results}")
     return 0

@@ -21,8 +21,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 __all__ = ["main", "CLIError", "build_parser"]
 
@@ -41,17 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", metavar="PATH", help="local checkpoint folder (default: the embedded tiny model)")
     g.add_argument("--preset", metavar="NAME", help="a paper preset (default: ocean-r1-7b)")
     g.add_argument("--config", metavar="FILE.json", help="a HeadGainConfig saved as JSON")
-    g.add_argument("--arch-map", metavar="FILE.json",
-                   help="an ArchMap saved as JSON, for a model type headgain has not registered "
-                        '(e.g. {"attention": "model.layers.*.self_attn", "visual_token_ids": ["image_token_id"]})')
+    g.add_argument(
+        "--arch-map",
+        metavar="FILE.json",
+        help="an ArchMap saved as JSON, for a model type headgain has not registered "
+        '(e.g. {"attention": "model.layers.*.self_attn", "visual_token_ids": ["image_token_id"]})',
+    )
     g.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation (default sdpa)")
     g.add_argument("--device", default="auto", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                   help="model dtype (auto: the checkpoint's, float32 for the embedded model)")
+    g.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="model dtype (auto: the checkpoint's, float32 for the embedded model)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="headgain",
-        description="Training-free functional-head rescaling for vision-language models: run, census, contribution maps.",
+        description=(
+            "Training-free functional-head rescaling for vision-language models: run, census, contribution maps."
+        ),
     )
     sub = parser.add_subparsers(dest="command", metavar="{run,census,contrib}")
     sub.required = True
@@ -59,29 +68,50 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="answer a question about an image, vanilla and rescaled")
     run.add_argument("--image", required=True, metavar="PATH", help="image file")
     run.add_argument("--question", required=True, help="question text")
-    run.add_argument("--max-new-tokens", type=_positive, default=32, metavar="N", help="tokens to generate (default 32)")
+    run.add_argument(
+        "--max-new-tokens", type=_positive, default=32, metavar="N", help="tokens to generate (default 32)"
+    )
 
     cen = sub.add_parser("census", parents=[common], help="S_v statistics of every head over a folder of images")
     cen.add_argument("--images", required=True, metavar="DIR", help="folder of images")
-    cen.add_argument("--questions", metavar="FILE.jsonl",
-                     help='one JSON object per line: {"image": "name.png", "question": "..."}, image relative to '
-                          f'--images (default: every image in the folder with "{DEFAULT_QUESTION}")')
+    cen.add_argument(
+        "--questions",
+        metavar="FILE.jsonl",
+        help='one JSON object per line: {"image": "name.png", "question": "..."}, image relative to '
+        f'--images (default: every image in the folder with "{DEFAULT_QUESTION}")',
+    )
     cen.add_argument("--out", default="headgain-census", metavar="DIR", help="output folder (default headgain-census)")
-    cen.add_argument("--batch-size", type=_positive, default=1, metavar="B", help="samples per forward pass (default 1)")
+    cen.add_argument(
+        "--batch-size", type=_positive, default=1, metavar="B", help="samples per forward pass (default 1)"
+    )
     cen.add_argument("--limit", type=_positive, metavar="N", help="use only the first N samples")
-    cen.add_argument("--target-fraction", type=float, default=0.064, metavar="F",
-                     help="share of heads the suggested config should select (default 0.064)")
+    cen.add_argument(
+        "--target-fraction",
+        type=float,
+        default=0.064,
+        metavar="F",
+        help="share of heads the suggested config should select (default 0.064)",
+    )
     cen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     con = sub.add_parser("contrib", parents=[common], help="contribution maps of an answer, vanilla and rescaled")
     con.add_argument("--image", required=True, metavar="PATH", help="image file")
     con.add_argument("--question", required=True, help="question text")
-    con.add_argument("--answer", help="answer text whose tokens are the targets (default: the vanilla model's greedy "
-                                      "continuation of --max-new-tokens tokens)")
-    con.add_argument("--max-new-tokens", type=_positive, default=8, metavar="N", help="greedy continuation length (default 8)")
-    con.add_argument("--normalize", choices=("layer", "global"), default="layer", help="Eq. 40 (layer) or Eq. 41 (global)")
+    con.add_argument(
+        "--answer",
+        help="answer text whose tokens are the targets (default: the vanilla model's greedy "
+        "continuation of --max-new-tokens tokens)",
+    )
+    con.add_argument(
+        "--max-new-tokens", type=_positive, default=8, metavar="N", help="greedy continuation length (default 8)"
+    )
+    con.add_argument(
+        "--normalize", choices=("layer", "global"), default="layer", help="Eq. 40 (layer) or Eq. 41 (global)"
+    )
     con.add_argument("--signed", action="store_true", help="draw the signed sensitivity S instead of the importance")
-    con.add_argument("--out", default="headgain-contrib", metavar="DIR", help="output folder (default headgain-contrib)")
+    con.add_argument(
+        "--out", default="headgain-contrib", metavar="DIR", help="output folder (default headgain-contrib)"
+    )
     return parser
 
 
@@ -103,11 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own usage error (status 2)
         return int(e.code or 0)
-    from .core.errors import ConfigError
-    from .core.errors import HeadGainError
-    from .core.errors import ArchError
-
     import torch
+
+    from .core.errors import ArchError, ConfigError, HeadGainError
 
     threads = torch.get_num_threads()
     try:
@@ -201,8 +229,10 @@ def read_questions(images_dir: str, questions: str | None, limit: int | None) ->
                     item = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise CLIError(f"{questions} line {number}: not valid JSON ({e.msg})") from None
-                if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not isinstance(
-                    item.get("question"), str
+                if (
+                    not isinstance(item, dict)
+                    or not isinstance(item.get("image"), str)
+                    or not isinstance(item.get("question"), str)
                 ):
                     raise CLIError(f'{questions} line {number}: expected {{"image": "...", "question": "..."}}')
                 if not item["question"].strip():
@@ -272,8 +302,10 @@ def _embedded(attn: str, dtype, device) -> Loaded:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         return _to(batch, device)
 
-    name = (f"embedded tiny Qwen2.5-VL ({EMBEDDED['layers']} layers x {EMBEDDED['heads']} heads, random weights: "
-            "answers are noise)")
+    name = (
+        f"embedded tiny Qwen2.5-VL ({EMBEDDED['layers']} layers x {EMBEDDED['heads']} heads, random weights: "
+        "answers are noise)"
+    )
     return Loaded(model, name, inputs, tok.encode, tok.decode, device)
 
 
@@ -326,8 +358,10 @@ def _checkpoint(path: str, attn: str, dtype, device) -> Loaded:
 
 def _describe_cfg(args, cfg) -> str:
     source = f"config {args.config}" if args.config else f"preset {args.preset or 'ocean-r1-7b (default)'}"
-    return (f"{source}: l_perc={cfg.l_perc} tau_perc={cfg.tau_perc} g_perc={cfg.g_perc} | "
-            f"l_reas={cfg.l_reas} tau_reas={cfg.tau_reas} g_reas={cfg.g_reas} | strategy={cfg.strategy}")
+    return (
+        f"{source}: l_perc={cfg.l_perc} tau_perc={cfg.tau_perc} g_perc={cfg.g_perc} | "
+        f"l_reas={cfg.l_reas} tau_reas={cfg.tau_reas} g_reas={cfg.g_reas} | strategy={cfg.strategy}"
+    )
 
 
 def _generate(loaded: Loaded, batch: dict, max_new_tokens: int) -> tuple[list[int], float]:
@@ -360,8 +394,8 @@ def _prepare(args):
 
 
 def cmd_run(args) -> int:
-    from .core.rules import HeadClass, classify, selected_heads
     from .core.handle import attach
+    from .core.rules import HeadClass, classify, selected_heads
 
     image, cfg, arch, loaded = _prepare(args)
     with attach(loaded.model, arch, cfg) as handle:
@@ -387,8 +421,11 @@ def cmd_run(args) -> int:
         if perc or reas:
             print(f"  layer {layer:2d}: perception {perc} reasoning {reas}")
     count = int((classes > 0).sum())
-    print(f"total: {count} of {classes.size} heads ({count / classes.size:.1%}): "
-          f"{int((classes == HeadClass.PERCEPTION).sum())} perception, {int((classes == HeadClass.REASONING).sum())} reasoning")
+    print(
+        f"total: {count} of {classes.size} heads ({count / classes.size:.1%}): "
+        f"{int((classes == HeadClass.PERCEPTION).sum())} perception, "
+        f"{int((classes == HeadClass.REASONING).sum())} reasoning"
+    )
     return 0
 
 
@@ -435,19 +472,27 @@ def cmd_census(args) -> int:
         "samples": os.path.join(args.out, "samples.npy"),
         "suggested": os.path.join(args.out, "suggested_config.json"),
         "ratio": plots.plot_ratio(result, os.path.join(args.out, "visual_ratio.png"), cfg=cfg),
-        "classes": plots.plot_classes(result.classes(cfg), os.path.join(args.out, "classes.png"),
-                                      title=f"head classes in at least half of {result.num_samples} samples", cfg=cfg),
+        "classes": plots.plot_classes(
+            result.classes(cfg),
+            os.path.join(args.out, "classes.png"),
+            title=f"head classes in at least half of {result.num_samples} samples",
+            cfg=cfg,
+        ),
     }
     np.save(out["samples"], result.samples)
     suggested = result.suggest(args.target_fraction, base=cfg)
     suggested.to_json(out["suggested"])
     out["classes_suggested"] = plots.plot_classes(
-        result.classes(suggested), os.path.join(args.out, "classes_suggested.png"),
-        title=f"head classes under the suggested config (target {args.target_fraction:.1%})", cfg=suggested,
+        result.classes(suggested),
+        os.path.join(args.out, "classes_suggested.png"),
+        title=f"head classes under the suggested config (target {args.target_fraction:.1%})",
+        cfg=suggested,
     )
     share = result.selected_share(cfg)
     print(f"{result.num_samples} samples ({result.skipped} without visual tokens skipped) in {result.seconds:.2f} s")
-    print(f"mean S_v over all heads: {float(result.mean.mean()):.4f}; the config selects {share:.1%} of heads per sample")
+    print(
+        f"mean S_v over all heads: {float(result.mean.mean()):.4f}; the config selects {share:.1%} of heads per sample"
+    )
     print("suggested config:")
     for line in result.last_suggestion.report.splitlines():
         print(f"  {line}")
@@ -479,13 +524,23 @@ def cmd_contrib(args) -> int:
         "json": os.path.join(args.out, "contrib.json"),
     }
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({"answer_ids": vanilla.targets, "answer": loaded.decode(vanilla.targets),
-                   "vanilla": vanilla.to_dict(), "rescaled": rescaled.to_dict()}, f, indent=1)
+        json.dump(
+            {
+                "answer_ids": vanilla.targets,
+                "answer": loaded.decode(vanilla.targets),
+                "vanilla": vanilla.to_dict(),
+                "rescaled": rescaled.to_dict(),
+            },
+            f,
+            indent=1,
+        )
         f.write("\n")
     source = "given answer" if targets is not None else "vanilla greedy continuation"
     print(f"targets ({source}, {len(vanilla.targets)} tokens): {loaded.decode(vanilla.targets)!r}")
-    print(f"mean loss -log P: vanilla {sum(vanilla.losses) / len(vanilla.losses):.4f}, "
-          f"rescaled {sum(rescaled.losses) / len(rescaled.losses):.4f} ({seconds:.2f} s)")
+    print(
+        f"mean loss -log P: vanilla {sum(vanilla.losses) / len(vanilla.losses):.4f}, "
+        f"rescaled {sum(rescaled.losses) / len(rescaled.losses):.4f} ({seconds:.2f} s)"
+    )
     for m in (vanilla, rescaled):
         top = ", ".join(f"L{layer}H{head}" for layer, head in m.top(5))
         print(f"top heads, {m.label}: {top}")

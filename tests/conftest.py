@@ -11,7 +11,9 @@ def pytest_sessionstart(session):
         from headgain.core import ops
 
         if not headgain.extension_available():
-            raise pytest.UsageError(f"HEADGAIN_REQUIRE_EXTENSION=1 but headgain._C did not load: {ops.extension_error()}")
+            raise pytest.UsageError(
+                f"HEADGAIN_REQUIRE_EXTENSION=1 but headgain._C did not load: {ops.extension_error()}"
+            )
 
 
 @pytest.fixture

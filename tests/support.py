@@ -110,6 +110,10 @@ def mixed_cfg(ratios, num_layers):
     tau_perc = _gap_threshold(ratios[: max(1, num_layers // 2)], 0.5)
     tau_reas = min(_gap_threshold(ratios[num_layers // 2 :], 0.4), tau_perc - 1e-4)
     return headgain.HeadGainConfig(
-        l_perc=num_layers // 2, l_reas=max(1, num_layers // 2 - 1), tau_perc=tau_perc, tau_reas=max(tau_reas, 0.0),
-        g_perc=1.5, g_reas=1.7,
+        l_perc=num_layers // 2,
+        l_reas=max(1, num_layers // 2 - 1),
+        tau_perc=tau_perc,
+        tau_reas=max(tau_reas, 0.0),
+        g_perc=1.5,
+        g_reas=1.7,
     )

@@ -16,10 +16,25 @@ def run(tmp_path_factory):
     results = tmp / "RESULTS.md"
     results.write_text("# Benchmark results\n\n## Ops benchmark\n\nkept as is\n")
     out = tmp / "out.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--visual-tokens", "16", "--batch", "2",
-           "--new-tokens", "2", "--rounds", "1", "--json", str(out), "--results", str(results)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "overhead.py"),
+        "--visual-tokens",
+        "16",
+        "--batch",
+        "2",
+        "--new-tokens",
+        "2",
+        "--rounds",
+        "1",
+        "--json",
+        str(out),
+        "--results",
+        str(results),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=dict(os.environ, PYTHONPATH=ROOT)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text()), results.read_text()
 
@@ -43,7 +58,7 @@ def test_table_and_results_entry(run):
     assert "| VCD (sdpa) |" in proc.stdout and "Seconds per batch" in proc.stdout
     # the entry lands in this benchmark's own section; other sections are kept
     assert "## Ops benchmark\n\nkept as is\n" in md
-    section = md[md.index("## Overhead benchmark (benchmarks/overhead.py)"):]
+    section = md[md.index("## Overhead benchmark (benchmarks/overhead.py)") :]
     assert "- Command: `python benchmarks/overhead.py --visual-tokens 16" in section
     assert "transformers" in section and "| headgain (eager) |" in section
 
@@ -76,7 +91,12 @@ def test_ops_section_is_replaced_in_place(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--model", str(tmp_path / "nope"),
-           "--no-record"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "overhead.py"),
+        "--model",
+        str(tmp_path / "nope"),
+        "--no-record",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode != 0 and "no such local checkpoint" in proc.stderr

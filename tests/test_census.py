@@ -176,4 +176,4 @@ def test_empty_census_raises(model):
     result = headgain.census(model, [text_only], progress=False)
     assert result.num_samples == 0 and result.skipped == 1
     with pytest.raises(ValueError, match="no sample with visual tokens"):
-        result.mean
+        _ = result.mean

@@ -56,8 +56,9 @@ def _png(path):
 
 
 def test_run(data, capsys):
-    rc = main(["run", "--image", str(data / "images" / "im0.png"), "--question", "What is red?",
-               "--max-new-tokens", "4"])
+    rc = main(
+        ["run", "--image", str(data / "images" / "im0.png"), "--question", "What is red?", "--max-new-tokens", "4"]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "embedded tiny Qwen2.5-VL" in out and "preset ocean-r1-7b" in out
@@ -68,23 +69,63 @@ def test_run(data, capsys):
 def test_run_with_an_arch_map_file(data, tmp_path, capsys):
     path = tmp_path / "map.json"
     headgain.ArchMap("model.language_model.layers.*.self_attn", visual_token_ids=("image_token_id",)).to_json(str(path))
-    rc = main(["run", "--image", str(data / "images" / "im0.png"), "--question", "What is red?",
-               "--max-new-tokens", "2", "--arch-map", str(path)])
+    rc = main(
+        [
+            "run",
+            "--image",
+            str(data / "images" / "im0.png"),
+            "--question",
+            "What is red?",
+            "--max-new-tokens",
+            "2",
+            "--arch-map",
+            str(path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "selected heads" in out, out
 
 
 def test_run_with_config_and_eager(data, capsys):
-    rc = main(["run", "--image", str(data / "images" / "im1.png"), "--question", "Q?", "--max-new-tokens", "2",
-               "--config", str(data / "cfg.json"), "--attn", "eager", "--dtype", "float32", "--device", "cpu"])
+    rc = main(
+        [
+            "run",
+            "--image",
+            str(data / "images" / "im1.png"),
+            "--question",
+            "Q?",
+            "--max-new-tokens",
+            "2",
+            "--config",
+            str(data / "cfg.json"),
+            "--attn",
+            "eager",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "l_perc=3 tau_perc=0.3" in out
 
 
 def test_census(data, tmp_path, capsys):
     out_dir = tmp_path / "census"
-    rc = main(["census", "--images", str(data / "images"), "--questions", str(data / "questions.jsonl"),
-               "--out", str(out_dir), "--batch-size", "2", "--no-progress"])
+    rc = main(
+        [
+            "census",
+            "--images",
+            str(data / "images"),
+            "--questions",
+            str(data / "questions.jsonl"),
+            "--out",
+            str(out_dir),
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     d = json.loads((out_dir / "census.json").read_text())
@@ -107,8 +148,19 @@ def test_census_folder_without_questions(data, tmp_path, capsys):
 
 def test_contrib(data, tmp_path, capsys):
     out_dir = tmp_path / "contrib"
-    rc = main(["contrib", "--image", str(data / "images" / "im0.png"), "--question", "What is red?",
-               "--answer", "red", "--out", str(out_dir)])
+    rc = main(
+        [
+            "contrib",
+            "--image",
+            str(data / "images" / "im0.png"),
+            "--question",
+            "What is red?",
+            "--answer",
+            "red",
+            "--out",
+            str(out_dir),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     for name in ("contrib_vanilla.png", "contrib_rescaled.png", "contrib_compare.png"):
@@ -124,8 +176,24 @@ def test_contrib(data, tmp_path, capsys):
 
 
 def test_contrib_greedy_global_signed(data, tmp_path, capsys):
-    rc = main(["contrib", "--image", str(data / "images" / "im1.png"), "--question", "Q?", "--max-new-tokens", "2",
-               "--normalize", "global", "--signed", "--preset", "r1-onevision", "--out", str(tmp_path / "g")])
+    rc = main(
+        [
+            "contrib",
+            "--image",
+            str(data / "images" / "im1.png"),
+            "--question",
+            "Q?",
+            "--max-new-tokens",
+            "2",
+            "--normalize",
+            "global",
+            "--signed",
+            "--preset",
+            "r1-onevision",
+            "--out",
+            str(tmp_path / "g"),
+        ]
+    )
     assert rc == 0
     d = json.loads((tmp_path / "g" / "contrib.json").read_text())
     assert 1 <= len(d["answer_ids"]) <= 2 and d["vanilla"]["normalize"] == "global"
@@ -136,9 +204,25 @@ def test_contrib_greedy_global_signed(data, tmp_path, capsys):
 def test_python_dash_m(data, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "headgain", "contrib", "--image", str(data / "images" / "im2.png"), "--question", "Q?",
-         "--answer", "ok", "--out", str(tmp_path / "m")],
-        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "headgain",
+            "contrib",
+            "--image",
+            str(data / "images" / "im2.png"),
+            "--question",
+            "Q?",
+            "--answer",
+            "ok",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     _png(tmp_path / "m" / "contrib_compare.png")
@@ -160,15 +244,24 @@ def test_bad_inputs(data, tmp_path, capsys):
     _bad(capsys, ["run", "--image", str(data / "images"), "--question", "Q"], "is a folder")
     _bad(capsys, ["run", "--image", img, "--question", "Q", "--preset", "gpt-9"], "unknown preset 'gpt-9'")
     _bad(capsys, ["run", "--image", img, "--question", "Q", "--config", str(data / "bad.json")], "not valid JSON")
-    _bad(capsys, ["run", "--image", img, "--question", "Q", "--config", str(tmp_path / "x.json")],
-         "config file not found")
-    _bad(capsys, ["run", "--image", img, "--question", "Q", "--preset", "ocean-r1-7b", "--config",
-                  str(data / "cfg.json")], "not both")
+    _bad(
+        capsys,
+        ["run", "--image", img, "--question", "Q", "--config", str(tmp_path / "x.json")],
+        "config file not found",
+    )
+    _bad(
+        capsys,
+        ["run", "--image", img, "--question", "Q", "--preset", "ocean-r1-7b", "--config", str(data / "cfg.json")],
+        "not both",
+    )
     _bad(capsys, ["run", "--image", img, "--question", "Q", "--model", str(tmp_path / "ckpt")], "model path not found")
     _bad(capsys, ["contrib", "--image", str(data / "notimage.png"), "--question", "Q"], "not an image file")
     _bad(capsys, ["census", "--images", str(tmp_path / "none")], "images folder not found")
-    _bad(capsys, ["census", "--images", str(data / "images"), "--questions", str(tmp_path / "q.jsonl")],
-         "questions file not found")
+    _bad(
+        capsys,
+        ["census", "--images", str(data / "images"), "--questions", str(tmp_path / "q.jsonl")],
+        "questions file not found",
+    )
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"image": "im0.png", "question": "ok"}\n{oops\n')
     _bad(capsys, ["census", "--images", str(data / "images"), "--questions", str(broken)], "line 2: not valid JSON")
@@ -179,15 +272,26 @@ def test_bad_inputs(data, tmp_path, capsys):
     _bad(capsys, ["contrib", "--image", img, "--question", ""], "--question is empty")
     blank = tmp_path / "blank.jsonl"
     blank.write_text('{"image": "im0.png", "question": " "}\n')
-    _bad(capsys, ["census", "--images", str(data / "images"), "--questions", str(blank)], "line 1: the question is empty")
-    _bad(capsys, ["run", "--image", img, "--question", "Q", "--arch-map", str(tmp_path / "a.json")],
-         "arch map file not found")
+    _bad(
+        capsys, ["census", "--images", str(data / "images"), "--questions", str(blank)], "line 1: the question is empty"
+    )
+    _bad(
+        capsys,
+        ["run", "--image", img, "--question", "Q", "--arch-map", str(tmp_path / "a.json")],
+        "arch map file not found",
+    )
     (tmp_path / "bad_map.json").write_text('{"attention": "model.layers.self_attn"}')
-    _bad(capsys, ["run", "--image", img, "--question", "Q", "--arch-map", str(tmp_path / "bad_map.json")],
-         "exactly one '*'")
+    _bad(
+        capsys,
+        ["run", "--image", img, "--question", "Q", "--arch-map", str(tmp_path / "bad_map.json")],
+        "exactly one '*'",
+    )
     (tmp_path / "wrong_map.json").write_text('{"attention": "model.decoder.layers.*.attn"}')
-    _bad(capsys, ["run", "--image", img, "--question", "Q", "--arch-map", str(tmp_path / "wrong_map.json")],
-         "matches no module")
+    _bad(
+        capsys,
+        ["run", "--image", img, "--question", "Q", "--arch-map", str(tmp_path / "wrong_map.json")],
+        "matches no module",
+    )
     small = tmp_path / "small.json"
     headgain.HeadGainConfig(l_perc=20, l_reas=3).to_json(str(small))
     _bad(capsys, ["run", "--image", img, "--question", "Q", "--config", str(small)], "outside the model")

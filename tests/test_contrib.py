@@ -3,7 +3,6 @@ identity of gates at one, frozen weights and state restoration."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -116,7 +115,7 @@ def test_normalisations_and_ranking():
     for m in (layer, glob):
         order = np.argsort(-m.importance.reshape(-1), kind="stable")
         assert m.ranking == [(int(i) // m.num_heads, int(i) % m.num_heads) for i in order]
-        values = [m.importance[l, h] for l, h in m.ranking]
+        values = [m.importance[layer, h] for layer, h in m.ranking]
         assert values == sorted(values, reverse=True)
         assert len(set(m.ranking)) == m.num_layers * m.num_heads
 
@@ -226,8 +225,11 @@ def test_plot_and_json(tmp_path):
     inputs = _inputs()
     vanilla = headgain.contribution_map(model, inputs, ANSWER, signed=True)
     rescaled = headgain.contribution_map(model, inputs, ANSWER, cfg=CFG)
-    for path in (vanilla.plot(str(tmp_path / "v.png")), vanilla.plot(str(tmp_path / "vr.png"), other=rescaled),
-                 rescaled.plot(str(tmp_path / "r.png"))):
+    for path in (
+        vanilla.plot(str(tmp_path / "v.png")),
+        vanilla.plot(str(tmp_path / "vr.png"), other=rescaled),
+        rescaled.plot(str(tmp_path / "r.png")),
+    ):
         with Image.open(path) as img:
             assert img.format == "PNG" and img.size[0] > 200
     import json

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from support import reference_ratios, token_inputs, twin_models, visual_of
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -12,7 +13,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import headgain
 from headgain import ArchMap, HeadGainConfig
 from headgain.testing.tiny import IMAGE_ID, tiny_model
-from support import reference_ratios, token_inputs, twin_models, visual_of
 
 CFG = dict(l_perc=1, l_reas=2, tau_perc=0.3, tau_reas=0.29, g_perc=1.5, g_reas=1.7)
 
@@ -165,9 +165,12 @@ def test_default_preset_on_a_model_deep_enough():
 
 # ---------------------------------------------------------------------- errors
 def test_unknown_model_type_lists_registered():
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, vocab_size=50))
-    with pytest.raises(headgain.ArchError, match=r"no architecture map registered for model_type 'llama'; registered: .*qwen2_5_vl"):
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=50)
+    )
+    with pytest.raises(
+        headgain.ArchError, match=r"no architecture map registered for model_type 'llama'; registered: .*qwen2_5_vl"
+    ):
         headgain.attach(model, cfg=dict(CFG, l_reas=1))
     with headgain.attach(model, ArchMap("model.layers.*.self_attn", visual_token_ids=()), dict(CFG, l_reas=1)):
         pass
@@ -175,12 +178,17 @@ def test_unknown_model_type_lists_registered():
 
 def test_arch_map_errors_leave_the_model_untouched():
     model = tiny_model("qwen2_5_vl", "sdpa")
-    with pytest.raises(headgain.ArchError, match=r"matches no module .*Closest module names: model.language_model.layers.0.self_attn"):
+    with pytest.raises(
+        headgain.ArchError, match=r"matches no module .*Closest module names: model.language_model.layers.0.self_attn"
+    ):
         headgain.attach(model, ArchMap("model.language_model.layer.*.self_attn"), CFG)
     with pytest.raises(headgain.ArchError, match="vision-tower modules only"):
         headgain.attach(model, ArchMap("model.visual.blocks.*.attn"), CFG)
     model.config.text_config.odd_heads = 3
-    with pytest.raises(headgain.ArchError, match=r"ArchMap.num_heads gives 3 heads but model.language_model.layers.0.self_attn.num_heads = 4"):
+    with pytest.raises(
+        headgain.ArchError,
+        match=r"ArchMap.num_heads gives 3 heads but model.language_model.layers.0.self_attn.num_heads = 4",
+    ):
         headgain.attach(model, ArchMap("model.language_model.layers.*.self_attn", num_heads="odd_heads"), CFG)
     model.config.text_config.odd_dim = 7
     with pytest.raises(headgain.ArchError, match="4 heads x head_dim 7 do not divide .*o_proj input width 64"):
@@ -190,7 +198,9 @@ def test_arch_map_errors_leave_the_model_untouched():
     with pytest.raises(headgain.ArchError, match="unknown architecture map 'nope'"):
         headgain.attach(model, "nope", CFG)
     with pytest.raises(headgain.ArchError, match="visual token id attributes"):
-        headgain.attach(model, ArchMap("model.language_model.layers.*.self_attn", visual_token_ids=("no_such_id",)), CFG)
+        headgain.attach(
+            model, ArchMap("model.language_model.layers.*.self_attn", visual_token_ids=("no_such_id",)), CFG
+        )
     attn = model.model.language_model.layers[0].self_attn
     assert attn.config is model.config.text_config and not hasattr(model, "_headgain_handle")
     with pytest.raises(headgain.ArchError, match="already registered"):
@@ -229,7 +239,14 @@ def test_config_json_round_trip_presets_and_coercion(tmp_path):
     assert json.loads(path.read_text())["alpha"] == 1.3
     assert set(headgain.presets) == {"kimi-vl-a3b-thinking", "ocean-r1-7b", "r1-onevision"}
     kimi = HeadGainConfig.from_preset("kimi-vl-a3b-thinking")
-    assert (kimi.l_reas, kimi.tau_reas, kimi.g_reas, kimi.l_perc, kimi.tau_perc, kimi.g_perc) == (5, 0.01, 1.40, 10, 0.27, 1.20)
+    assert (kimi.l_reas, kimi.tau_reas, kimi.g_reas, kimi.l_perc, kimi.tau_perc, kimi.g_perc) == (
+        5,
+        0.01,
+        1.40,
+        10,
+        0.27,
+        1.20,
+    )
     with pytest.raises(headgain.ConfigError, match="unknown preset 'gpt'; available presets"):
         HeadGainConfig.from_preset("gpt")
     with pytest.raises(headgain.ConfigError, match=r"unknown HeadGainConfig field\(s\) \['gain'\]"):
@@ -245,8 +262,10 @@ def test_config_json_round_trip_presets_and_coercion(tmp_path):
         (dict(strategy="attenuate", beta=0.5), {"perception": 1.0, "reasoning": 1.0, "neutral": 0.5}),
         (dict(strategy="bipolar", beta=0.5), {"perception": 1.2, "reasoning": 1.4, "neutral": 0.5}),
         (dict(strategy="bipolar", beta=0.5, alpha=1.1), {"perception": 1.1, "reasoning": 1.1, "neutral": 0.5}),
-        (dict(strategy="mixed", beta=0.5, enhance_classes=["perception"], attenuate_classes=["reasoning"]),
-         {"perception": 1.2, "reasoning": 0.5, "neutral": 1.0}),
+        (
+            dict(strategy="mixed", beta=0.5, enhance_classes=["perception"], attenuate_classes=["reasoning"]),
+            {"perception": 1.2, "reasoning": 0.5, "neutral": 1.0},
+        ),
     ],
 )
 def test_strategies_assign_the_documented_gains(fields, expected):
@@ -309,7 +328,9 @@ def test_layer_call_outside_a_pass_is_reported():
     layer = model.model.language_model.layers[0]
     hidden = torch.randn(1, 5, model.config.text_config.hidden_size)
     positions = model.model.language_model.rotary_emb(hidden, torch.arange(5)[None])
-    with pytest.raises(headgain.HeadGainError, match="ran outside a call of the attached LlavaForConditionalGeneration"):
+    with pytest.raises(
+        headgain.HeadGainError, match="ran outside a call of the attached LlavaForConditionalGeneration"
+    ):
         layer(hidden, attention_mask=None, position_embeddings=positions)
 
 
@@ -324,7 +345,9 @@ def test_decoder_called_directly_starts_its_own_pass():
 
 
 def test_arch_map_json_round_trip_and_validation(tmp_path):
-    arch = ArchMap("blocks.*.attn", o_proj="proj", num_heads=8, head_dim=None, visual_token_ids=(5, "vision_config.image_id"))
+    arch = ArchMap(
+        "blocks.*.attn", o_proj="proj", num_heads=8, head_dim=None, visual_token_ids=(5, "vision_config.image_id")
+    )
     assert ArchMap.from_json(arch.to_json()) == arch
     arch.to_json(str(tmp_path / "map.json"))
     assert ArchMap.from_json(str(tmp_path / "map.json")) == arch

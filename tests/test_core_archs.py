@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from support import attach_gain_hooks, attach_mixed, reference_ratios, token_inputs, twin_models, visual_of
 
 import headgain
 from headgain.testing.tiny import ARCHS
-from support import attach_gain_hooks, attach_mixed, reference_ratios, token_inputs, twin_models, visual_of
 
 NO_IDS = {"deepseek_v3"}  # the decoder alone: visual positions are given explicitly
 

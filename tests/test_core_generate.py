@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from support import attach_gain_hooks, attach_mixed, reference_ratios, twin_models, visual_of
 
 import headgain
 from headgain.testing.synthetic import draw_image, qwen_vl_inputs
-from support import attach_gain_hooks, attach_mixed, reference_ratios, twin_models, visual_of
 
 
 def _record(model, handle):
@@ -19,8 +19,12 @@ def _pair(backend="sdpa", **kw):
 
 
 def _images_inputs(**kw):
-    return qwen_vl_inputs([draw_image(seed=1), [draw_image(seed=2), draw_image(seed=3)]],
-                          ["What is red?", "Which shapes?"], max_pixels=112 * 112, **kw)
+    return qwen_vl_inputs(
+        [draw_image(seed=1), [draw_image(seed=2), draw_image(seed=3)]],
+        ["What is red?", "Which shapes?"],
+        max_pixels=112 * 112,
+        **kw,
+    )
 
 
 def _check_steps_against_eager(model, ref, inputs, handle, new):
@@ -34,8 +38,14 @@ def _check_steps_against_eager(model, ref, inputs, handle, new):
     assert len(steps) == new
     remove = attach_gain_hooks(ref, [g for _, g in steps])
     with torch.no_grad():
-        out = ref.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           output_attentions=True, return_dict_in_generate=True)
+        out = ref.generate(
+            **inputs,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            output_attentions=True,
+            return_dict_in_generate=True,
+        )
     remove()
     assert torch.equal(out.sequences, seq)
     prompt_visual = visual_of(inputs["input_ids"], inputs["attention_mask"])
@@ -86,8 +96,9 @@ def test_left_padding_gives_each_sample_its_own_ratios():
 
 def test_second_prompt_does_not_see_first_prompt_visual_positions():
     model, _ = _pair()
-    first = qwen_vl_inputs([[draw_image(seed=1), draw_image(seed=2)]], ["Describe both pictures in detail."],
-                           max_pixels=112 * 112)
+    first = qwen_vl_inputs(
+        [[draw_image(seed=1), draw_image(seed=2)]], ["Describe both pictures in detail."], max_pixels=112 * 112
+    )
     second = qwen_vl_inputs([draw_image(seed=3)], ["Hi"], max_pixels=56 * 56)
     cfg = dict(l_perc=1, l_reas=2, tau_perc=0.5, tau_reas=0.3)
     handle = headgain.attach(model, cfg=cfg)
@@ -109,8 +120,11 @@ def test_generate_without_cache_treats_each_step_as_a_full_pass():
     with torch.no_grad():
         seq = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
         last_step = handle.last_ratios
-        full = dict(inputs, input_ids=seq[:, :-1],
-                    attention_mask=torch.nn.functional.pad(inputs["attention_mask"], (0, 2), value=1))
+        full = dict(
+            inputs,
+            input_ids=seq[:, :-1],
+            attention_mask=torch.nn.functional.pad(inputs["attention_mask"], (0, 2), value=1),
+        )
         model(**full, use_cache=False)
     torch.testing.assert_close(handle.last_ratios, last_step, atol=1e-5, rtol=1e-4)
 
@@ -118,9 +132,9 @@ def test_generate_without_cache_treats_each_step_as_a_full_pass():
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_sliding_window_cache_aligns_visual_keys(backend):
     import transformers as tf
+    from support import token_inputs
 
     from headgain.testing.tiny import tiny_config
-    from support import token_inputs
 
     config = tiny_config("gemma3")
     config.text_config.sliding_window = 6

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from support import attach_gain_hooks, token_inputs
 
 import headgain
 from headgain.analysis.census import Census
 from headgain.testing.tiny import tiny_model
-from support import attach_gain_hooks, token_inputs
 
 
 def _table(layers, heads, seed=0):
@@ -79,7 +79,9 @@ def test_folded_gains_compose_with_attach():
 
 def test_fold_gains_refuses_bad_tables():
     model = tiny_model("llava")
-    with pytest.raises(headgain.HeadGainError, match=r"gains have shape \(3, 4\) but the decoder has 4 layers x 4 heads"):
+    with pytest.raises(
+        headgain.HeadGainError, match=r"gains have shape \(3, 4\) but the decoder has 4 layers x 4 heads"
+    ):
         headgain.fold_gains(model, torch.ones(3, 4))
     with pytest.raises(headgain.HeadGainError, match="finite and > 0"):
         headgain.fold_gains(model, torch.zeros(4, 4))

@@ -9,11 +9,22 @@ import transformers as tf
 import headgain
 
 IMAGE = 300
-OPT = dict(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
-           word_embed_proj_dim=64, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-           model_type="opt")
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-              patch_size=14)
+OPT = dict(
+    vocab_size=320,
+    hidden_size=64,
+    ffn_dim=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    word_embed_proj_dim=64,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    model_type="opt",
+)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+)
 QFORMER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32)
 MODELS = {
     "blip-2": (tf.Blip2Config, tf.Blip2ForConditionalGeneration),
@@ -23,12 +34,14 @@ MODELS = {
 
 def _pair(name, backend="sdpa"):
     config_cls, model_cls = MODELS[name]
-    config = config_cls(vision_config=VISION, qformer_config=QFORMER, text_config=OPT, num_query_tokens=4,
-                        image_token_index=IMAGE)
+    config = config_cls(
+        vision_config=VISION, qformer_config=QFORMER, text_config=OPT, num_query_tokens=4, image_token_index=IMAGE
+    )
     torch.manual_seed(0)
     model = model_cls(config).eval()
-    config = config_cls(vision_config=VISION, qformer_config=QFORMER, text_config=OPT, num_query_tokens=4,
-                        image_token_index=IMAGE)
+    config = config_cls(
+        vision_config=VISION, qformer_config=QFORMER, text_config=OPT, num_query_tokens=4, image_token_index=IMAGE
+    )
     config._attn_implementation = "eager"
     ref = model_cls(config).eval()
     ref.load_state_dict(model.state_dict())
@@ -37,7 +50,10 @@ def _pair(name, backend="sdpa"):
     ids = torch.tensor([[IMAGE] * 4 + [1, 5, 6, 7, 8], [0, 0] + [IMAGE] * 4 + [1, 9, 10]])
     inputs = dict(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=torch.randn(2, 3, 28, 28))
     if name == "instructblip":
-        inputs.update(qformer_input_ids=torch.tensor([[1, 5, 6], [1, 7, 8]]), qformer_attention_mask=torch.ones(2, 3, dtype=torch.long))
+        inputs.update(
+            qformer_input_ids=torch.tensor([[1, 5, 6], [1, 7, 8]]),
+            qformer_attention_mask=torch.ones(2, 3, dtype=torch.long),
+        )
     return model, ref, inputs
 
 
@@ -62,8 +78,9 @@ def test_generate_through_a_submodule_reads_every_step(name, one_thread_quiet):
         reference = ref(**dict(inputs, input_ids=full, attention_mask=mask), output_attentions=True)
     visual = (full == IMAGE).float()
     for t, ratios in enumerate(steps):
-        expected = torch.stack([(a[:, :, n - 1 + t] * visual[:, None]).sum(-1)
-                                for a in reference.language_model_outputs.attentions])
+        expected = torch.stack(
+            [(a[:, :, n - 1 + t] * visual[:, None]).sum(-1) for a in reference.language_model_outputs.attentions]
+        )
         torch.testing.assert_close(ratios, expected, atol=2e-5, rtol=1e-4)
     assert (steps[0] > 0.01).any()
 

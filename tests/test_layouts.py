@@ -13,23 +13,58 @@ CFG = dict(l_perc=0, l_reas=0)
 
 def _mllama():
     text = dict(text_config_kwargs(layers=3), cross_attention_layers=[1])
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=2,
-                  image_size=28, patch_size=14, vision_output_dim=64, intermediate_layers_indices=[0])
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=64,
+        intermediate_layers_indices=[0],
+    )
     return tf.AutoModelForImageTextToText.from_config(tf.MllamaConfig(text_config=text, vision_config=vision))
 
 
 def _lfm2_vl():
-    text = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, layer_types=["conv", "full_attention", "conv"])
+    text = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["conv", "full_attention", "conv"],
+    )
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
     return tf.AutoModelForImageTextToText.from_config(tf.Lfm2VlConfig(text_config=text, vision_config=vision))
 
 
 def _florence2():
-    text = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-                encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=320, max_position_embeddings=64)
-    vision = dict(depths=(1, 1), patch_size=(7, 3), patch_stride=(4, 2), patch_padding=(3, 1), patch_prenorm=(False, True),
-                  embed_dim=(16, 32), num_heads=(2, 2), num_groups=(2, 2), window_size=4, projection_dim=32)
+    text = dict(
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        vocab_size=320,
+        max_position_embeddings=64,
+    )
+    vision = dict(
+        depths=(1, 1),
+        patch_size=(7, 3),
+        patch_stride=(4, 2),
+        patch_padding=(3, 1),
+        patch_prenorm=(False, True),
+        embed_dim=(16, 32),
+        num_heads=(2, 2),
+        num_groups=(2, 2),
+        window_size=4,
+        projection_dim=32,
+    )
     return tf.AutoModelForImageTextToText.from_config(tf.Florence2Config(text_config=text, vision_config=vision))
 
 

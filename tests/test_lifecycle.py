@@ -11,11 +11,11 @@ import weakref
 
 import pytest
 import torch
+from support import attach_mixed, token_inputs
 
 import headgain
 from headgain import ArchMap
 from headgain.testing.tiny import IMAGE_ID, tiny_model
-from support import attach_mixed, token_inputs
 
 CFG = dict(l_perc=1, l_reas=2, tau_perc=0.3, tau_reas=0.29, g_perc=1.5, g_reas=1.7)
 
@@ -147,8 +147,10 @@ def test_fine_tuning_steps_with_headgain_attached():
 # ---------------------------------------------------------------------- 5. threads
 def test_one_attached_model_in_several_threads(one_thread_quiet):
     model = tiny_model("qwen2_5_vl", "sdpa")
-    prompts = [token_inputs(batch_lengths=(14, 10), image_span=span, seed=seed)
-               for seed, span in enumerate([(3, 8), (2, 4), (5, 9), (1, 7)])]
+    prompts = [
+        token_inputs(batch_lengths=(14, 10), image_span=span, seed=seed)
+        for seed, span in enumerate([(3, 8), (2, 4), (5, 9), (1, 7)])
+    ]
     handle = headgain.attach(model, cfg=CFG)
     expected = []
     for inputs in prompts:
@@ -264,8 +266,11 @@ def test_arch_map_names_a_nested_visual_id():
         _logits(model, inputs)
         torch.testing.assert_close(handle.last_ratios, expected, rtol=0, atol=0)
     with pytest.raises(headgain.ArchError, match="dotted paths such as 'vision_config.image_token_id' work"):
-        headgain.attach(model, ArchMap("model.language_model.layers.*.self_attn",
-                                       visual_token_ids=("vision_config.missing_id",)), CFG)
+        headgain.attach(
+            model,
+            ArchMap("model.language_model.layers.*.self_attn", visual_token_ids=("vision_config.missing_id",)),
+            CFG,
+        )
 
 
 # ---------------------------------------------------------------------- 10. bad values
@@ -281,8 +286,9 @@ def test_enabled_takes_bools_only():
 def test_the_largest_gain_keeps_float16_logits_finite():
     model = tiny_model("qwen2_5_vl", "sdpa", dtype=torch.float16)
     inputs = token_inputs()
-    handle = headgain.attach(model, cfg=dict(CFG, g_perc=headgain.core.config.MAX_GAIN,
-                                             g_reas=headgain.core.config.MAX_GAIN))
+    handle = headgain.attach(
+        model, cfg=dict(CFG, g_perc=headgain.core.config.MAX_GAIN, g_reas=headgain.core.config.MAX_GAIN)
+    )
     logits = _logits(model, inputs)
     assert (handle.last_gains == headgain.core.config.MAX_GAIN).any()
     assert torch.isfinite(logits[inputs["attention_mask"].bool()]).all()

@@ -154,10 +154,14 @@ def sample_ratio_from_qk(device, dtype):
             mask = allowed
         else:
             neg = torch.finfo(mask_kind).min if mask_kind != torch.float32 else float("-inf")
-            bias = torch.where(allowed, torch.randn((b, r, nk), generator=g, device=device), torch.tensor(neg, device=device))
+            bias = torch.where(
+                allowed, torch.randn((b, r, nk), generator=g, device=device), torch.tensor(neg, device=device)
+            )
             mask = bias.to(mask_kind)
         scaling = d**-0.5
-        cases.append((name, (q, k, mask, _visual(b, nk, device, g, empty_rows=(b - 1,) if b > 1 else ()), w, scaling, softcap)))
+        cases.append(
+            (name, (q, k, mask, _visual(b, nk, device, g, empty_rows=(b - 1,) if b > 1 else ()), w, scaling, softcap))
+        )
     # a broadcast (stride 0) mask row, as models expand one padding mask over rows
     b, h, hkv, r, nk, d = 2, 4, 2, 3, 70, 32
     pad = torch.ones((b, 1, nk), dtype=torch.bool, device=device)
@@ -187,7 +191,18 @@ def sample_head_gains(device):
     return [
         ("mixed", (ratios, has_visual, 0.3, 0.1, 1.2, 1.1, 1.0)),
         ("no-perception", (ratios, has_visual, 2.0, 0.05, 1.5, 0.9, 1.0)),
-        ("h7", (torch.rand((2, 7), generator=g, device=device), torch.ones(2, dtype=torch.bool, device=device), 0.5, 0.5, 2.0, 0.5, 1.0)),
+        (
+            "h7",
+            (
+                torch.rand((2, 7), generator=g, device=device),
+                torch.ones(2, dtype=torch.bool, device=device),
+                0.5,
+                0.5,
+                2.0,
+                0.5,
+                1.0,
+            ),
+        ),
     ]
 
 
@@ -263,7 +278,9 @@ def test_ratio_from_qk_with_probs_agree(device):
     g = q.shape[1] // k.shape[1]
     scores = torch.einsum("bhrd,bhkd->bhrk", q, k.repeat_interleave(g, dim=1)) * scaling
     probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-    torch.testing.assert_close(ops.ratio_from_qk(q, k, mask, visual, w, scaling, softcap), ops.ratio_from_probs(probs, visual, w))
+    torch.testing.assert_close(
+        ops.ratio_from_qk(q, k, mask, visual, w, scaling, softcap), ops.ratio_from_probs(probs, visual, w)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -294,8 +311,10 @@ def test_scale_heads_gain_one_is_bitwise_identity(device, dtype):
         before = out.clone()
         ones = torch.ones_like(gains)
         ops.scale_heads_(out, ones)
-        assert torch.equal(out.view(torch.uint8) if out.is_contiguous() else out.contiguous().view(torch.uint8),
-                           before.contiguous().view(torch.uint8)), name
+        assert torch.equal(
+            out.view(torch.uint8) if out.is_contiguous() else out.contiguous().view(torch.uint8),
+            before.contiguous().view(torch.uint8),
+        ), name
         assert torch.equal(ops.scale_heads(out, ones), before), name
 
 
@@ -316,13 +335,38 @@ def test_scale_heads_flat_view_in_place(device):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: ops.ratio_from_probs(torch.rand(2, 3, 4), torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 3)), "probs"),
-        (lambda: ops.ratio_from_probs(torch.rand(2, 3, 4, 5), torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 4)), "visual"),
-        (lambda: ops.ratio_from_qk(torch.rand(1, 3, 1, 8), torch.rand(1, 2, 5, 8), None, torch.ones(1, 5, dtype=torch.bool), torch.ones(1, 1), 1.0), "H % Hkv"),
-        (lambda: ops.head_gains(torch.rand(2, 3), torch.ones(3, dtype=torch.bool), 0.5, 0.1, 1.0, 1.0, 1.0), "has_visual"),
+        (
+            lambda: ops.ratio_from_probs(torch.rand(2, 3, 4), torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 3)),
+            "probs",
+        ),
+        (
+            lambda: ops.ratio_from_probs(torch.rand(2, 3, 4, 5), torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 4)),
+            "visual",
+        ),
+        (
+            lambda: ops.ratio_from_qk(
+                torch.rand(1, 3, 1, 8),
+                torch.rand(1, 2, 5, 8),
+                None,
+                torch.ones(1, 5, dtype=torch.bool),
+                torch.ones(1, 1),
+                1.0,
+            ),
+            "H % Hkv",
+        ),
+        (
+            lambda: ops.head_gains(torch.rand(2, 3), torch.ones(3, dtype=torch.bool), 0.5, 0.1, 1.0, 1.0, 1.0),
+            "has_visual",
+        ),
         (lambda: ops.scale_heads_(torch.rand(2, 3, 4, 5), torch.ones(2, 5)), "gains"),
-        (lambda: ops.scale_heads_(torch.rand(2, 1, 4, 5).expand(2, 3, 4, 5), torch.ones(2, 4)), "single memory location"),
-        (lambda: ops.scale_heads_(torch.zeros(2, 3, 4, 5, dtype=torch.float8_e4m3fn), torch.ones(2, 4)), "float32/bfloat16"),
+        (
+            lambda: ops.scale_heads_(torch.rand(2, 1, 4, 5).expand(2, 3, 4, 5), torch.ones(2, 4)),
+            "single memory location",
+        ),
+        (
+            lambda: ops.scale_heads_(torch.zeros(2, 3, 4, 5, dtype=torch.float8_e4m3fn), torch.ones(2, 4)),
+            "float32/bfloat16",
+        ),
     ],
 )
 def test_bad_arguments_raise_with_the_argument_name(call, match):
@@ -339,7 +383,7 @@ def _opcheck_cases(device):
     for case in sample_ratio_from_qk(device, torch.float32)[2:4]:
         yield torch.ops.headgain.ratio_from_qk.default, _args(case)
     yield torch.ops.headgain.head_gains.default, _args(sample_head_gains(device)[0])
-    for name, (out, gains) in sample_scale_heads(device, torch.float32)[:4]:
+    for _, (out, gains) in sample_scale_heads(device, torch.float32)[:4]:
         yield torch.ops.headgain.scale_heads_.default, (out, gains)
         yield torch.ops.headgain.scale_heads.default, (out, gains)
     out, gains = _args(sample_scale_heads(device, torch.float64)[0])

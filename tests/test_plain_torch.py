@@ -32,8 +32,9 @@ class Attention(nn.Module):
         q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         self.captured = (q.detach().clone(), k.detach().clone())
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                             enable_gqa=self.kv_heads != self.num_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=self.kv_heads != self.num_heads
+        )
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -194,15 +195,21 @@ def test_checkpointed_blocks_get_the_gradients_of_the_plain_backward():
 
 def test_plain_model_errors():
     model = TinyDecoder()
-    with pytest.raises(headgain.ArchError, match="not a transformers model, so headgain cannot look its architecture up"):
+    with pytest.raises(
+        headgain.ArchError, match="not a transformers model, so headgain cannot look its architecture up"
+    ):
         headgain.attach(model, cfg=CFG)
     with pytest.raises(headgain.ArchError, match="ArchMap.num_heads gives 8 heads but blocks.0.attn.num_heads = 4"):
         headgain.attach(model, ArchMap("blocks.*.attn", o_proj="proj", num_heads=8, visual_token_ids=()), CFG)
     with pytest.raises(headgain.ArchError, match="has no linear 'out' .*ArchMap.o_proj"):
         headgain.attach(model, ArchMap("blocks.*.attn", o_proj="out", num_heads=4, visual_token_ids=()), CFG)
     with pytest.raises(headgain.ArchError, match="no config to read \\['image_id'\\]"):
-        headgain.attach(model, ArchMap("blocks.*.attn", o_proj="proj", num_heads=4, visual_token_ids=("image_id",)), CFG)
-    with headgain.attach(model, ArchMap("blocks.*.attn", o_proj="proj", num_heads="num_heads", visual_token_ids=()), CFG) as h:
+        headgain.attach(
+            model, ArchMap("blocks.*.attn", o_proj="proj", num_heads=4, visual_token_ids=("image_id",)), CFG
+        )
+    with headgain.attach(
+        model, ArchMap("blocks.*.attn", o_proj="proj", num_heads="num_heads", visual_token_ids=()), CFG
+    ) as h:
         assert h.num_heads == HEADS  # a string names an attribute of the attention module
     handle = headgain.attach(model, plain_map(), CFG)
     handle.set_visual_mask(_visual(length=7))

@@ -51,16 +51,18 @@ def test_noise_keeps_dtype_and_rejects_bad_steps():
 
 def test_plausibility_cut_removes_exactly_the_implausible_tokens():
     torch.manual_seed(0)
-    l, l_cd = torch.randn(5, 40) * 3, torch.randn(5, 40)
-    out = vcd.contrastive_logits(l, l_cd, alpha=1.0, beta=0.1)
-    p = l.softmax(-1)
+    logit, l_cd = torch.randn(5, 40) * 3, torch.randn(5, 40)
+    out = vcd.contrastive_logits(logit, l_cd, alpha=1.0, beta=0.1)
+    p = logit.softmax(-1)
     removed = p < 0.1 * p.max(-1, keepdim=True).values
     assert removed.any() and (~removed).sum() > 5
     assert torch.equal(torch.isinf(out), removed)
-    torch.testing.assert_close(out[~removed], (2 * l - l_cd)[~removed])
+    torch.testing.assert_close(out[~removed], (2 * logit - l_cd)[~removed])
     # beta 0 keeps everything; beta 1 keeps only the top token
-    assert not torch.isinf(vcd.contrastive_logits(l, l_cd, 1.0, 0.0)).any()
-    assert torch.equal((~torch.isinf(vcd.contrastive_logits(l, l_cd, 1.0, 1.0))).sum(-1), torch.ones(5, dtype=torch.long))
+    assert not torch.isinf(vcd.contrastive_logits(logit, l_cd, 1.0, 0.0)).any()
+    assert torch.equal(
+        (~torch.isinf(vcd.contrastive_logits(logit, l_cd, 1.0, 1.0))).sum(-1), torch.ones(5, dtype=torch.long)
+    )
 
 
 def test_alpha_zero_reproduces_greedy_generate(model, batch):

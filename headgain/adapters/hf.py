@@ -65,12 +65,22 @@ def resolve(model: nn.Module, arch: ArchMap) -> ResolvedDecoder:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if backend != "eager" and backend not in ALL_ATTENTION_FUNCTIONS:
-        raise HeadGainError(f"attention implementation {backend!r} is not registered in transformers' AttentionInterface")
+        raise HeadGainError(
+            f"attention implementation {backend!r} is not registered in transformers' AttentionInterface"
+        )
     for layer in layers:
         _backend_function(layer.module, backend)  # eager needs the modeling file's function: check now
     entries = tuple(p for p in entry_paths(arch) if p == "" or _has_submodule(model, p))
-    return ResolvedDecoder(tuple(layers), num_heads, head_dim, _visual_ids(config, arch, text_config), "transformers",
-                           backend, text_config, entries)
+    return ResolvedDecoder(
+        tuple(layers),
+        num_heads,
+        head_dim,
+        _visual_ids(config, arch, text_config),
+        "transformers",
+        backend,
+        text_config,
+        entries,
+    )
 
 
 def _refuse_layouts(model: nn.Module, config) -> None:
@@ -227,7 +237,9 @@ class _Generate:
 
     def __call__(self, *args, **kwargs):
         try:
-            ids = inspect.signature(self.__wrapped__).bind_partial(self.model, *args, **kwargs).arguments.get("input_ids")
+            ids = (
+                inspect.signature(self.__wrapped__).bind_partial(self.model, *args, **kwargs).arguments.get("input_ids")
+            )
         except TypeError:  # let generate report its own argument error
             ids = None
         local = self.handle._local
@@ -299,8 +311,14 @@ class TransformersAdapter:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
         num_keys, window = key.shape[2], kwargs.get("sliding_window")
         gains = handle._layer_gains(
-            position, module, query, key, lambda state: state.mask_rows(attention_mask, num_keys, window),
-            scaling=float(scaling), weights=weights, softcap=float(kwargs.get("softcap") or 0.0),
+            position,
+            module,
+            query,
+            key,
+            lambda state: state.mask_rows(attention_mask, num_keys, window),
+            scaling=float(scaling),
+            weights=weights,
+            softcap=float(kwargs.get("softcap") or 0.0),
         )
         heads = out.view(out.shape[0], out.shape[1], handle.num_heads, -1) if out.dim() == 3 else out
         scaled = handle._scale(position, heads, gains)

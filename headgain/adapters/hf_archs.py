@@ -62,7 +62,9 @@ UNSUPPORTED: dict[str, str] = {
 #: forward is never called): headgain starts passes at their decoder module and takes the
 #: visual positions from the input_ids given to the attached model's generate().
 _OPT_IN_LM = "language_model.model.decoder.layers.*.self_attn"
-BUILTIN.update({
-    "blip-2": ArchMap(_OPT_IN_LM, o_proj="out_proj", head_dim=None, visual_token_ids=("image_token_id",)),
-    "instructblip": ArchMap(_OPT_IN_LM, o_proj="out_proj", head_dim=None, visual_token_ids=("image_token_id",)),
-})
+BUILTIN.update(
+    {
+        "blip-2": ArchMap(_OPT_IN_LM, o_proj="out_proj", head_dim=None, visual_token_ids=("image_token_id",)),
+        "instructblip": ArchMap(_OPT_IN_LM, o_proj="out_proj", head_dim=None, visual_token_ids=("image_token_id",)),
+    }
+)

@@ -43,7 +43,9 @@ def resolve(model: nn.Module, arch: ArchMap) -> ResolvedDecoder:
                 "integer: ArchMap(..., num_heads=8)"
             )
     if isinstance(arch.head_dim, str) and arch.head_dim != "head_dim":
-        raise ArchError(f"a plain PyTorch model has no config: give ArchMap.head_dim as an integer or None, not {arch.head_dim!r}")
+        raise ArchError(
+            f"a plain PyTorch model has no config: give ArchMap.head_dim as an integer or None, not {arch.head_dim!r}"
+        )
     head_dim = arch.head_dim if isinstance(arch.head_dim, int) else None
     names = [v for v in arch.visual_token_ids if isinstance(v, str)]
     if names and names != ["image_token_id", "video_token_id"]:  # the default names mean "no ids given" here
@@ -109,8 +111,14 @@ class _Reader(TorchFunctionMode):
             self.handle._sized(query.shape[0], key.shape[2])
         scale = bound.get("scale")
         rows = _rows(bound.get("attn_mask"), bool(bound.get("is_causal", False)), query.shape[2], key.shape[2])
-        gains = self.handle._layer_gains(self.position, self.module, query, key, rows,
-                                         scaling=float(scale if scale is not None else query.shape[-1] ** -0.5))
+        gains = self.handle._layer_gains(
+            self.position,
+            self.module,
+            query,
+            key,
+            rows,
+            scaling=float(scale if scale is not None else query.shape[-1] ** -0.5),
+        )
         local.pending[self.position] = gains
         return out
 

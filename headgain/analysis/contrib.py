@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ class ContributionMap:
                 f.write(text + "\n")
         return text
 
-    def plot(self, path: str, title: str | None = None, other: "ContributionMap | None" = None) -> str:
+    def plot(self, path: str, title: str | None = None, other: ContributionMap | None = None) -> str:
         """Save a layer x head heat map as PNG (beside ``other``, for example the rescaled map)."""
         from .plots import plot_contribution
 
@@ -109,7 +110,8 @@ class ContributionMap:
 
     def __repr__(self) -> str:
         return (
-            f"ContributionMap({self.label}, layers={self.num_layers}, heads={self.num_heads}, steps={len(self.targets)}, "
+            f"ContributionMap({self.label}, layers={self.num_layers}, heads={self.num_heads}, "
+            f"steps={len(self.targets)}, "
             f"normalize={self.normalize!r}, top={self.ranking[:3]})"
         )
 
@@ -230,9 +232,7 @@ def contribution_map(
 
 # ---------------------------------------------------------------------- internals
 def _stack(grads, gates) -> torch.Tensor:
-    return torch.stack(
-        [torch.zeros_like(g) if d is None else d.detach() for d, g in zip(grads, gates)]
-    ).float().cpu()
+    return torch.stack([torch.zeros_like(g) if d is None else d.detach() for d, g in zip(grads, gates)]).float().cpu()
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ readable at 28 layers x 28 heads.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -92,8 +92,9 @@ def _draw_classes(fig, ax, classes: np.ndarray, title: str, cfg=None) -> None:
     from matplotlib.patches import Patch
 
     colors = [CLASS_COLORS[c] for c in HeadClass]
-    ax.imshow(classes, cmap=ListedColormap(colors), vmin=-0.5, vmax=len(colors) - 0.5, aspect="auto",
-              interpolation="nearest")
+    ax.imshow(
+        classes, cmap=ListedColormap(colors), vmin=-0.5, vmax=len(colors) - 0.5, aspect="auto", interpolation="nearest"
+    )
     ax.set_xticks(np.arange(-0.5, classes.shape[1], 1), minor=True)
     ax.set_yticks(np.arange(-0.5, classes.shape[0], 1), minor=True)
     ax.grid(which="minor", color="white", lw=0.5)
@@ -101,7 +102,9 @@ def _draw_classes(fig, ax, classes: np.ndarray, title: str, cfg=None) -> None:
     _ticks(ax, *classes.shape)
     total = classes.size
     handles = [
-        Patch(facecolor=CLASS_COLORS[c], edgecolor="#555555", label=f"{c.label}: {int((classes == c).sum())} of {total}")
+        Patch(
+            facecolor=CLASS_COLORS[c], edgecolor="#555555", label=f"{c.label}: {int((classes == c).sum())} of {total}"
+        )
         for c in (HeadClass.PERCEPTION, HeadClass.REASONING, HeadClass.NEUTRAL)
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)

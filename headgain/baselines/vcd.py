@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -85,16 +86,17 @@ def contrastive_logits(
     _check_alpha_beta(alpha, beta)
     if logits.shape != logits_distorted.shape:
         raise ValueError(
-            f"logits {tuple(logits.shape)} and logits_distorted {tuple(logits_distorted.shape)} must have the same shape"
+            f"logits {tuple(logits.shape)} and logits_distorted {tuple(logits_distorted.shape)} "
+            "must have the same shape"
         )
-    l = logits.float()
+    base = logits.float()
     if alpha:
-        out = (1.0 + alpha) * l - alpha * logits_distorted.float()
-        out = out.masked_fill(torch.isneginf(l), float("-inf"))  # -inf - (-inf) would be NaN
+        out = (1.0 + alpha) * base - alpha * logits_distorted.float()
+        out = out.masked_fill(torch.isneginf(base), float("-inf"))  # -inf - (-inf) would be NaN
     else:
-        out = l.clone()
+        out = base.clone()
     if beta > 0:
-        cut = l - l.max(dim=-1, keepdim=True).values < math.log(beta)
+        cut = base - base.max(dim=-1, keepdim=True).values < math.log(beta)
         out = out.masked_fill(cut, float("-inf"))
     return out
 
@@ -267,11 +269,11 @@ def generate(
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
     for produced in range(max_new_tokens):
-        l = original.step(input_ids)
+        base = original.step(input_ids)
         l_cd = noisy.step(input_ids)
         if eos_tensor is not None and produced < min_new_tokens:
-            l[:, eos_tensor] = float("-inf")  # forbidden tokens stay -inf through the contrast
-        scores = contrastive_logits(l, l_cd, alpha, beta)
+            base[:, eos_tensor] = float("-inf")  # forbidden tokens stay -inf through the contrast
+        scores = contrastive_logits(base, l_cd, alpha, beta)
         if do_sample:
             next_tokens = _sample(scores, temperature, top_k, top_p, sample_gen)
         else:

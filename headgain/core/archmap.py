@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ArchError
 
@@ -52,8 +53,12 @@ class ArchMap:
     attention: str = field(metadata={"help": "dotted path of the attention modules, '*' = decoder layer index"})
     o_proj: str = field(default="o_proj", metadata={"help": "output projection inside each attention module"})
     text_config: str = field(default="", metadata={"help": "path from model.config to the decoder config"})
-    num_heads: str | int = field(default="num_attention_heads", metadata={"help": "query heads: config attribute or int"})
-    head_dim: str | int | None = field(default="head_dim", metadata={"help": "value width per head: attribute, int or None"})
+    num_heads: str | int = field(
+        default="num_attention_heads", metadata={"help": "query heads: config attribute or int"}
+    )
+    head_dim: str | int | None = field(
+        default="head_dim", metadata={"help": "value width per head: attribute, int or None"}
+    )
     visual_token_ids: tuple[str | int, ...] = field(
         default=("image_token_id", "video_token_id"), metadata={"help": "config attribute paths or integer ids"}
     )
@@ -74,11 +79,17 @@ class ArchMap:
         if not isinstance(self.o_proj, str) or not _DOTTED.fullmatch(self.o_proj):
             errors.append(f"o_proj={self.o_proj!r} must be a dotted attribute name such as 'o_proj'")
         if not isinstance(self.text_config, str) or (self.text_config and not _DOTTED.fullmatch(self.text_config)):
-            errors.append(f"text_config={self.text_config!r} must be '' or a dotted attribute path such as 'text_config'")
-        if not _positive_int(self.num_heads) and not (isinstance(self.num_heads, str) and _NAME.fullmatch(self.num_heads)):
+            errors.append(
+                f"text_config={self.text_config!r} must be '' or a dotted attribute path such as 'text_config'"
+            )
+        if not _positive_int(self.num_heads) and not (
+            isinstance(self.num_heads, str) and _NAME.fullmatch(self.num_heads)
+        ):
             errors.append(f"num_heads={self.num_heads!r} must be a positive integer or a config attribute name")
-        if self.head_dim is not None and not _positive_int(self.head_dim) and not (
-            isinstance(self.head_dim, str) and _NAME.fullmatch(self.head_dim)
+        if (
+            self.head_dim is not None
+            and not _positive_int(self.head_dim)
+            and not (isinstance(self.head_dim, str) and _NAME.fullmatch(self.head_dim))
         ):
             errors.append(f"head_dim={self.head_dim!r} must be None, a positive integer or a config attribute name")
         for value in self.visual_token_ids:
@@ -118,7 +129,7 @@ class ArchMap:
         return text
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ArchMap":
+    def from_dict(cls, d: Mapping[str, Any]) -> ArchMap:
         if not isinstance(d, Mapping):
             raise ArchError(f"an ArchMap must be given as a JSON object / dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -130,7 +141,7 @@ class ArchMap:
         return cls(**dict(d))
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "ArchMap":
+    def from_json(cls, text_or_path: str) -> ArchMap:
         """Parse a JSON object, or read a ``.json`` file when given a path to one."""
         text = text_or_path
         if not text_or_path.lstrip().startswith("{"):

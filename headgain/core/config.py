@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 from .rules import CLASS_NAMES
@@ -46,9 +47,13 @@ class HeadGainConfig:
     g_perc: float = field(default=1.16, metadata={"help": "gain on perception heads"})
     g_reas: float = field(default=1.30, metadata={"help": "gain on reasoning heads"})
     strategy: str = field(default="enhance", metadata={"help": "one of " + ", ".join(STRATEGIES)})
-    alpha: float | None = field(default=None, metadata={"help": "one gain for all enhanced heads (C, D); None keeps g_perc / g_reas"})
+    alpha: float | None = field(
+        default=None, metadata={"help": "one gain for all enhanced heads (C, D); None keeps g_perc / g_reas"}
+    )
     beta: float = field(default=0.8, metadata={"help": "attenuation gain, 0 < beta < 1 (B, C, D)"})
-    enhance_classes: tuple[str, ...] = field(default=("perception", "reasoning"), metadata={"help": "classes enhanced by C and D"})
+    enhance_classes: tuple[str, ...] = field(
+        default=("perception", "reasoning"), metadata={"help": "classes enhanced by C and D"}
+    )
     attenuate_classes: tuple[str, ...] = field(default=("neutral",), metadata={"help": "classes attenuated by B and D"})
     query: str = field(default="last", metadata={"help": "'last' (the paper's i*) or 'mean_text'"})
 
@@ -66,7 +71,9 @@ class HeadGainConfig:
             if not _is_real(value) or not 0.0 <= value <= 1.0:
                 errors.append(f"{name}={value!r} must be a number in [0, 1] (a share of attention)")
         if _is_real(self.tau_perc) and _is_real(self.tau_reas) and not self.tau_reas < self.tau_perc:
-            errors.append(f"tau_reas={self.tau_reas!r} must be below tau_perc={self.tau_perc!r} so the classes stay disjoint")
+            errors.append(
+                f"tau_reas={self.tau_reas!r} must be below tau_perc={self.tau_perc!r} so the classes stay disjoint"
+            )
         for name in ("g_perc", "g_reas", "alpha"):
             value = getattr(self, name)
             if name == "alpha" and value is None:
@@ -116,7 +123,8 @@ class HeadGainConfig:
         bad = [f"{n}={getattr(self, n)}" for n in ("l_perc", "l_reas") if getattr(self, n) >= num_layers]
         if bad:
             raise ConfigError(
-                f"{', '.join(bad)} outside the model: its decoder has {num_layers} layers (valid indices 0..{num_layers - 1}); "
+                f"{', '.join(bad)} outside the model: its decoder has {num_layers} layers "
+                f"(valid indices 0..{num_layers - 1}); "
                 "lower the bound or use a preset made for this model"
             )
 
@@ -136,7 +144,7 @@ class HeadGainConfig:
         return text
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "HeadGainConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> HeadGainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -144,7 +152,7 @@ class HeadGainConfig:
         return cls(**dict(d))
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "HeadGainConfig":
+    def from_json(cls, text_or_path: str) -> HeadGainConfig:
         """Parse a JSON string, or read a ``.json`` file when given a path to one."""
         text = text_or_path
         if not text_or_path.lstrip().startswith("{"):
@@ -162,18 +170,18 @@ class HeadGainConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def from_preset(cls, name: str) -> "HeadGainConfig":
+    def from_preset(cls, name: str) -> HeadGainConfig:
         """One of the paper's Table 3 settings; see `headgain.presets`."""
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(sorted(presets))}")
         return presets[name]
 
-    def replace(self, **changes: Any) -> "HeadGainConfig":
+    def replace(self, **changes: Any) -> HeadGainConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def coerce(cls, cfg: "HeadGainConfig | str | Mapping[str, Any] | None") -> "HeadGainConfig":
+    def coerce(cls, cfg: HeadGainConfig | str | Mapping[str, Any] | None) -> HeadGainConfig:
         """Accept a config, a preset name, a dict of fields or None (the default preset)."""
         if cfg is None:
             return presets[DEFAULT_PRESET]
@@ -183,9 +191,7 @@ class HeadGainConfig:
             return cls.from_preset(cfg)
         if isinstance(cfg, Mapping):
             return cls.from_dict(cfg)
-        raise ConfigError(
-            f"cfg must be a HeadGainConfig, a preset name, a dict or None, got {type(cfg).__name__}"
-        )
+        raise ConfigError(f"cfg must be a HeadGainConfig, a preset name, a dict or None, got {type(cfg).__name__}")
 
 
 def _is_real(x: Any) -> bool:

@@ -11,7 +11,7 @@ undo it after ``from_pretrained``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -35,7 +35,8 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ def attach(
     model: nn.Module,
     arch_map: ArchMap | str | None = None,
     cfg: HeadGainConfig | str | Mapping[str, Any] | None = None,
-) -> "Handle":
+) -> Handle:
     """Attach functional-head rescaling to ``model``'s language decoder.
 
     Args:
@@ -83,14 +84,16 @@ def attach(
     return Handle(model, decoder, cfg)
 
 
-def handle_of(model: nn.Module) -> "Handle | None":
+def handle_of(model: nn.Module) -> Handle | None:
     """The `Handle` attached to ``model`` (also the one a copy of an attached model carries), or None."""
     handle = getattr(model, "_headgain_handle", None)
     return handle if isinstance(handle, Handle) and handle.attached else None
 
 
 @contextlib.contextmanager
-def borrowed(model: nn.Module, arch_map=None, cfg: HeadGainConfig | None = None, enabled: bool = True) -> Iterator["Handle"]:
+def borrowed(
+    model: nn.Module, arch_map=None, cfg: HeadGainConfig | None = None, enabled: bool = True
+) -> Iterator[Handle]:
     """The model's handle, or a temporary attachment when it has none, for one block.
 
     ``cfg`` (when given) and ``enabled`` are set for the block; on exit a temporary handle
@@ -327,7 +330,9 @@ class Handle:
             device = next((p.device for p in layer.module.parameters()), torch.device("cpu"))
             init = torch.ones(self.num_heads) if values is None else torch.as_tensor(values[position]).detach()
             if init.shape != (self.num_heads,):
-                raise HeadGainError(f"gate values of layer {position} must have shape ({self.num_heads},), got {tuple(init.shape)}")
+                raise HeadGainError(
+                    f"gate values of layer {position} must have shape ({self.num_heads},), got {tuple(init.shape)}"
+                )
             gates.append(init.to(device=device, dtype=torch.float32).clone().requires_grad_(True))
         self._gates = gates
         try:
@@ -348,7 +353,7 @@ class Handle:
         self._records.clear()
         self.attached = False
 
-    def __enter__(self) -> "Handle":
+    def __enter__(self) -> Handle:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -450,7 +455,9 @@ class Handle:
     def _visual_of_prompt(self, new_prompt, input_ids, embeds, shape, device) -> tuple[torch.Tensor, bool]:
         """(B, N) bool visual flags of this pass's positions, and whether a mask or token ids gave them."""
         local = self._local
-        ids = torch.tensor(self.decoder.visual_ids, dtype=torch.long, device=device) if self.decoder.visual_ids else None
+        ids = (
+            torch.tensor(self.decoder.visual_ids, dtype=torch.long, device=device) if self.decoder.visual_ids else None
+        )
         from_ids = None
         if input_ids is not None and ids is not None:
             from_ids = torch.isin(input_ids, ids)
@@ -494,8 +501,9 @@ class Handle:
                 f"cover {tuple(state.visual.shape)}; give set_visual_mask a ({batch}, {length}) mask (plain PyTorch "
                 "models are read without a KV cache: one call covers the whole sequence)"
             )
-        local.state = ForwardState.build(torch.zeros((batch, length), dtype=torch.bool, device=state.visual.device),
-                                         None, None, self._cfg.query)
+        local.state = ForwardState.build(
+            torch.zeros((batch, length), dtype=torch.bool, device=state.visual.device), None, None, self._cfg.query
+        )
         return local.state
 
     def _end_pass(self, entry: nn.Module, failed: bool) -> None:
@@ -545,13 +553,21 @@ class Handle:
             )
         local.calls += 1
         with torch.no_grad():
-            ratios = layer_ratios(state, query, key, scaling=scaling, mask_rows=rows(state), weights=weights,
-                                  softcap=softcap)
+            ratios = layer_ratios(
+                state, query, key, scaling=scaling, mask_rows=rows(state), weights=weights, softcap=softcap
+            )
             gains = None
             if local.enabled:
                 rule = local.rules[position]
-                gains = ops.head_gains(ratios, state.has_visual, rule.perception_threshold, rule.reasoning_threshold,
-                                       rule.perception_gain, rule.reasoning_gain, rule.neutral_gain)
+                gains = ops.head_gains(
+                    ratios,
+                    state.has_visual,
+                    rule.perception_threshold,
+                    rule.reasoning_threshold,
+                    rule.perception_gain,
+                    rule.reasoning_gain,
+                    rule.neutral_gain,
+                )
             if module.training:
                 self._records.add(local.pass_id, position, _fingerprint(query, key), gains)
         local.ratios[position] = ratios

@@ -65,8 +65,10 @@ def _fallback(device: torch.device) -> bool:
             fix = "Build it with `pip install --no-build-isolation -e .`."
         elif kind == "cuda":
             why = "headgain's compiled extension was built without its CUDA kernels"
-            fix = ("Rebuild it where torch is a CUDA build and a CUDA toolkit is found: "
-                   "`pip install --no-build-isolation -e .` (HEADGAIN_FORCE_CUDA=1 to insist).")
+            fix = (
+                "Rebuild it where torch is a CUDA build and a CUDA toolkit is found: "
+                "`pip install --no-build-isolation -e .` (HEADGAIN_FORCE_CUDA=1 to insist)."
+            )
         else:
             why = f"headgain has no compiled kernels for {kind} tensors"
             fix = "Its kernels cover CPU and CUDA."

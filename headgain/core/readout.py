@@ -54,7 +54,7 @@ class ForwardState:
         valid: torch.Tensor | None,
         previous_visual: torch.Tensor | None,
         query: str,
-    ) -> "ForwardState":
+    ) -> ForwardState:
         """Args:
         current_visual: (B, Nq) bool visual positions of this pass.
         valid: (B, Nq) bool real (non-padding) positions of this pass, or None (all real).
@@ -125,7 +125,9 @@ class ForwardState:
         if self.rows == "last":
             q_pos = (t - self.num_queries + self.istar)[:, None]  # (B, 1)
         else:
-            q_pos = (t - self.num_queries + torch.arange(self.num_queries, device=device))[None].expand(len(self.istar), -1)
+            q_pos = (t - self.num_queries + torch.arange(self.num_queries, device=device))[None].expand(
+                len(self.istar), -1
+            )
         allowed = key_pos[None, None, :] <= q_pos[:, :, None]
         allowed = allowed & (key_pos < t)[None, None, :]
         if sliding_window:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class LayerRule:
         }
 
 
-def layer_rules(cfg: "HeadGainConfig", layer_indices: Sequence[int]) -> tuple[LayerRule, ...]:
+def layer_rules(cfg: HeadGainConfig, layer_indices: Sequence[int]) -> tuple[LayerRule, ...]:
     """One `LayerRule` per decoder layer in ``layer_indices`` (0-based decoder layer indices)."""
     gains = cfg.class_gains()
     return tuple(
@@ -105,7 +106,7 @@ def classify_tensor(ratios: torch.Tensor, perception_threshold, reasoning_thresh
     return torch.where(ratios >= perception_threshold, int(HeadClass.PERCEPTION), out).to(torch.int8)
 
 
-def classify(ratios, cfg: "HeadGainConfig", layer_indices: Sequence[int] | None = None) -> np.ndarray:
+def classify(ratios, cfg: HeadGainConfig, layer_indices: Sequence[int] | None = None) -> np.ndarray:
     """Head classes of (..., L, H) S_v values under ``cfg``.
 
     Args:
