@@ -23,6 +23,12 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 MIN_GCC = 12
 
 
+def _version() -> str:
+    """The version stated once, in headgain/__init__.py."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "headgain", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
 def _flag(name):
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -138,7 +144,7 @@ def extensions():
 if __name__ == "__main__":
     setup(
         name="headgain",
-        version="0.1.0",
+        version=_version(),
         description="Training-free functional-head rescaling against hallucination in vision-language models",
         packages=find_packages(include=["headgain", "headgain.*"]),
         python_requires=">=3.10",
