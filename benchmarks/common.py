@@ -27,6 +27,7 @@ __all__ = [
     "extension_status",
     "cpu_model",
     "cpu_has",
+    "record",
 ]
 
 
@@ -283,3 +284,18 @@ def git_revision() -> str | None:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def record(path: str, section: str, entry: str) -> None:
+    """Append ``entry`` at the end of ``section`` (a "## " heading) of the Markdown file
+    ``path``; the file and the section are created when missing."""
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
+    if section not in text:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    start = text.index(section) + len(section)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt + 1
+    body = text[start:end].rstrip("\n") + "\n\n" + entry.rstrip("\n") + "\n"
+    text = text[:start] + body + ("\n" + text[end:] if end < len(text) else "")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)

@@ -16,6 +16,7 @@ resident set (allocator caches of earlier arms cannot hide or inflate a peak tha
     python benchmarks/overhead.py                      # CPU default, about 3 minutes on 2 cores
     python benchmarks/overhead.py --shape qwen2.5-vl-7b --visual-tokens 256,1024,4096
     python benchmarks/overhead.py --model /path/to/Qwen2.5-VL-7B-Instruct
+    python benchmarks/overhead.py --scaling            # decoding-step cost against context and batch (scaling.py)
 """
 
 from __future__ import annotations
@@ -390,30 +391,19 @@ def verdict_lines(targets: dict) -> list[str]:
     return lines
 
 
-def record(path: str, entry: str) -> None:
-    """Append ``entry`` at the end of this benchmark's section of ``path`` (created when missing)."""
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + "\n\n" + SECTION + "\n"
-    start = text.index(SECTION) + len(SECTION)
-    nxt = text.find("\n## ", start)
-    end = len(text) if nxt < 0 else nxt + 1
-    body = text[start:end].rstrip("\n") + "\n\n" + entry.rstrip("\n") + "\n"
-    text = text[:start] + body + ("\n" + text[end:] if end < len(text) else "")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--scaling"]:
+        from benchmarks import scaling
+
+        return scaling.main(argv[1:])
     args = parse_args(argv)
     # the reference fallback is recorded with each entry (common.extension_status)
     warnings.filterwarnings("ignore", message="headgain.*PyTorch reference", category=RuntimeWarning)
     if args.probe:
         probe(args)
         return 0
-    command = "python benchmarks/overhead.py" + "".join(
-        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-    )
+    command = "python benchmarks/overhead.py" + "".join(" " + shlex.quote(a) for a in argv)
     setup = Setup(args)
     mem_probes = args.memory == "auto" and not setup.cuda and os.path.exists("/proc/self/status")
     total = len(args.visual_tokens) * len(args.arms) * (args.rounds + 1 + (1 if mem_probes else 0))
@@ -488,7 +478,7 @@ def main(argv=None) -> int:
                 *[f"- {verdict}" for verdict in verdict_lines(targets)],
             ]
         )
-        record(args.results, entry)
+        common.record(args.results, SECTION, entry)
         print(f"\nappended to {args.results}")
     return 0
 

@@ -64,6 +64,32 @@ void check_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const std::op
   check_same_device(row_weights, "row_weights", q, "q");
 }
 
+void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, const at::Tensor& visual) {
+  check_tensor(q.dim() == 4 && q.size(2) == 1 && is_reduced_or_float(q.scalar_type()), "q", q,
+               "(B, H, 1, D) float32/bfloat16/float16 (one decoding step)");
+  const auto b = q.size(0), h = q.size(1), d = q.size(3);
+  check_tensor(k.dim() == 4 && k.size(0) == b && k.size(3) == d && k.scalar_type() == q.scalar_type() &&
+                   k.size(1) > 0 && h % k.size(1) == 0,
+               "k", k, "(B, Hkv, Nk, D) with H % Hkv == 0 and q's dtype");
+  const auto nk = k.size(2);
+  check_tensor(v.dim() == 4 && v.size(0) == b && v.size(1) == k.size(1) && v.size(2) == nk &&
+                   v.scalar_type() == q.scalar_type(),
+               "v", v, "(B, Hkv, Nk, Dv) matching k, of q's dtype");
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    check_tensor(m.dim() == 3 && m.size(0) == b && m.size(1) == 1 && m.size(2) == nk &&
+                     (m.scalar_type() == at::kBool || is_reduced_or_float_or_double(m.scalar_type())),
+                 "mask", m, "None or (B, 1, Nk) bool/float64/float32/bfloat16/float16");
+    check_same_device(m, "mask", q, "q");
+  }
+  check_tensor(visual.dim() == 2 && visual.size(0) == b && visual.size(1) == nk && visual.scalar_type() == at::kBool,
+               "visual", visual, "(B, Nk) bool matching k");
+  check_same_device(k, "k", q, "q");
+  check_same_device(v, "v", q, "q");
+  check_same_device(visual, "visual", q, "q");
+}
+
 void check_head_gains(const at::Tensor& ratios, const at::Tensor& has_visual) {
   check_tensor(ratios.dim() == 2 && ratios.scalar_type() == at::kFloat, "ratios", ratios, "(B, H) float32");
   check_tensor(has_visual.dim() == 1 && has_visual.size(0) == ratios.size(0) && has_visual.scalar_type() == at::kBool,

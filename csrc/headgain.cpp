@@ -35,6 +35,9 @@ TORCH_LIBRARY(headgain, m) {
   m.def(
       "head_gains(Tensor ratios, Tensor has_visual, float tau_perc, float tau_reas, float g_perc, float g_reas, "
       "float g_neutral) -> Tensor");
+  m.def(
+      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor visual, float scaling, float softcap) -> "
+      "(Tensor, Tensor)");
   m.def("scale_heads_(Tensor(a!) out, Tensor gains) -> ()");
   m.def("scale_heads(Tensor out, Tensor gains) -> Tensor");
 }

@@ -25,6 +25,11 @@ void check_ratio_from_probs(const at::Tensor& probs, const at::Tensor& visual, c
 void check_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                          const at::Tensor& visual, const at::Tensor& row_weights);
 
+// q (B, H, 1, D), k (B, Hkv, Nk, D) and v (B, Hkv, Nk, Dv) of one dtype (fp32/bf16/fp16)
+// with H % Hkv == 0, mask None or (B, 1, Nk) bool/floating, visual (B, Nk) bool.
+void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, const at::Tensor& visual);
+
 // ratios (B, H) fp32, has_visual (B,) bool.
 void check_head_gains(const at::Tensor& ratios, const at::Tensor& has_visual);
 

@@ -1,4 +1,4 @@
-"""The overhead benchmark's code path at tiny sizes (one round; no timing is asserted)."""
+"""The overhead benchmark's code paths at tiny sizes (one round; no timing is asserted)."""
 
 import json
 import os
@@ -65,11 +65,12 @@ def test_table_and_results_entry(run):
 
 def test_record_appends_inside_its_section(tmp_path):
     sys.path.insert(0, ROOT)
-    from benchmarks.overhead import SECTION, record
+    from benchmarks.common import record
+    from benchmarks.overhead import SECTION
 
     path = tmp_path / "R.md"
     path.write_text(f"# R\n\n{SECTION}\n\nold entry\n\n## Ops benchmark\n\nops\n")
-    record(str(path), "new entry")
+    record(str(path), SECTION, "new entry")
     text = path.read_text()
     assert text.index("old entry") < text.index("new entry") < text.index("## Ops benchmark")
     assert text.endswith("## Ops benchmark\n\nops\n")
@@ -100,3 +101,27 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode != 0 and "no such local checkpoint" in proc.stderr
+
+
+def test_scaling_mode(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Ops benchmark\n\nkept as is\n")
+    out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    args = ["--batches", "1,2", "--visual-tokens", "8", "--reasoning", "0,4", "--rounds", "1", "--steps", "1"]
+    args += ["--prefill-limit", "60", "--json", str(out), "--plot", str(png), "--results", str(results)]
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--scaling", *args]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=dict(os.environ, PYTHONPATH=ROOT)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    points = [(e["batch"], e["reasoning"], e["context"]) for e in data["results"]]
+    assert points == [(1, 0, 40), (2, 0, 40), (1, 4, 44), (2, 4, 44)]
+    for e in data["results"]:
+        assert set(e["arms"]) == {"vanilla-sdpa", "headgain-fused", "headgain-unfused"}
+        assert all(a["decode_ms"] > 0 for a in e["arms"].values())
+        timed_prefill = e["batch"] * e["context"] <= 60
+        assert (e["arms"]["headgain-fused"]["prefill_change"] is not None) == timed_prefill
+    assert png.stat().st_size > 1000
+    md = results.read_text()
+    assert "## Decoding-step scaling (benchmarks/overhead.py --scaling)" in md and "| 2 | 8 | 4 | 44 |" in md

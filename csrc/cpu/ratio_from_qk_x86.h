@@ -21,7 +21,7 @@ namespace headgain {
 bool cpu_has_avx512();
 bool cpu_has_bf16_dot();
 
-// score_keys (ratio_from_qk.cpp) on AVX-512 for keys with unit element stride and
+// score_keys (scores.h) on AVX-512 for keys with unit element stride and
 // d % 16 == 0: out[row * n + j] = dot(q[row], key j) for n keys (key_stride elements apart)
 // and `rows` float query rows of width d, the keys converted to float32 in registers. kf
 // holds d floats of scratch. T is float, c10::Half or c10::BFloat16.

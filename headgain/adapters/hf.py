@@ -21,9 +21,11 @@ import sys
 import torch
 from torch import nn
 
+from ..core import ops
 from ..core.archmap import ArchMap
 from ..core.decoder import ResolvedDecoder, attribute_path, entry_paths, head_layout, match_layers
 from ..core.errors import ArchError, HeadGainError
+from ..core.readout import layer_ratios
 
 __all__ = ["resolve", "TransformersAdapter", "PREFIX"]
 
@@ -302,24 +304,97 @@ class TransformersAdapter:
         return " or ".join(names)
 
     def attend(self, handle, position: int, module, query, key, value, attention_mask, kwargs: dict):
-        """Run the original backend for one decoder layer, read S_v, scale the heads."""
-        backend = handle.decoder.backend
-        target = module if backend in _FUNCTIONS_READING_CONFIG else _ConfigView(module, self.original_config)
-        out, weights = _backend_function(module, backend)(target, query, key, value, attention_mask, **kwargs)
+        """Run one decoder layer's attention, read S_v, scale the heads: the user's backend
+        followed by the read-out, or at decoding steps where `_fused_mask` allows, one
+        fused pass over the keys and values."""
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-        num_keys, window = key.shape[2], kwargs.get("sliding_window")
-        gains = handle._layer_gains(
-            position,
-            module,
-            query,
-            key,
-            lambda state: state.mask_rows(attention_mask, num_keys, window),
-            scaling=float(scaling),
-            weights=weights,
-            softcap=float(kwargs.get("softcap") or 0.0),
-        )
+        scaling = float(scaling)
+        fused_mask = _fused_mask(handle, module, query, key, value, attention_mask, kwargs)
+        if fused_mask is not _UNFUSED:
+            held = []
+
+            def fused_read(state):
+                out, ratios = ops.decode_attention(
+                    query, key, value, fused_mask, state.key_visual(key.shape[2]), scaling, 0.0
+                )
+                held.append(out)
+                return ratios
+
+            gains = handle._layer_gains(position, module, query, key, fused_read)
+            if held:  # (B, 1, H, Dv), the layout the backend returns
+                return handle._scale(position, held[0], gains), None
+            out, weights = self._backend(handle, module, query, key, value, attention_mask, kwargs)
+        else:
+            out, weights = self._backend(handle, module, query, key, value, attention_mask, kwargs)
+            num_keys, window = key.shape[2], kwargs.get("sliding_window")
+            softcap = float(kwargs.get("softcap") or 0.0)
+            gains = handle._layer_gains(
+                position,
+                module,
+                query,
+                key,
+                lambda state: layer_ratios(
+                    state,
+                    query,
+                    key,
+                    scaling=scaling,
+                    mask_rows=state.mask_rows(attention_mask, num_keys, window),
+                    weights=weights,
+                    softcap=softcap,
+                ),
+            )
         heads = out.view(out.shape[0], out.shape[1], handle.num_heads, -1) if out.dim() == 3 else out
         scaled = handle._scale(position, heads, gains)
         return (scaled.view(out.shape) if out.dim() == 3 else scaled), weights
+
+    def _backend(self, handle, module, query, key, value, attention_mask, kwargs: dict):
+        """The user's attention backend on this call: (output, probabilities or None)."""
+        backend = handle.decoder.backend
+        target = module if backend in _FUNCTIONS_READING_CONFIG else _ConfigView(module, self.original_config)
+        return _backend_function(module, backend)(target, query, key, value, attention_mask, **kwargs)
+
+
+_UNFUSED = object()
+# Keyword arguments the fused decoding step knows to leave the sdpa backend's result unchanged
+# (any other one, such as position biases or attention sinks, keeps the backend).
+_FUSABLE_KWARGS = frozenset(
+    {
+        "dropout",
+        "scaling",
+        "sliding_window",
+        "is_causal",
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+    }
+)
+
+
+def _fused_mask(handle, module, query, key, value, attention_mask, kwargs: dict):
+    """The (B, 1, Nk) mask (or None) for `ops.decode_attention` when this attention call can be
+    fused with the read-out, else `_UNFUSED`: a decoding step (one query row) of the sdpa backend
+    on a device with the fused kernel, without autograd, dropout or softcap, with a mask shared
+    by all heads that covers exactly the keys."""
+    if not handle.fused or handle.decoder.backend != "sdpa" or query.shape[2] != 1:
+        return _UNFUSED
+    if query.device.type not in ops.FUSED_DEVICES or not ops.extension_available(query.device):
+        return _UNFUSED
+    if not query.dtype == key.dtype == value.dtype or query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return _UNFUSED
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return _UNFUSED
+    if (module.training and kwargs.get("dropout", 0.0)) or kwargs.get("softcap") is not None:
+        return _UNFUSED
+    if any(v is not None for name, v in kwargs.items() if name not in _FUSABLE_KWARGS):
+        return _UNFUSED
+    if attention_mask is None:
+        return None
+    b, nk = query.shape[0], key.shape[2]
+    m = attention_mask
+    if m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != 1 or m.shape[3] != nk or m.shape[0] not in (1, b):
+        return _UNFUSED
+    return m[:, 0].expand(b, 1, nk)

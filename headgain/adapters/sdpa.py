@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.archmap import ArchMap
 from ..core.decoder import ResolvedDecoder, head_layout, match_layers
 from ..core.errors import ArchError, HeadGainError
+from ..core.readout import layer_ratios
 
 __all__ = ["resolve", "SDPAAdapter"]
 
@@ -111,13 +112,13 @@ class _Reader(TorchFunctionMode):
             self.handle._sized(query.shape[0], key.shape[2])
         scale = bound.get("scale")
         rows = _rows(bound.get("attn_mask"), bool(bound.get("is_causal", False)), query.shape[2], key.shape[2])
+        scaling = float(scale if scale is not None else query.shape[-1] ** -0.5)
         gains = self.handle._layer_gains(
             self.position,
             self.module,
             query,
             key,
-            rows,
-            scaling=float(scale if scale is not None else query.shape[-1] ** -0.5),
+            lambda state: layer_ratios(state, query, key, scaling=scaling, mask_rows=rows(state)),
         )
         local.pending[self.position] = gains
         return out

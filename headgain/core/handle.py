@@ -35,7 +35,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +46,7 @@ from .archmap import ArchMap
 from .config import HeadGainConfig
 from .decoder import ResolvedDecoder
 from .errors import HeadGainError
-from .readout import ForwardState, layer_ratios
+from .readout import ForwardState
 from .registry import resolve
 from .rules import LayerRule, layer_rules
 
@@ -57,6 +57,8 @@ def attach(
     model: nn.Module,
     arch_map: ArchMap | str | None = None,
     cfg: HeadGainConfig | str | Mapping[str, Any] | None = None,
+    *,
+    fused: bool = True,
 ) -> Handle:
     """Attach functional-head rescaling to ``model``'s language decoder.
 
@@ -69,19 +71,28 @@ def attach(
             ``model.config.model_type``.
         cfg: a `HeadGainConfig`, a preset name, a dict of fields, or None (preset
             ``ocean-r1-7b``).
+        fused: at decoding steps (one new token per sample) of a ``transformers`` model on
+            the sdpa backend, on CPU, compute the attention output and S_v in one pass over
+            the keys and values (`ops.decode_attention`) instead of calling the backend and
+            then reading the keys again. False keeps the backend at every step. Also
+            ``handle.fused``.
 
     Returns:
         A `Handle`; ``handle.detach()`` (or leaving its ``with`` block) restores the model.
 
     Everything is validated before the model is touched: on error the model is unchanged.
     """
+    if not isinstance(fused, bool):
+        raise HeadGainError(f"fused takes True or False, got {fused!r} ({type(fused).__name__})")
     cfg = HeadGainConfig.coerce(cfg)
     existing = handle_of(model)
     if existing is not None:
         raise HeadGainError("headgain is already attached to this model; call handle.detach() before attaching again")
     decoder = resolve(model, arch_map)
     cfg.check_layers(decoder.num_layers)
-    return Handle(model, decoder, cfg)
+    handle = Handle(model, decoder, cfg)
+    handle._fused = fused
+    return handle
 
 
 def handle_of(model: nn.Module) -> Handle | None:
@@ -201,6 +212,7 @@ class Handle:
         self._cfg = cfg
         self._rules = layer_rules(cfg, [layer.index for layer in decoder.layers])
         self._enabled = True
+        self._fused = True
         self._gates: list[torch.Tensor] | None = None
         self._warned_no_visual = False
         self._warned_kept_mask = False
@@ -255,6 +267,18 @@ class Handle:
         if not isinstance(value, bool):
             raise HeadGainError(f"handle.enabled takes True or False, got {value!r} ({type(value).__name__})")
         self._enabled = value
+
+    @property
+    def fused(self) -> bool:
+        """Whether decoding steps use the fused attention + S_v kernel where it applies (see
+        `attach`). Takes bools only."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise HeadGainError(f"handle.fused takes True or False, got {value!r} ({type(value).__name__})")
+        self._fused = value
 
     @property
     def last_ratios(self) -> torch.Tensor | None:
@@ -524,17 +548,14 @@ class Handle:
         module: nn.Module,
         query: torch.Tensor,
         key: torch.Tensor,
-        rows,
-        *,
-        scaling: float,
-        weights: torch.Tensor | None = None,
-        softcap: float = 0.0,
+        read: Callable[[ForwardState], torch.Tensor],
     ) -> torch.Tensor | None:
         """Read S_v of one layer and return its (B, H) float32 gains (None: leave it as it is).
 
-        ``rows(state)`` gives the mask rows of the recomputed query rows (see
-        `layer_ratios`). Outside a pass (a recomputation during backward) the gains of the
-        layer's original pass are returned.
+        ``read(state)`` returns the layer's (B, H) float32 ratios (`layer_ratios`, or a
+        fused kernel that also computes the attention output); it is not called outside a
+        pass (a recomputation during backward), where the gains of the layer's original
+        pass are returned.
         """
         local = self._local
         state = local.state if local.owner is not None else None
@@ -553,9 +574,7 @@ class Handle:
             )
         local.calls += 1
         with torch.no_grad():
-            ratios = layer_ratios(
-                state, query, key, scaling=scaling, mask_rows=rows(state), weights=weights, softcap=softcap
-            )
+            ratios = read(state)
             gains = None
             if local.enabled:
                 rule = local.rules[position]

@@ -20,6 +20,7 @@ __all__ = [
     "extension_error",
     "ratio_from_probs",
     "ratio_from_qk",
+    "decode_attention",
     "head_gains",
     "scale_heads",
     "scale_heads_",
@@ -37,6 +38,9 @@ except (ImportError, OSError) as _e:  # the build is optional at import time; .c
 _KERNEL_DEVICES = (
     frozenset() if _EXT_ERROR is not None else frozenset({"cpu", "meta"} | ({"cuda"} if _C.with_cuda else set()))
 )
+
+#: device types where decode_attention has a compiled kernel
+FUSED_DEVICES = frozenset() if _EXT_ERROR is not None else frozenset({"cpu", "meta"})
 
 _warned: set[str] = set()  # device types whose fallback warning was given
 
@@ -101,6 +105,25 @@ def ratio_from_qk(
     if q.dtype == torch.float64 or _fallback(q.device):
         return reference.ratio_from_qk(q, k, mask, visual, row_weights, scaling, softcap)
     return torch.ops.headgain.ratio_from_qk(q, k, mask, visual, row_weights, float(scaling), float(softcap))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    visual: torch.Tensor,
+    scaling: float,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step in one pass over the keys: (B, H, 1, D) queries, (B, Hkv, Nk, D) keys,
+    (B, Hkv, Nk, Dv) values, optional (B, 1, Nk) bool/additive mask, (B, Nk) bool visual keys ->
+    ((B, 1, H, Dv) attention output in q's dtype, (B, H) float32 S_v).
+
+    Compiled for CPU only (`FUSED_DEVICES`); other devices run the PyTorch reference."""
+    if q.device.type not in FUSED_DEVICES or _fallback(q.device):
+        return reference.decode_attention(q, k, v, mask, visual, scaling, softcap)
+    return torch.ops.headgain.decode_attention(q, k, v, mask, visual, float(scaling), float(softcap))
 
 
 def head_gains(
@@ -172,6 +195,19 @@ if _EXT_ERROR is None:
         _check_shape(visual, "visual", (b, nk), (torch.bool,))
         _check_shape(row_weights, "row_weights", (b, r), (torch.float32,))
         return q.new_empty((b, h), dtype=torch.float32)
+
+    @torch.library.register_fake("headgain::decode_attention")
+    def _(q, k, v, mask, visual, scaling, softcap):
+        _check_shape(q, "q", (None, None, 1, None), _ATTN_DTYPES)
+        b, h, _, d = q.shape
+        _check_shape(k, "k", (b, None, None, d), (q.dtype,))
+        torch._check(h % k.shape[1] == 0, lambda: f"headgain: H={h} must be a multiple of Hkv={k.shape[1]}")
+        hkv, nk = k.shape[1], k.shape[2]
+        _check_shape(v, "v", (b, hkv, nk, None), (q.dtype,))
+        if mask is not None:
+            _check_shape(mask, "mask", (b, 1, nk), (torch.bool, torch.float64) + _ATTN_DTYPES)
+        _check_shape(visual, "visual", (b, nk), (torch.bool,))
+        return q.new_empty((b, 1, h, v.shape[3])), q.new_empty((b, h), dtype=torch.float32)
 
     @torch.library.register_fake("headgain::head_gains")
     def _(ratios, has_visual, tau_perc, tau_reas, g_perc, g_reas, g_neutral):

@@ -13,7 +13,7 @@ import torch
 
 from .rules import HeadClass, classify_tensor
 
-__all__ = ["ratio_from_probs", "ratio_from_qk", "head_gains", "scale_heads"]
+__all__ = ["ratio_from_probs", "ratio_from_qk", "decode_attention", "head_gains", "scale_heads"]
 
 
 def ratio_from_probs(probs: torch.Tensor, visual: torch.Tensor, query_weights: torch.Tensor) -> torch.Tensor:
@@ -72,6 +72,44 @@ def ratio_from_qk(
     w = row_weights.float()
     vis = torch.where(w[:, None, :] > 0, vis, torch.zeros((), dtype=vis.dtype, device=vis.device))
     return torch.einsum("bhr,br->bh", vis, w)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    visual: torch.Tensor,
+    scaling: float,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step's attention output and visual share per head.
+
+    Args:
+        q: (B, H, 1, D) the step's queries; k: (B, Hkv, Nk, D) and v: (B, Hkv, Nk, Dv) the
+            keys and values after the cache update, of q's dtype; query head h reads KV
+            head ``h // (H // Hkv)``.
+        mask: None, or (B, 1, Nk) bool (True = attend) or float (added to the scores).
+        visual: (B, Nk) bool; scaling, softcap: as in `ratio_from_qk`.
+
+    Returns:
+        out: (B, 1, H, Dv) in q's dtype, ``softmax(scores) @ v`` computed in float32 and
+        rounded once (0 where every key is masked); ratios: (B, H) float32 S_v of the
+        step's row (NaN where every key is masked).
+    """
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    scores = torch.einsum("bgid,bgkd->bgik", q.float().reshape(b, hkv, h // hkv, d), k.float()) * scaling
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.reshape(b, h, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = torch.softmax(scores, dim=-1)  # NaN on fully masked rows
+    ratios = (probs * visual[:, None, :].float()).sum(-1)
+    out = torch.einsum("bgik,bgke->bgie", probs.reshape(b, hkv, h // hkv, -1), v.float())
+    out = torch.nan_to_num(out.reshape(b, 1, h, -1), nan=0.0)
+    return out.to(q.dtype), ratios
 
 
 def head_gains(

@@ -1,0 +1,293 @@
+"""Cost of one decoding step (and of the prefill) against context length and batch:
+the scaling mode of the overhead benchmark (`python benchmarks/overhead.py --scaling`).
+
+Arms, interleaved round by round with the starting arm rotating; medians are reported:
+
+    vanilla-sdpa        the model as loaded
+    headgain-fused      headgain attached (default): decoding steps compute the attention
+                        output and S_v in one pass over the keys and values
+    headgain-unfused    headgain attached with fused=False: the sdpa backend, then S_v from
+                        a second read of the keys
+
+Decoding steps: the KV cache of every point (batch x context) is filled with random keys
+and values instead of running an N-token prefill (an hour of CPU at 16k tokens x 16), and
+headgain is given the prompt's visual positions (the first N tokens after a 4-token
+prefix) as its prefill would have. Each timed call decodes one token for the whole batch;
+the cache is cropped back after it, so every call sees the same context. Prefill: where
+batch x context is at most --prefill-limit tokens, a real prefill of token ids (visual
+placeholders, no pixels) is timed too.
+
+    python benchmarks/overhead.py --scaling                          # CPU grid, ~15 minutes on 2 cores
+    python benchmarks/overhead.py --scaling --batches 1,4 --visual-tokens 256,1024 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+import headgain
+from benchmarks import common
+from headgain.core.readout import ForwardState
+from headgain.testing.tiny import IMAGE_ID
+
+ARMS = ("vanilla-sdpa", "headgain-fused", "headgain-unfused")
+SECTION = "## Decoding-step scaling (benchmarks/overhead.py --scaling)"
+RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+PREFIX, SUFFIX = 4, 28  # text tokens before and after the visual span
+
+
+def _ints(text: str, name: str, parser) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--{name} {text!r}: expected comma-separated integers")
+    if not values or min(values) < 0:
+        parser.error(f"--{name} {text!r}: expected non-negative integers")
+    return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/overhead.py --scaling",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    p.add_argument("--shape", choices=sorted(common.SHAPES), default="cpu-default", help="model size")
+    p.add_argument("--batches", default="1,4,16", help="batch sizes (default 1,4,16)")
+    p.add_argument("--visual-tokens", default="256,1024,4096,16384", help="visual tokens per sample")
+    p.add_argument("--reasoning", default="0,2048", help="tokens already generated after the prompt (default 0,2048)")
+    p.add_argument("--steps", type=int, default=6, help="timed decoding calls per arm and round (default 6)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds after a warm-up (default 5)")
+    p.add_argument("--prefill-limit", type=int, default=4096, help="time the prefill up to batch x context tokens")
+    p.add_argument("--preset", default="ocean-r1-7b", help="headgain config preset")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PNG", default=os.path.join(os.path.dirname(RESULTS_MD), "scaling.png"))
+    p.add_argument("--results", metavar="PATH", default=RESULTS_MD, help="Markdown file to append an entry to")
+    p.add_argument("--no-record", action="store_true", help="do not append to the results file")
+    args = p.parse_args(argv)
+    args.batches = _ints(args.batches, "batches", p)
+    args.visual_tokens = _ints(args.visual_tokens, "visual-tokens", p)
+    args.reasoning = _ints(args.reasoning, "reasoning", p)
+    if min(args.batches) < 1 or args.steps < 1 or args.rounds < 1:
+        p.error("--batches, --steps and --rounds must be >= 1")
+    return args
+
+
+class Point:
+    """One (batch, visual tokens, reasoning tokens) point: its cache, visual mask and step inputs."""
+
+    def __init__(self, model, batch: int, visual: int, reasoning: int, device, dtype):
+        self.batch, self.visual_tokens, self.reasoning = batch, visual, reasoning
+        self.context = PREFIX + visual + SUFFIX + reasoning
+        text = model.config.get_text_config()
+        kv_heads = text.num_key_value_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        from transformers import DynamicCache
+
+        g = torch.Generator(device="cpu").manual_seed(batch * 100003 + self.context)
+        self.cache = DynamicCache(config=model.config)
+        for layer in range(text.num_hidden_layers):
+            shape = (batch, kv_heads, self.context, head_dim)
+            k = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+            v = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+            self.cache.update(k, v, layer)
+        self.visual = torch.zeros(batch, self.context, dtype=torch.bool, device=device)
+        self.visual[:, PREFIX : PREFIX + visual] = True
+        self.step = {
+            "input_ids": torch.full((batch, 1), 7, dtype=torch.long, device=device),
+            "attention_mask": torch.ones(batch, self.context + 1, dtype=torch.long, device=device),
+            "past_key_values": self.cache,  # the argument name of transformers 5.17 (5.24 also takes it)
+            "use_cache": True,
+        }
+
+    def label(self) -> str:
+        return f"B={self.batch} vis={self.visual_tokens} reas={self.reasoning}"
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_times(model, point: Point, arm: str, steps: int, preset: str) -> list[float]:
+    """Seconds of ``steps`` decoding calls of ``arm`` at ``point`` (the cache is cropped back after each)."""
+    handle = None
+    if arm != "vanilla-sdpa":
+        handle = headgain.attach(model, cfg=preset, fused=arm == "headgain-fused")
+    times = []
+    try:
+        for _ in range(steps):
+            if handle is not None:  # the visual positions headgain's prefill would have recorded
+                handle._local.state = ForwardState.build(point.visual, None, None, handle.cfg.query)
+            _sync(point.visual.device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(**point.step)
+            _sync(point.visual.device)
+            times.append(time.perf_counter() - start)
+            point.cache.crop(-1)  # back to the point's context (negative: tokens to remove)
+    finally:
+        if handle is not None:
+            handle.detach()
+    return times
+
+
+def prefill_time(model, point: Point, arm: str, preset: str) -> float:
+    """Seconds of one prefill of ``point``'s context (token ids, visual placeholders) under ``arm``."""
+    ids = torch.full((point.batch, point.context), 9, dtype=torch.long, device=point.visual.device)
+    ids[point.visual] = IMAGE_ID
+    handle = None
+    if arm != "vanilla-sdpa":
+        handle = headgain.attach(model, cfg=preset, fused=arm == "headgain-fused")
+    try:
+        _sync(ids.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        _sync(ids.device)
+        return time.perf_counter() - start
+    finally:
+        if handle is not None:
+            handle.detach()
+
+
+def measure(args, model) -> list[dict]:
+    device, dtype = model.device, model.dtype
+    results = []
+    points = [(b, v, r) for r in args.reasoning for v in args.visual_tokens for b in args.batches]
+    for n, (b, v, r) in enumerate(points, 1):
+        point = Point(model, b, v, r, device, dtype)
+        do_prefill = b * point.context <= args.prefill_limit
+        decode = {a: [] for a in ARMS}
+        prefill = {a: [] for a in ARMS}
+        for rnd in range(args.rounds + 1):  # round 0 warms up
+            order = ARMS[rnd % len(ARMS) :] + ARMS[: rnd % len(ARMS)]
+            for arm in order:
+                times = decode_times(model, point, arm, args.steps, args.preset)
+                if rnd:
+                    decode[arm].append(statistics.median(times))
+                if do_prefill:
+                    t = prefill_time(model, point, arm, args.preset)
+                    if rnd:
+                        prefill[arm].append(t)
+        entry = {"batch": b, "visual_tokens": v, "reasoning": r, "context": point.context, "arms": {}}
+        for arm in ARMS:
+            entry["arms"][arm] = {
+                "decode_ms": 1e3 * statistics.median(decode[arm]),
+                "decode_ms_rounds": [1e3 * t for t in decode[arm]],
+                "prefill_ms": 1e3 * statistics.median(prefill[arm]) if do_prefill else None,
+            }
+        base = entry["arms"]["vanilla-sdpa"]
+        for arm in ARMS[1:]:
+            a = entry["arms"][arm]
+            a["decode_change"] = a["decode_ms"] / base["decode_ms"] - 1
+            a["prefill_change"] = a["prefill_ms"] / base["prefill_ms"] - 1 if do_prefill else None
+        results.append(entry)
+        del point
+        fused, unfused = entry["arms"]["headgain-fused"], entry["arms"]["headgain-unfused"]
+        print(
+            f"[{n}/{len(points)}] B={b} vis={v} reas={r}: vanilla {base['decode_ms']:.1f} ms/step, "
+            f"fused {fused['decode_change']:+.1%}, unfused {unfused['decode_change']:+.1%}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return results
+
+
+def table(results: list[dict]) -> str:
+    def pct(x):
+        return "-" if x is None else f"{x:+.1%}"
+
+    lines = [
+        "| batch | visual | reasoning | context | vanilla ms/step | fused | unfused "
+        "| vanilla prefill ms | fused | unfused |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in results:
+        a = e["arms"]
+        pre = a["vanilla-sdpa"]["prefill_ms"]
+        lines.append(
+            f"| {e['batch']} | {e['visual_tokens']} | {e['reasoning']} | {e['context']} | "
+            f"{a['vanilla-sdpa']['decode_ms']:.1f} | {pct(a['headgain-fused']['decode_change'])} | "
+            f"{pct(a['headgain-unfused']['decode_change'])} | {'-' if pre is None else f'{pre:.0f}'} | "
+            f"{pct(a['headgain-fused']['prefill_change'])} | {pct(a['headgain-unfused']['prefill_change'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    """Decoding-step change against vanilla over context length, one line per batch and arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for b in sorted({e["batch"] for e in results}):
+        for arm, style in (("headgain-fused", "-o"), ("headgain-unfused", "--x")):
+            pts = sorted((e["context"], 100 * e["arms"][arm]["decode_change"]) for e in results if e["batch"] == b)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{arm.split('-')[1]}, batch {b}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhspan(-2, 2, color="green", alpha=0.1, label="within 2%")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens in the KV cache)")
+    ax.set_ylabel("decoding step vs vanilla sdpa (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python benchmarks/overhead.py --scaling" + "".join(
+        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    model = common.build_model(common.SHAPES[args.shape], "sdpa")
+    results = measure(args, model)
+    info = common.machine(model.device.type)
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    hw = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores ({info['threads']} torch threads)"
+    text = table(results)
+    print("\n" + text)
+    if args.plot:
+        plot(results, args.plot, f"{args.shape} on {hw}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"date": date, "command": command, "machine": info, "results": results}, f, indent=2)
+    if not args.no_record:
+        entry = "\n".join(
+            [
+                f"### {date}: {args.shape}",
+                "",
+                f"- Machine: {hw}; torch {info['torch']}, transformers {info['transformers']}",
+                f"- headgain ops: {common.extension_status(model.device.type)}; revision {common.git_revision()}",
+                f"- Command: `{command}`",
+                f"- Decoding step: median over {args.rounds} interleaved rounds of the median of {args.steps} calls; "
+                f"preset {args.preset}; change against vanilla sdpa",
+                "",
+                text,
+                "",
+                f"![decoding-step change against context]({os.path.basename(args.plot)})" if args.plot else "",
+            ]
+        )
+        common.record(args.results, SECTION, entry)
+        print(f"appended to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
