@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.headgain-installed
 RUFF_VERSION := 0.17.6
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check headgain tests benchmarks setup.py
 	$(VENV)/bin/ruff format --check headgain tests benchmarks setup.py
+
+# On a GPU machine as it comes (CUDA torch preinstalled, no venv): build with the CUDA kernels,
+# run the CUDA tests and the GPU benchmarks; results under $OUT (or build/gpu-check).
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build headgain/*.so *.egg-info $(STAMP)

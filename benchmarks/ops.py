@@ -69,6 +69,7 @@ def make_cases(nk: int, b: int, device: str, dtype: torch.dtype, prefill: bool =
     probs = torch.rand((b, HEADS, PROBS_ROWS, nk), generator=g, device=device).to(dtype)
     q = torch.randn((b, HEADS, 1, HEAD_DIM), generator=g, device=device).to(dtype)
     k = torch.randn((b, KV_HEADS, nk, HEAD_DIM), generator=g, device=device).to(dtype)
+    v = torch.randn((b, KV_HEADS, nk, HEAD_DIM), generator=g, device=device).to(dtype)
     mask = torch.ones((b, 1, nk), dtype=torch.bool, device=device)
     mask[0, :, : nk // 16] = False  # left padding of the first sample
     row_w = torch.ones((b, 1), device=device)
@@ -111,6 +112,23 @@ def make_cases(nk: int, b: int, device: str, dtype: torch.dtype, prefill: bool =
             2 * _nbytes(decode),
         ),
     ]
+    if device in ops.FUSED_DEVICES:
+        sdpa_mask = mask[:, None]  # (B, 1, 1, Nk), as transformers gives it to sdpa
+
+        def unfused():  # the sdpa backend, then S_v from a second read of the keys
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True)
+            return out.transpose(1, 2).contiguous(), ops.ratio_from_qk(q, k, mask, visual, row_w, scaling)
+
+        cases.insert(
+            2,
+            Case(
+                "decode_attention",
+                shape,
+                lambda: ops.decode_attention(q, k, v, mask, visual, scaling),
+                unfused,
+                _nbytes(q, k, v, mask, visual, q),
+            ),
+        )
     if prefill:
         cases.insert(
             3,
@@ -229,7 +247,9 @@ def write_section(rows: list[dict], command: str, dtype: torch.dtype, path: Path
             f"- command: `{command}`",
             f"- shapes: Qwen2.5-VL-7B ({HEADS} heads, {KV_HEADS} kv heads, head dim {HEAD_DIM}), {dtype}; "
             f"ratio_from_probs over {PROBS_ROWS} query rows (one weighted), ratio_from_qk over one row with a "
-            "padding mask; median of repeated runs; floor = bytes the op must move / bandwidth of a large copy",
+            "padding mask; decode_attention (one decoding step: output and S_v in one pass) against the unfused pair "
+            "(torch sdpa, then ratio_from_qk) as its reference; median of repeated runs; "
+            "floor = bytes the op must move / bandwidth of a large copy",
             "",
             table(rows),
             "",

@@ -125,3 +125,20 @@ def test_scaling_mode(tmp_path):
     assert png.stat().st_size > 1000
     md = results.read_text()
     assert "## Decoding-step scaling (benchmarks/overhead.py --scaling)" in md and "| 2 | 8 | 4 | 44 |" in md
+
+
+def test_gpu_check_refuses_a_machine_without_a_cuda_gpu(tmp_path):
+    if torch_has_cuda():
+        pytest.skip("a CUDA GPU is visible: make gpu-check runs for real there")
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 2
+    assert "gpu-check needs a CUDA GPU and a CUDA build of torch" in proc.stderr + proc.stdout
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# `make gpu-check`: everything headgain checks on a CUDA GPU, in one command, on a machine as
+# it comes (a CUDA build of torch, transformers and pytest installed; no venv, no network):
+#
+#   1. build headgain._C in place with its CUDA kernels, for the visible GPU's architecture
+#   2. the CUDA tests (compiled ops against the reference, attached models on the GPU)
+#   3. benchmarks/ops.py on CUDA (Qwen2.5-VL-7B head shapes)
+#   4. benchmarks/overhead.py at the Qwen2.5-VL-7B shape (random weights, bfloat16)
+#
+# Logs, the JSON of the overhead run, a summary and the updated benchmarks/RESULTS.md go to
+# $OUT when it is set, else build/gpu-check. About 8 minutes on one H100/H200. Exit status:
+# 0 when every step passed, 1 when a step failed (the later steps still run), 2 when there is
+# no usable GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-build/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+: > "$OUT/summary.txt"
+failed=0
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, record the outcome
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo "== $name: $*"
+  start=$(date +%s)
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "$name: exit $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/summary.txt"
+  [ "$rc" -eq 0 ] || failed=1
+  return "$rc"
+}
+
+"$PY" - <<'PYEOF' | tee -a "$OUT/summary.txt" || exit 2
+import sys
+
+try:
+    import torch
+    import transformers
+except ImportError as err:
+    sys.exit(f"gpu-check needs torch (a CUDA build) and transformers in {sys.executable}: {err}")
+if torch.version.cuda is None or not torch.cuda.is_available():
+    sys.exit(f"gpu-check needs a CUDA GPU and a CUDA build of torch; torch {torch.__version__}, "
+             f"CUDA build: {torch.version.cuda}, GPU visible: {torch.cuda.is_available()}")
+
+print(f"GPU {torch.cuda.get_device_name()} (sm {'.'.join(map(str, torch.cuda.get_device_capability()))}), "
+      f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}")
+PYEOF
+arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+rm -f headgain/_C*.so
+step build 400 env HEADGAIN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
+  "$PY" setup.py build_ext --inplace || { echo "the build failed: nothing else can run"; exit 1; }
+"$PY" -c "import headgain, sys; sys.exit(0 if headgain.extension_available('cuda') else 'no CUDA kernels in the build')" \
+  || exit 1
+step tests 300 env HEADGAIN_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider -rs \
+  tests/test_ops.py tests/test_cuda_models.py tests/test_fused_decode.py tests/test_core_api.py
+step ops 240 "$PY" benchmarks/ops.py --device cuda --full --repeats 10
+step overhead 300 "$PY" benchmarks/overhead.py --shape qwen2.5-vl-7b --rounds 3 --new-tokens 32 \
+  --json "$OUT/overhead.json"
+cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+exit "$failed"
