@@ -112,7 +112,7 @@ def make_cases(nk: int, b: int, device: str, dtype: torch.dtype, prefill: bool =
             2 * _nbytes(decode),
         ),
     ]
-    if device in ops.FUSED_DEVICES:
+    if ops.extension_available(device):
         sdpa_mask = mask[:, None]  # (B, 1, 1, Nk), as transformers gives it to sdpa
 
         def unfused():  # the sdpa backend, then S_v from a second read of the keys

@@ -17,6 +17,13 @@ from headgain.testing.tiny import tiny_model
 pytestmark = pytest.mark.skipif(not ops.extension_available("cpu"), reason="the compiled extension is not built")
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not ops.extension_available("cuda"), reason="no GPU or no CUDA kernels built"),
+    ),
+]
 
 
 def _explicit(q, k, v, mask, visual, scaling, softcap=0.0):
@@ -38,7 +45,7 @@ def _explicit(q, k, v, mask, visual, scaling, softcap=0.0):
     return out, ratios
 
 
-def _case(b, h, hkv, nk, d, dv, dtype, seed=0):
+def _case(b, h, hkv, nk, d, dv, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, 1, d, generator=g).to(dtype)
     k = (2 * torch.randn(b, hkv, nk, d, generator=g)).to(dtype)
@@ -46,7 +53,7 @@ def _case(b, h, hkv, nk, d, dv, dtype, seed=0):
     visual = torch.rand(b, nk, generator=g) < 0.4
     mask = torch.rand(b, 1, nk, generator=g) < 0.85
     mask[:, :, -1] = True  # the step's own key
-    return q, k, v, visual, mask
+    return tuple(t.to(device) for t in (q, k, v, visual, mask))
 
 
 SHAPES = [(2, 8, 2, 37, 64, 64), (1, 4, 4, 2100, 128, 128), (3, 16, 4, 1025, 32, 32), (2, 6, 2, 300, 24, 16)]
@@ -55,15 +62,20 @@ SHAPES = [(2, 8, 2, 37, 64, 64), (1, 4, 4, 2100, 128, 128), (3, 16, 4, 1025, 32,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
-def test_matches_explicit_attention(shape, dtype, mask_kind):
-    q, k, v, visual, mask = _case(*shape, dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_explicit_attention(shape, dtype, mask_kind, device):
+    q, k, v, visual, mask = _case(*shape, dtype, device=device)
     if mask_kind == "none":
         mask = None
     elif mask_kind == "additive":
         mask = torch.where(mask, 0.0, -1e9).to(dtype)
     scaling = shape[4] ** -0.5
     out, ratios = ops.decode_attention(q, k, v, mask, visual, scaling)
-    want_out, want_ratios = _explicit(q, k, v, mask, visual, scaling)
+    want_out, want_ratios = _explicit(
+        *(t.cpu() for t in (q, k, v)), mask if mask is None else mask.cpu(), visual.cpu(), scaling
+    )
+    assert out.device == q.device and ratios.device == q.device
+    out, ratios = out.cpu(), ratios.cpu()
     assert out.dtype == dtype and out.shape == (shape[0], 1, shape[1], shape[5])
     assert ratios.dtype == torch.float32 and ratios.shape == shape[:2]
     torch.testing.assert_close(out.float(), want_out, atol=TOL[dtype], rtol=TOL[dtype])
@@ -71,10 +83,11 @@ def test_matches_explicit_attention(shape, dtype, mask_kind):
     if shape[4] == shape[5]:  # torch's backend agrees too
         attn_mask = None if mask is None else mask[:, None]
         sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
-        torch.testing.assert_close(out, sdpa.transpose(1, 2), atol=2 * TOL[dtype], rtol=2 * TOL[dtype])
+        torch.testing.assert_close(out, sdpa.transpose(1, 2).cpu(), atol=2 * TOL[dtype], rtol=2 * TOL[dtype])
 
 
-def test_softcap_strided_cache_and_fully_masked_rows():
+@pytest.mark.parametrize("device", DEVICES)
+def test_softcap_strided_cache_and_fully_masked_rows(device):
     q, k, v, visual, mask = _case(2, 4, 2, 700, 32, 32, torch.float32)
     # keys and values as slices of a larger static cache, key-major storage (non-unit strides)
     big_k = torch.zeros(2, 1000, 2, 32)
@@ -84,7 +97,8 @@ def test_softcap_strided_cache_and_fully_masked_rows():
     ks, vs = big_k[:, :700].transpose(1, 2), big_v[:, :700].transpose(1, 2)
     assert not ks.is_contiguous()
     mask[1] = False  # every key of sample 1 masked
-    out, ratios = ops.decode_attention(q, ks, vs, mask, visual, 0.2, 5.0)
+    on = [t.to(device) for t in (q, ks, vs, mask, visual)]
+    out, ratios = (t.cpu() for t in ops.decode_attention(*on, 0.2, 5.0))
     want_out, want_ratios = _explicit(q, k, v, mask, visual, 0.2, softcap=5.0)
     torch.testing.assert_close(out[0], want_out[0], atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(ratios[0], want_ratios[0], atol=2e-6, rtol=1e-5)
@@ -101,8 +115,9 @@ def test_bad_arguments_name_the_argument():
         ops.decode_attention(q, k, v, mask[:, :, :-1], visual, 0.25)
 
 
-def test_opcheck():
-    q, k, v, visual, mask = _case(2, 4, 2, 40, 16, 8, torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    q, k, v, visual, mask = _case(2, 4, 2, 40, 16, 8, torch.float32, device=device)
     opcheck(torch.ops.headgain.decode_attention.default, (q, k, v, mask, visual, 0.25, 0.0))
     opcheck(torch.ops.headgain.decode_attention.default, (q, k, v, None, visual, 0.25, 0.0))
 

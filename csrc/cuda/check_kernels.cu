@@ -16,6 +16,12 @@ void instantiate_per_element_type() {
   (void)&hk::ratio_from_qk_kernel<T, double>;
   (void)&hk::ratio_from_qk_kernel<T, __half>;
   (void)&hk::ratio_from_qk_kernel<T, __nv_bfloat16>;
+  (void)&hk::decode_attention_kernel<T, bool>;
+  (void)&hk::decode_attention_kernel<T, float>;
+  (void)&hk::decode_attention_kernel<T, double>;
+  (void)&hk::decode_attention_kernel<T, __half>;
+  (void)&hk::decode_attention_kernel<T, __nv_bfloat16>;
+  (void)&hk::decode_attention_combine_kernel<T>;
   (void)&hk::scale_heads_kernel<T>;
 }
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 
 #include "../headgain.h"
@@ -138,6 +139,74 @@ at::Tensor ratio_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, const st
   return out;
 }
 
+template <typename T, typename M>
+void launch_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const M* mask,
+                             const at::Tensor& visual, const hk::DecodeShape& shape, int warps, size_t shared,
+                             int splits, hk::Stats* stats, float* partial) {
+  hk::decode_attention_kernel<<<dim3(grid_x(q.size(0) * shape.Hkv, "decode_attention"), splits), warps * hk::kWarp,
+                                shared, c10::cuda::getCurrentCUDAStream()>>>(
+      device_ptr<T>(q), device_ptr<T>(k), device_ptr<T>(v), mask, visual.const_data_ptr<bool>(), shape, stats,
+      partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                                         const at::Tensor& visual, double scaling, double softcap) {
+  check_decode_attention(q, k, v, mask, visual);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Dv = v.size(3), Hkv = k.size(1), Nk = k.size(2);
+  auto out = at::empty({B, 1, H, Dv}, q.options());
+  auto ratios = at::empty({B, H}, q.options().dtype(at::kFloat));
+  if (B * H == 0) return {out, ratios};
+  constexpr int64_t kMaxDim = hk::kMaxPerLane * hk::kWarp;
+  TORCH_CHECK(D <= kMaxDim && Dv <= kMaxDim, "headgain: decode_attention on CUDA keeps a key and a value row in ",
+              "registers and takes head dims up to ", kMaxDim, ", got D=", D, ", Dv=", Dv);
+  const int64_t G = H / Hkv;
+  // as many warps (up to 8) as the default 48 KiB of dynamic shared memory holds
+  int warps = hk::kThreads / hk::kWarp;
+  while (warps > 1 && hk::decode_shared_bytes(G, D, Dv, warps) > 48 * 1024) --warps;
+  const size_t shared = hk::decode_shared_bytes(G, D, Dv, warps);
+  TORCH_CHECK(shared <= 48 * 1024, "headgain: decode_attention on CUDA needs ", shared,
+              " bytes of shared memory for a query group of ", G, " heads of width ", D, "/", Dv, "; at most 49152");
+  const auto vis = visual.contiguous();
+  hk::DecodeShape shape{H, Hkv, Nk, D, Dv, G,
+                        q.stride(0), q.stride(1), q.stride(3),
+                        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+                        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+                        0, 0, static_cast<float>(scaling), static_cast<float>(softcap)};
+  if (mask.has_value()) {
+    shape.m0 = mask->stride(0);
+    shape.m2 = mask->stride(2);
+  }
+  const int splits = key_splits(B * Hkv, Nk, 256);
+  auto stats_t = at::empty({B * H, splits, 3}, ratios.options());  // (max, sum, visual sum) per split
+  auto partial = at::empty({B * H, splits, Dv}, ratios.options());
+  auto* stats = reinterpret_cast<hk::Stats*>(stats_t.data_ptr<float>());
+  HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "decode_attention_cuda", [&] {
+    using T = scalar_t;
+    float* part = partial.data_ptr<float>();
+    if (!mask.has_value()) {
+      launch_decode_attention<T, bool>(q, k, v, nullptr, vis, shape, warps, shared, splits, stats, part);
+    } else if (mask->scalar_type() == at::kBool) {
+      launch_decode_attention<T, bool>(q, k, v, mask->const_data_ptr<bool>(), vis, shape, warps, shared, splits,
+                                       stats, part);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask->scalar_type(), "decode_attention_cuda_mask", [&] {
+        launch_decode_attention<T>(q, k, v, device_ptr<scalar_t>(*mask), vis, shape, warps, shared, splits, stats,
+                                   part);
+      });
+    }
+    const int threads = static_cast<int>(std::clamp<int64_t>(ceil_div(Dv, 32) * 32, 32, hk::kThreads));
+    hk::decode_attention_combine_kernel<<<grid_x(B * H, "decode_attention"), threads, 0,
+                                          c10::cuda::getCurrentCUDAStream()>>>(
+        stats, partial.const_data_ptr<float>(), Dv, splits,
+        reinterpret_cast<typename DeviceType<T>::type*>(out.data_ptr<T>()), ratios.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, ratios};
+}
+
 at::Tensor head_gains_cuda(const at::Tensor& ratios, const at::Tensor& has_visual, double tau_perc, double tau_reas,
                            double g_perc, double g_reas, double g_neutral) {
   check_head_gains(ratios, has_visual);
@@ -193,6 +262,7 @@ at::Tensor scale_heads_cuda(const at::Tensor& out, const at::Tensor& gains) {
 TORCH_LIBRARY_IMPL(headgain, CUDA, m) {
   m.impl("ratio_from_probs", &ratio_from_probs_cuda);
   m.impl("ratio_from_qk", &ratio_from_qk_cuda);
+  m.impl("decode_attention", &decode_attention_cuda);
   m.impl("head_gains", &head_gains_cuda);
   m.impl("scale_heads_", &scale_heads_inplace_cuda);
   m.impl("scale_heads", &scale_heads_cuda);

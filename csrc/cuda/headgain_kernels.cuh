@@ -186,6 +186,147 @@ __global__ void ratio_from_qk_kernel(const T* __restrict__ q, const T* __restric
 __global__ void ratio_from_qk_combine_kernel(const Stats* __restrict__ partial, const float* __restrict__ row_weights,
                                              int64_t BH, int64_t H, int64_t R, int splits, float* __restrict__ out);
 
+// ---------------------------------------------------------------- decode_attention
+
+struct DecodeShape {
+  int64_t H, Hkv, Nk, D, Dv, group;                     // group = H / Hkv
+  int64_t q0, q1, q3, k0, k1, k2, k3, v0, v1, v2, v3;  // element strides (q's third dim has size 1)
+  int64_t m0, m2;                                      // element strides of the (B, 1, Nk) mask
+  float scaling, softcap;
+};
+
+constexpr int kMaxPerLane = 8;  // key / value elements per lane: head dims up to 8 * 32 = 256
+
+// Dynamic shared memory of decode_attention_kernel with `warps` warps: the group's query
+// rows, then per warp an output row and (max, sum, visual sum) per query head.
+__host__ __device__ inline size_t decode_shared_bytes(int64_t group, int64_t D, int64_t Dv, int warps) {
+  return sizeof(float) * static_cast<size_t>(group * D + warps * group * (Dv + 3));
+}
+
+// grid (B*Hkv, splits), warps * 32 threads. Block (bg, s) reads the keys and values of split
+// s of KV head g of sample b once for the whole query group: a warp takes one key at a time,
+// each lane holding up to kMaxPerLane elements of the key and of the value in registers,
+// scores it against every query row of the group (kept in shared memory) and updates that
+// row's online softmax and unnormalised output. The warps are merged at the end into
+// stats[(b*H + h) * splits + s] and partial[((b*H + h) * splits + s) * Dv + e], relative to
+// the split's max. mask may be null (every key allowed).
+template <typename T, typename M>
+__global__ void decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                        const M* __restrict__ mask, const bool* __restrict__ visual, DecodeShape p,
+                                        Stats* __restrict__ stats, float* __restrict__ partial) {
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  const int64_t G = p.group, bg = blockIdx.x, b = bg / p.Hkv, g = bg % p.Hkv;
+  float* qs = smem;                       // G x D
+  float* acc_all = qs + G * p.D;          // warps x G x Dv
+  float* st_all = acc_all + warps * G * p.Dv;  // warps x G x 3
+  for (int64_t i = threadIdx.x; i < G * p.D; i += blockDim.x) {
+    qs[i] = Convert<T>::load(q[b * p.q0 + (g * G + i / p.D) * p.q1 + (i % p.D) * p.q3]);
+  }
+  float* acc = acc_all + warp * G * p.Dv;
+  float* st = st_all + warp * G * 3;
+  for (int64_t i = lane; i < G * p.Dv; i += kWarp) acc[i] = 0.f;
+  for (int64_t i = lane; i < G; i += kWarp) {
+    st[3 * i] = -CUDART_INF_F;
+    st[3 * i + 1] = 0.f;
+    st[3 * i + 2] = 0.f;
+  }
+  __syncthreads();
+
+  const int64_t per = (p.Nk + gridDim.y - 1) / gridDim.y;
+  const int64_t j0 = blockIdx.y * per, j1 = min(p.Nk, j0 + per);
+  const T* kb = k + b * p.k0 + g * p.k1;
+  const T* vb = v + b * p.v0 + g * p.v1;
+  for (int64_t j = j0 + warp; j < j1; j += warps) {  // uniform within a warp
+    const float bias = mask == nullptr ? 0.f : mask_bias(mask[b * p.m0 + j * p.m2]);
+    if (bias == -CUDART_INF_F) continue;
+    float kr[kMaxPerLane], vr[kMaxPerLane];
+#pragma unroll
+    for (int t = 0; t < kMaxPerLane; ++t) {
+      const int64_t d = lane + t * kWarp;
+      kr[t] = d < p.D ? Convert<T>::load(kb[j * p.k2 + d * p.k3]) : 0.f;
+      vr[t] = d < p.Dv ? Convert<T>::load(vb[j * p.v2 + d * p.v3]) : 0.f;
+    }
+    const float vis = visual[b * p.Nk + j] ? 1.f : 0.f;
+    for (int64_t i = 0; i < G; ++i) {
+      float dot = 0.f;
+#pragma unroll
+      for (int t = 0; t < kMaxPerLane; ++t) {
+        const int64_t d = lane + t * kWarp;
+        if (d < p.D) dot += qs[i * p.D + d] * kr[t];
+      }
+      float x = warp_sum(dot) * p.scaling;  // the same in every lane
+      if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+      x += bias;
+      if (x == -CUDART_INF_F) continue;
+      const float m = st[3 * i], nm = fmaxf(m, x);
+      const float c = m == -CUDART_INF_F ? 0.f : expf(m - nm), e = expf(x - nm);
+      float* a = acc + i * p.Dv;
+#pragma unroll
+      for (int t = 0; t < kMaxPerLane; ++t) {
+        const int64_t d = lane + t * kWarp;
+        if (d < p.Dv) a[d] = a[d] * c + e * vr[t];
+      }
+      __syncwarp();  // every lane has read st[3 * i] before lane 0 writes it
+      if (lane == 0) {
+        st[3 * i] = nm;
+        st[3 * i + 1] = st[3 * i + 1] * c + e;
+        st[3 * i + 2] = st[3 * i + 2] * c + e * vis;
+      }
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < G * p.Dv; idx += blockDim.x) {
+    const int64_t i = idx / p.Dv, e = idx % p.Dv;
+    float m = -CUDART_INF_F;
+    for (int w = 0; w < warps; ++w) m = fmaxf(m, st_all[(w * G + i) * 3]);
+    float o = 0.f;
+    for (int w = 0; w < warps && m != -CUDART_INF_F; ++w) {
+      const float mw = st_all[(w * G + i) * 3];
+      if (mw != -CUDART_INF_F) o += acc_all[(w * G + i) * p.Dv + e] * expf(mw - m);
+    }
+    partial[((b * p.H + g * G + i) * gridDim.y + blockIdx.y) * p.Dv + e] = o;
+  }
+  for (int64_t i = threadIdx.x; i < G; i += blockDim.x) {
+    Stats total = empty_stats();
+    for (int w = 0; w < warps; ++w) {
+      const float* sw = st_all + (w * G + i) * 3;
+      total = merge(total, Stats{sw[0], sw[1], sw[2]});
+    }
+    stats[(b * p.H + g * G + i) * gridDim.y + blockIdx.y] = total;
+  }
+}
+
+// grid B*H, threads over Dv: out[bh, :] (the (B, 1, H, Dv) output, contiguous) and
+// ratios[bh] from the splits of decode_attention_kernel. A row with every key masked
+// gives an output of 0 and a ratio of NaN (0/0), as on the CPU.
+template <typename T>
+__global__ void decode_attention_combine_kernel(const Stats* __restrict__ stats, const float* __restrict__ partial,
+                                                int64_t Dv, int splits, T* __restrict__ out,
+                                                float* __restrict__ ratios) {
+  const int64_t bh = blockIdx.x;
+  const Stats* sb = stats + bh * splits;
+  float m = -CUDART_INF_F;
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, sb[s].max);
+  float sum = 0.f, vis = 0.f;
+  for (int s = 0; s < splits && m != -CUDART_INF_F; ++s) {
+    if (sb[s].max == -CUDART_INF_F) continue;
+    const float a = expf(sb[s].max - m);
+    sum += sb[s].sum * a;
+    vis += sb[s].vis * a;
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int64_t e = threadIdx.x; e < Dv; e += blockDim.x) {
+    float o = 0.f;
+    for (int s = 0; s < splits && m != -CUDART_INF_F; ++s) {
+      if (sb[s].max != -CUDART_INF_F) o += partial[(bh * splits + s) * Dv + e] * expf(sb[s].max - m);
+    }
+    out[bh * Dv + e] = Convert<T>::store(o * inv);
+  }
+  if (threadIdx.x == 0) ratios[bh] = vis / sum;
+}
+
 // ---------------------------------------------------------------- head_gains
 
 // ratios (n = B*H) contiguous, has_visual (B,); perception wins ties.

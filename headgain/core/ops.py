@@ -39,9 +39,6 @@ _KERNEL_DEVICES = (
     frozenset() if _EXT_ERROR is not None else frozenset({"cpu", "meta"} | ({"cuda"} if _C.with_cuda else set()))
 )
 
-#: device types where decode_attention has a compiled kernel
-FUSED_DEVICES = frozenset() if _EXT_ERROR is not None else frozenset({"cpu", "meta"})
-
 _warned: set[str] = set()  # device types whose fallback warning was given
 
 
@@ -120,8 +117,8 @@ def decode_attention(
     (B, Hkv, Nk, Dv) values, optional (B, 1, Nk) bool/additive mask, (B, Nk) bool visual keys ->
     ((B, 1, H, Dv) attention output in q's dtype, (B, H) float32 S_v).
 
-    Compiled for CPU only (`FUSED_DEVICES`); other devices run the PyTorch reference."""
-    if q.device.type not in FUSED_DEVICES or _fallback(q.device):
+    float64 inputs (analysis only) run the PyTorch reference."""
+    if q.dtype == torch.float64 or _fallback(q.device):
         return reference.decode_attention(q, k, v, mask, visual, scaling, softcap)
     return torch.ops.headgain.decode_attention(q, k, v, mask, visual, float(scaling), float(softcap))
 
