@@ -215,3 +215,19 @@ def test_training_keeps_the_backend():
     assert calls == 0 and logits.requires_grad
     logits.sum().backward()
     handle.detach()
+
+
+def test_binding_sliding_window_gives_the_vanilla_tokens():
+    import transformers as tf
+
+    from headgain.testing.tiny import tiny_config
+
+    config = tiny_config("gemma3")
+    config.text_config.sliding_window = 6  # shorter than the prompt: sliding layers mask old keys at every step
+    torch.manual_seed(0)
+    model = tf.AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa").eval()
+    inputs = token_inputs()
+    vanilla = _generate(model, inputs)
+    with headgain.attach(model, cfg=dict(l_perc=1, l_reas=2, g_perc=1.0, g_reas=1.0)):
+        tokens, fused_calls = _ran_fused(lambda: _generate(model, inputs))
+    assert torch.equal(tokens, vanilla) and fused_calls > 0
