@@ -16,6 +16,11 @@ void instantiate_per_element_type() {
   (void)&hk::ratio_from_qk_kernel<T, double>;
   (void)&hk::ratio_from_qk_kernel<T, __half>;
   (void)&hk::ratio_from_qk_kernel<T, __nv_bfloat16>;
+  (void)&hk::ratio_from_qk_group_kernel<T, bool>;
+  (void)&hk::ratio_from_qk_group_kernel<T, float>;
+  (void)&hk::ratio_from_qk_group_kernel<T, double>;
+  (void)&hk::ratio_from_qk_group_kernel<T, __half>;
+  (void)&hk::ratio_from_qk_group_kernel<T, __nv_bfloat16>;
   (void)&hk::decode_attention_kernel<T, bool>;
   (void)&hk::decode_attention_kernel<T, float>;
   (void)&hk::decode_attention_kernel<T, double>;

@@ -85,14 +85,50 @@ at::Tensor ratio_from_probs_cuda(const at::Tensor& probs, const at::Tensor& visu
   return out;
 }
 
+// How ratio_from_qk runs: with `warps` > 0, ratio_from_qk_group_kernel (one block per sample,
+// KV head and key split; `shared` bytes); else ratio_from_qk_kernel (one block per query
+// row and key split), for head dims over 256 or query groups too large for shared memory.
+struct QkPlan {
+  int warps = 0;
+  size_t shared = 0;
+  int splits = 1;
+};
+
+QkPlan plan_ratio_from_qk(int64_t B, int64_t H, int64_t R, int64_t D, int64_t Hkv, int64_t Nk) {
+  QkPlan plan;
+  const int64_t rows = (H / Hkv) * R;
+  if (D <= hk::kMaxPerLane * hk::kWarp) {
+    for (int warps = hk::kThreads / hk::kWarp; warps >= 1; --warps) {
+      if (hk::group_shared_bytes(rows, D, warps) <= 48 * 1024) {
+        plan.warps = warps;
+        plan.shared = hk::group_shared_bytes(rows, D, warps);
+        plan.splits = key_splits(B * Hkv, Nk, 256);
+        return plan;
+      }
+    }
+  }
+  plan.splits = key_splits(B * H * R, Nk, 256);
+  return plan;
+}
+
 template <typename T, typename M>
 void launch_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const M* mask, const at::Tensor& visual,
-                          const at::Tensor& row_weights, const hk::QkShape& shape, int splits, hk::Stats* partial) {
-  const int64_t blocks = q.size(0) * q.size(1) * q.size(2);
-  hk::ratio_from_qk_kernel<<<dim3(grid_x(blocks, "ratio_from_qk"), splits), hk::kThreads, shape.D * sizeof(float),
-                             c10::cuda::getCurrentCUDAStream()>>>(
-      device_ptr<T>(q), device_ptr<T>(k), mask, visual.const_data_ptr<bool>(), row_weights.const_data_ptr<float>(),
-      shape, partial);
+                          const at::Tensor& row_weights, const hk::QkShape& shape, const QkPlan& plan,
+                          hk::Stats* partial) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (plan.warps > 0) {
+    const int64_t blocks = q.size(0) * k.size(1);
+    hk::ratio_from_qk_group_kernel<<<dim3(grid_x(blocks, "ratio_from_qk"), plan.splits), plan.warps * hk::kWarp,
+                                     plan.shared, stream>>>(device_ptr<T>(q), device_ptr<T>(k), mask,
+                                                            visual.const_data_ptr<bool>(),
+                                                            row_weights.const_data_ptr<float>(), shape, partial);
+  } else {
+    const int64_t blocks = q.size(0) * q.size(1) * q.size(2);
+    hk::ratio_from_qk_kernel<<<dim3(grid_x(blocks, "ratio_from_qk"), plan.splits), hk::kThreads,
+                               shape.D * sizeof(float), stream>>>(device_ptr<T>(q), device_ptr<T>(k), mask,
+                                                                  visual.const_data_ptr<bool>(),
+                                                                  row_weights.const_data_ptr<float>(), shape, partial);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -116,19 +152,20 @@ at::Tensor ratio_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, const st
     shape.m1 = mask->stride(1);
     shape.m2 = mask->stride(2);
   }
-  const int splits = key_splits(B * H * R, Nk, 256);
+  const QkPlan plan = plan_ratio_from_qk(B, H, R, D, k.size(1), Nk);
+  const int splits = plan.splits;
   // (B*H*R, splits) statistics of three floats each
   auto partial = at::empty({B * H * R, splits, 3}, out.options());
   auto* stats = reinterpret_cast<hk::Stats*>(partial.data_ptr<float>());
   HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_qk_cuda", [&] {
     using T = scalar_t;
     if (!mask.has_value()) {
-      launch_ratio_from_qk<T, bool>(q, k, nullptr, vis, w, shape, splits, stats);
+      launch_ratio_from_qk<T, bool>(q, k, nullptr, vis, w, shape, plan, stats);
     } else if (mask->scalar_type() == at::kBool) {
-      launch_ratio_from_qk<T, bool>(q, k, mask->const_data_ptr<bool>(), vis, w, shape, splits, stats);
+      launch_ratio_from_qk<T, bool>(q, k, mask->const_data_ptr<bool>(), vis, w, shape, plan, stats);
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask->scalar_type(), "ratio_from_qk_cuda_mask", [&] {
-        launch_ratio_from_qk<T>(q, k, device_ptr<scalar_t>(*mask), vis, w, shape, splits, stats);
+        launch_ratio_from_qk<T>(q, k, device_ptr<scalar_t>(*mask), vis, w, shape, plan, stats);
       });
     }
   });

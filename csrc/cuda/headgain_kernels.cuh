@@ -181,6 +181,89 @@ __global__ void ratio_from_qk_kernel(const T* __restrict__ q, const T* __restric
   }
 }
 
+constexpr int kMaxPerLane = 8;  // key / value elements a lane holds: head dims up to 8 * 32 = 256
+
+// Dynamic shared memory of ratio_from_qk_group_kernel with `warps` warps: the group's query
+// rows, then per warp (max, sum, visual sum) per row.
+__host__ __device__ inline size_t group_shared_bytes(int64_t rows, int64_t D, int warps) {
+  return sizeof(float) * static_cast<size_t>(rows * D + warps * rows * 3);
+}
+
+// ratio_from_qk with each key read once per KV head: grid (B*Hkv, splits), warps * 32
+// threads. Block (bg, s) holds the R rows of the group's G query heads (row i = gi * R + r)
+// in shared memory; a warp takes one key of split s at a time, each lane holding up to
+// kMaxPerLane of its elements in registers, and updates the running statistics of every
+// row of positive weight. Writes the same partial[((b*H + h) * R + r) * splits + s] as
+// ratio_from_qk_kernel, for ratio_from_qk_combine_kernel.
+template <typename T, typename M>
+__global__ void ratio_from_qk_group_kernel(const T* __restrict__ q, const T* __restrict__ k,
+                                           const M* __restrict__ mask, const bool* __restrict__ visual,
+                                           const float* __restrict__ row_weights, QkShape p,
+                                           Stats* __restrict__ partial) {
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  const int64_t G = p.group, Hkv = p.H / G, rows = G * p.R, bg = blockIdx.x, b = bg / Hkv, g = bg % Hkv;
+  float* qs = smem;                   // rows x D
+  float* st_all = qs + rows * p.D;    // warps x rows x 3
+  for (int64_t i = threadIdx.x; i < rows * p.D; i += blockDim.x) {
+    const int64_t row = i / p.D, gi = row / p.R, r = row % p.R, d = i % p.D;
+    qs[i] = Convert<T>::load(q[b * p.q0 + (g * G + gi) * p.q1 + r * p.q2 + d * p.q3]);
+  }
+  float* st = st_all + warp * rows * 3;
+  for (int64_t i = lane; i < rows; i += kWarp) {
+    st[3 * i] = -CUDART_INF_F;
+    st[3 * i + 1] = 0.f;
+    st[3 * i + 2] = 0.f;
+  }
+  __syncthreads();
+
+  const int64_t per = (p.Nk + gridDim.y - 1) / gridDim.y;
+  const int64_t j0 = blockIdx.y * per, j1 = min(p.Nk, j0 + per);
+  const T* kb = k + b * p.k0 + g * p.k1;
+  for (int64_t j = j0 + warp; j < j1; j += warps) {  // uniform within a warp
+    float kr[kMaxPerLane];
+#pragma unroll
+    for (int t = 0; t < kMaxPerLane; ++t) {
+      const int64_t d = lane + t * kWarp;
+      kr[t] = d < p.D ? Convert<T>::load(kb[j * p.k2 + d * p.k3]) : 0.f;
+    }
+    const float vis = visual[b * p.Nk + j] ? 1.f : 0.f;
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t r = row % p.R;
+      if (!(row_weights[b * p.R + r] > 0.f)) continue;  // rows of weight <= 0 are skipped
+      float dot = 0.f;
+#pragma unroll
+      for (int t = 0; t < kMaxPerLane; ++t) {
+        const int64_t d = lane + t * kWarp;
+        if (d < p.D) dot += qs[row * p.D + d] * kr[t];
+      }
+      float x = warp_sum(dot) * p.scaling;  // the same in every lane
+      if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+      if (mask != nullptr) x += mask_bias(mask[b * p.m0 + r * p.m1 + j * p.m2]);
+      if (x == -CUDART_INF_F) continue;
+      const float m = st[3 * row], nm = fmaxf(m, x);
+      const float c = m == -CUDART_INF_F ? 0.f : expf(m - nm), e = expf(x - nm);
+      __syncwarp();  // every lane has read st[3 * row] before lane 0 writes it
+      if (lane == 0) {
+        st[3 * row] = nm;
+        st[3 * row + 1] = st[3 * row + 1] * c + e;
+        st[3 * row + 2] = st[3 * row + 2] * c + e * vis;
+      }
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+  for (int64_t row = threadIdx.x; row < rows; row += blockDim.x) {
+    Stats total = empty_stats();
+    for (int w = 0; w < warps; ++w) {
+      const float* sw = st_all + (w * rows + row) * 3;
+      total = merge(total, Stats{sw[0], sw[1], sw[2]});
+    }
+    const int64_t gi = row / p.R, r = row % p.R;
+    partial[((b * p.H + g * G + gi) * p.R + r) * gridDim.y + blockIdx.y] = total;
+  }
+}
+
 // out[b, h] = sum_r w[b, r] * vis / sum over the merged splits; one thread per (b, h).
 // A fully masked row of nonzero weight gives NaN, as the reference's softmax does.
 __global__ void ratio_from_qk_combine_kernel(const Stats* __restrict__ partial, const float* __restrict__ row_weights,
@@ -194,8 +277,6 @@ struct DecodeShape {
   int64_t m0, m2;                                      // element strides of the (B, 1, Nk) mask
   float scaling, softcap;
 };
-
-constexpr int kMaxPerLane = 8;  // key / value elements per lane: head dims up to 8 * 32 = 256
 
 // Dynamic shared memory of decode_attention_kernel with `warps` warps: the group's query
 // rows, then per warp an output row and (max, sum, visual sum) per query head.
