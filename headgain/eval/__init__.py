@@ -1,0 +1,10 @@
+"""Evaluation: benchmark files -> samples -> model answers -> the paper's metrics.
+
+* `headgain.eval.datasets.load`: VLMEvalKit TSV, Hugging Face folders and parquet, JSONL.
+* `headgain.eval.extract`: answers read off (reasoning) model outputs, by rules.
+* `headgain.eval.metrics`: accuracy, binary F1 and yes ratio, weighted F1,
+  HallusionBench aAcc/fAcc/qAcc, CHAIR.
+* `headgain.eval.stats`: paired bootstrap intervals, exact McNemar test.
+
+Submodules are imported on use; ``datasets`` (the library) only for HF folders and parquet.
+"""
