@@ -115,6 +115,7 @@ def _samples(rows, adapter, base_dir, path) -> Iterator[Sample]:
             sample = adapter.convert(row, images, index)
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
+        sample.meta.setdefault("benchmark", adapter.name)
         if sample.id in seen:
             raise DataError(f"{path}: sample id {sample.id!r} appears twice (row {index}); ids must be unique")
         seen.add(sample.id)

@@ -115,7 +115,7 @@ _NUMBER = re.compile(
 
 def _numbers(text: str) -> list[float]:
     """Every number in ``text``, in order: fractions as their value, thousands separators
-    dropped, units and signs like %, $ and ° ignored."""
+    dropped, units and signs like %, $ and ° ignored, fractions over zero skipped."""
     out = []
     for m in _NUMBER.finditer(text):
         plain = m.group(5)
@@ -123,7 +123,8 @@ def _numbers(text: str) -> list[float]:
             out.append(float(plain.replace(",", "")))
             continue
         num, den = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
-        out.append(float(num) / float(den) if float(den) != 0 else float("nan"))
+        if float(den) != 0:
+            out.append(float(num) / float(den))
     return out
 
 

@@ -28,7 +28,8 @@ class Sample:
         meta: everything else a metric or a report needs: ``category`` (per-category
             breakdowns), ``precision`` (MathVista: decimals a number is rounded to),
             HallusionBench's ``subcategory``/``set_id``/``figure_id``/``question_id``,
-            ``objects`` (ground-truth objects for CHAIR), ...
+            ``objects`` (ground-truth objects for CHAIR), ``benchmark`` (the adapter
+            that read it, set by `headgain.eval.datasets.load`), ...
     """
 
     id: str

@@ -36,7 +36,7 @@ def paired_bootstrap(
 
     Returns:
         ``(lo, hi)``, the (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled
-        deltas.
+        deltas (resamples where ``delta`` is NaN are left out).
     """
     if n < 1:
         raise ValueError("paired_bootstrap needs at least one sample")
@@ -54,7 +54,7 @@ def paired_bootstrap(
     for r in range(reps):
         picks = rng.integers(0, len(members), len(members))
         values[r] = delta(np.concatenate([members[p] for p in picks]))
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
