@@ -228,7 +228,13 @@ def _parquet(path: str, split: str | None):
             raise DataError(
                 f"{path} holds parquet files of several splits ({', '.join(prefixes)}); choose one with --split"
             )
-    ds = _datasets().Dataset.from_parquet(files)
+    datasets = _datasets()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Dataset over the tables in memory: the features (Image columns) come from the files'
+    # schema metadata, and nothing is written to the datasets cache.
+    ds = datasets.Dataset(pa.concat_tables([pq.read_table(f) for f in files]))
     return _dataset_rows(ds), list(ds.column_names), os.path.dirname(os.path.abspath(files[0]))
 
 
