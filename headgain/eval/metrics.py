@@ -73,7 +73,7 @@ def weighted_f1(pred: Sequence[Hashable | None], gold: Sequence[Hashable]) -> fl
         raise ValueError(f"{len(pred)} predictions for {len(gold)} gold answers")
     _check(len(gold), "weighted F1")
     total = 0.0
-    for cls in set(gold):
+    for cls in sorted(set(gold), key=str):  # a fixed order: the same sum in every process
         tp = sum(1 for p, g in zip(pred, gold) if p == cls and g == cls)
         fp = sum(1 for p, g in zip(pred, gold) if p == cls and g != cls)
         support = sum(1 for g in gold if g == cls)
