@@ -229,8 +229,8 @@ def write_markdown(summary: Mapping, path: str, chart: str | None = None, timing
 
 
 def save_json(obj: Mapping, path: str) -> str:
-    """``obj`` as indented, key-sorted JSON at ``path``."""
+    """``obj`` as indented JSON at ``path``, keys in insertion order (arms: vanilla first)."""
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=1)
         f.write("\n")
     return path

@@ -1,0 +1,312 @@
+"""Runs on the embedded tiny model: arms, records, summary, resume after a kill, the CLI, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from headgain import HeadGainConfig, presets
+from headgain.cli import main
+from headgain.eval import extract, metrics
+from headgain.eval.grade import is_correct
+from headgain.eval.model import embedded_source
+from headgain.eval.runner import Evaluator, evaluate
+from headgain.eval.sample import Sample
+from headgain.eval.shapes import shapes
+from headgain.eval.summary import summarize
+from headgain.eval.sweep import candidates, split_dev
+from headgain.testing.synthetic import draw_image
+from headgain.testing.tiny import EMBEDDED, embedded_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the command line uses for the embedded model: equal numerics
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return Evaluator.from_source(embedded_source())
+
+
+def _lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_vanilla_arm_is_the_plain_model(evaluator):
+    samples = shapes(4, seed=1)
+    _, rescaled, _ = evaluator.generate(samples, presets["ocean-r1-7b"], 6)  # attaches headgain
+    prompts, vanilla, _ = evaluator.generate(samples, None, 6)
+    plain = embedded_model()  # same seeded weights, headgain never attached
+    batch = evaluator.prompter.inputs(samples)
+    with torch.no_grad():
+        ids = plain.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert vanilla == evaluator.prompter.decode(ids[:, batch["input_ids"].shape[1] :])
+    assert rescaled != vanilla  # the gains change what the random-weight model says
+    assert prompts[0].startswith("What colour are the discs?\nOptions:\nA. red")
+
+
+def _jsonl_bench(path):
+    os.makedirs(path / "img", exist_ok=True)
+    rows = []
+    for i in range(5):
+        draw_image(size=(60, 60), seed=i).save(path / "img" / f"{i}.png")
+        kinds = [
+            {"options": ["red", "green", "blue"], "answer": "blue", "question": "Which colour is most common?"},
+            {"answer": "3", "question": "How many shapes?"},
+            {"answer": "yes", "question": "Is there a circle?"},
+        ]
+        rows.append(dict(kinds[i % 3], id=f"q{i}", image=f"img/{i}.png", category="even" if i % 2 == 0 else "odd"))
+    with open(path / "bench.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path / "bench.jsonl")
+
+
+def test_evaluate_records_agree_with_summary(evaluator, tmp_path):
+    from headgain.eval.datasets import load
+
+    samples = list(load(_jsonl_bench(tmp_path)))
+    cfg = HeadGainConfig(l_perc=5, l_reas=4, tau_perc=0.12, tau_reas=0.08, g_perc=1.5, g_reas=1.5)
+    out = str(tmp_path / "out")
+    summary = evaluate(evaluator, samples, {"strong": cfg}, out, "mine", max_new_tokens=5, batch=2, reps=200)
+    assert sorted(os.listdir(out)) == sorted(
+        ["vanilla.jsonl", "strong.jsonl", "summary.json", "summary.md", "summary.png", "run.json"]
+    )
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f) == summary
+    correct = {}
+    for arm in ("vanilla", "strong"):
+        recs = _lines(os.path.join(out, f"{arm}.jsonl"))
+        assert [r["id"] for r in recs] == [s.id for s in samples]
+        for r, s in zip(recs, samples):  # the records are what the extractor and grader say
+            found = extract.answer(r["output"], s)
+            assert (r["answer"], r["rule"]) == (found.value, found.rule)
+            assert r["correct"] == is_correct(found.value, s)
+        correct[arm] = [r["correct"] for r in recs]
+        values = summary["arms"][arm]
+        assert values["accuracy"] == pytest.approx(sum(correct[arm]) / len(samples), abs=1e-6)
+        choice = [(r["answer"], s.answer) for r, s in zip(recs, samples) if s.answer_type == "choice"]
+        assert values["weighted_f1"] == pytest.approx(metrics.weighted_f1(*zip(*choice)), abs=1e-6)
+        yes = [r["answer"] for r, s in zip(recs, samples) if s.answer_type == "yes_no"]
+        assert values["yes_ratio"] == pytest.approx(sum(a is True for a in yes) / len(yes), abs=1e-6)
+        assert set(values["accuracy_by_category"]) == {"even", "odd"}
+    fixed = sum(1 for v, a in zip(correct["vanilla"], correct["strong"]) if a and not v)
+    broken = sum(1 for v, a in zip(correct["vanilla"], correct["strong"]) if v and not a)
+    rows = {c["metric"]: c for c in summary["comparisons"]}
+    assert set(rows) == {"accuracy", "weighted_f1", "f1", "precision", "recall", "yes_ratio"}
+    assert (rows["accuracy"]["fixed"], rows["accuracy"]["broken"]) == (fixed, broken)
+    assert rows["accuracy"]["p_value"] is not None and rows["f1"]["p_value"] is None
+    md = open(os.path.join(out, "summary.md")).read()
+    assert "| accuracy |" in md and "![metrics per arm](summary.png)" in md and "seconds / sample" in md
+    with Image.open(os.path.join(out, "summary.png")) as img:
+        assert img.format == "PNG" and min(img.size) > 200
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["configs"]["strong"] == cfg.to_dict() and run["generation"]["max_new_tokens"] == 5
+    assert set(run["versions"]) == {"python", "torch", "transformers", "headgain"}
+    # the same folder with other generation settings or another config: new records, old ones kept
+    evaluate(evaluator, samples[:2], {"strong": cfg.replace(g_perc=1.2)}, out, "mine", max_new_tokens=4, reps=20)
+    assert [len(_lines(os.path.join(out, f"{arm}.jsonl"))) for arm in ("vanilla", "strong")] == [7, 7]
+    assert json.load(open(os.path.join(out, "summary.json")))["n"] == 2
+
+
+def test_summary_comparisons_on_hallusion_records():
+    samples, vanilla, arm = [], [], []
+    outcomes = [(1, 1), (0, 1), (0, 1), (1, 0), (0, 0), (1, 1), (0, 1), (1, 1)]
+    for i, (v, a) in enumerate(outcomes):
+        meta = dict(
+            category="VD", subcategory="chart", set_id=str(i // 4), figure_id=str(i // 2 % 2), question_id=str(i % 2)
+        )
+        samples.append(Sample(str(i), [], "q", {}, "yes", "yes_no", meta))
+        vanilla.append({"answer": bool(v), "correct": bool(v)})
+        arm.append({"answer": bool(a), "correct": bool(a)})
+    out = summarize("hb", samples, {"vanilla": vanilla, "cfg": arm}, reps=300, seed=3)
+    assert out["bootstrap"] == {"reps": 300, "seed": 3, "unit": "set"}
+    hb_v = metrics.hallusion([dict(s.meta, correct=r["correct"]) for s, r in zip(samples, vanilla)])
+    hb_a = metrics.hallusion([dict(s.meta, correct=r["correct"]) for s, r in zip(samples, arm)])
+    rows = {c["metric"]: c for c in out["comparisons"]}
+    for m in ("aAcc", "fAcc", "qAcc"):
+        assert out["arms"]["vanilla"][m] == pytest.approx(hb_v[m]) and out["arms"]["cfg"][m] == pytest.approx(hb_a[m])
+        assert rows[m]["delta"] == pytest.approx(hb_a[m] - hb_v[m])
+        assert rows[m]["ci95"][0] <= rows[m]["delta"] <= rows[m]["ci95"][1]
+    assert (rows["aAcc"]["fixed"], rows["aAcc"]["broken"]) == (3, 1)
+    assert rows["aAcc"]["p_value"] == pytest.approx(2 * 5 / 16)  # 2 P(X <= 1), X ~ Bin(4, 1/2)
+    assert rows["fAcc"]["p_value"] is None
+    assert summarize("hb", samples, {"vanilla": vanilla, "cfg": arm}, reps=300, seed=3) == out
+
+
+def _run_cli(args, capsys=None):
+    rc = main(args)
+    if capsys is not None:
+        capsys.readouterr()
+    return rc
+
+
+def test_resume_after_kill_gives_the_same_summary(tmp_path, capsys):
+    args = ["eval", "--bench", "shapes", "--limit", "8", "--batch", "2", "--max-new-tokens", "4", "--reps", "50"]
+    args += ["--no-progress", "--configs", "ocean-r1-7b", "--device", "cpu"]
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "headgain", *args, "--out", str(killed)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    arm_file = killed / "ocean-r1-7b.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if arm_file.exists() and arm_file.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = (killed / "vanilla.jsonl").read_text().count("\n")
+    assert 2 <= done_before < 8 and not (killed / "summary.json").exists()
+    with open(arm_file, "a") as f:  # a write cut off mid-line
+        f.write('{"key": "half a rec')
+    assert _run_cli([*args, "--out", str(killed)], capsys) == 0
+    fresh = tmp_path / "fresh"
+    assert _run_cli([*args, "--out", str(fresh)], capsys) == 0
+    assert json.load(open(killed / "summary.json")) == json.load(open(fresh / "summary.json"))
+    for name in ("vanilla.jsonl", "ocean-r1-7b.jsonl"):
+        ids = [r["id"] for r in _lines(killed / name)]
+        assert sorted(ids) == sorted(f"shapes-{i}" for i in range(8))  # nothing twice, nothing lost
+        outputs = {r["id"]: r["output"] for r in _lines(killed / name)}
+        assert outputs == {r["id"]: r["output"] for r in _lines(fresh / name)}
+    # a rerun of a finished run generates nothing and gives the same summary
+    before = {n: (killed / n).read_text() for n in ("vanilla.jsonl", "ocean-r1-7b.jsonl", "summary.json")}
+    assert _run_cli([*args, "--out", str(killed)], capsys) == 0
+    assert before == {n: (killed / n).read_text() for n in before}
+
+
+def test_cli_eval_tsv_configs_and_errors(tmp_path, capsys):
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    draw_image(size=(56, 56)).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    with open(tmp_path / "POPE.tsv", "w") as f:
+        f.write("index\tquestion\tanswer\tcategory\timage\n")
+        for i, (ans, cat) in enumerate(
+            [("yes", "random"), ("no", "popular"), ("no", "random"), ("yes", "adversarial")]
+        ):
+            f.write(f"{i}\tIs there a {['cat', 'dog'][i % 2]} in the image?\t{ans}\t{cat}\t{image}\n")
+    HeadGainConfig(l_perc=4, l_reas=6, tau_perc=0.2, tau_reas=0.05, g_perc=1.4, g_reas=1.2).to_json(
+        str(tmp_path / "mine.json")
+    )
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "eval",
+            "--bench",
+            str(tmp_path / "POPE.tsv"),
+            "--limit",
+            "3",
+            "--configs",
+            "ocean-r1-7b",
+            str(tmp_path / "mine.json"),
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+            "--reps",
+            "50",
+            "--no-progress",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert rc == 0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["benchmark"] == "pope (POPE.tsv)" and summary["n"] == 3
+    assert list(summary["arms"]) == ["vanilla", "ocean-r1-7b", "mine"]
+    assert {"accuracy", "f1", "precision", "recall", "yes_ratio"} <= set(summary["arms"]["mine"])
+    assert {(c["arm"], c["metric"]) for c in summary["comparisons"]} >= {("mine", "f1"), ("ocean-r1-7b", "yes_ratio")}
+    assert "mine - vanilla, accuracy" in text and f"wrote {out / 'summary.md'}" in text
+
+    def error(argv):
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    assert "not a built-in benchmark (shapes)" in error(["eval", "--bench", str(tmp_path / "nope.tsv")])
+    (tmp_path / "vanilla.json").write_text(presets["ocean-r1-7b"].to_json())
+    assert "named 'vanilla'" in error(["eval", "--bench", "shapes", "--configs", str(tmp_path / "vanilla.json")])
+    assert "unknown preset 'nope'" in error(["eval", "--bench", "shapes", "--configs", "nope"])
+    (tmp_path / "x.tsv").write_text("index\tquestion\n0\tq\n")
+    assert "'answer' missing" in error(["eval", "--bench", str(tmp_path / "x.tsv")])
+
+
+def test_candidates_and_dev_split():
+    base = presets["ocean-r1-7b"]
+    grid = candidates(base, num_layers=12)
+    assert len(grid) == 27 and all(c.strategy == "enhance" for c in grid.values())
+    assert {c.l_perc for c in grid.values()} == {5, 7, 9} and {c.l_reas for c in grid.values()} == {1, 3, 5}
+    assert {c.g_perc for c in grid.values()} == {1.08, 1.16, 1.24}
+    clipped = candidates(base, num_layers=8)  # l_perc 9 is clipped to 7: duplicates dropped
+    assert len(clipped) == 27 and max(c.l_perc for c in clipped.values()) == 7
+    both = candidates(base, 12, "random", trials=5, seed=4, strategies=("enhance", "mixed"))
+    assert len(both) == 10 and candidates(base, 12, "random", trials=5, seed=4, strategies=("enhance", "mixed")) == both
+    assert {c.strategy for c in both.values()} == {"enhance", "mixed"}
+    samples = shapes(10)
+    dev, held = split_dev(samples, 0.3, seed=0)
+    assert len(dev) == 3 and len(held) == 7 and not {s.id for s in dev} & {s.id for s in held}
+    assert split_dev(samples, 0.3, seed=0) == (dev, held) and split_dev(samples, 0.3, seed=1) != (dev, held)
+
+
+def test_cli_sweep_tunes_on_dev_reports_on_held_out(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = main(
+        [
+            "sweep",
+            "--bench",
+            "shapes",
+            "--limit",
+            "10",
+            "--dev-frac",
+            "0.4",
+            "--search",
+            "random",
+            "--trials",
+            "3",
+            "--min-samples",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--batch",
+            "4",
+            "--reps",
+            "50",
+            "--out",
+            str(out),
+        ]
+    )
+    text = capsys.readouterr().out
+    assert rc == 0
+    result = json.load(open(out / "sweep.json"))
+    assert (result["n_dev"], result["n_held_out"]) == (4, 6)
+    assert result["rung_sizes"][-1] == 4 and result["rung_sizes"] == sorted(result["rung_sizes"])
+    assert len(result["configs"]) == 3 and result["chosen"] in result["configs"]
+    for entry in result["configs"].values():
+        assert 0.0 <= entry["selected_share"] <= 1.0 and 1 <= len(entry["dev"]) <= len(result["rung_sizes"])
+    assert len(result["configs"][result["chosen"]]["dev"]) == len(result["rung_sizes"])
+    dev_ids = {r["id"] for r in _lines(out / "dev" / "vanilla.jsonl")}
+    held_ids = {r["id"] for r in _lines(out / "held_out" / "vanilla.jsonl")}
+    assert len(dev_ids) == 4 and len(held_ids) == 6 and not dev_ids & held_ids
+    assert list(result["held_out"]["arms"]) == ["vanilla", result["chosen"]]
+    assert f"chosen: {result['chosen']}" in text
+    assert EMBEDDED["layers"] == 12
