@@ -129,6 +129,9 @@ def _evaluator(args):
     from .model import checkpoint_source, embedded_source
     from .runner import Evaluator
 
+    local_rank = os.environ.get("LOCAL_RANK")
+    if args.device == "auto" and local_rank is not None and torch.cuda.is_available():
+        args.device = f"cuda:{local_rank}"  # torchrun / accelerate launch: one GPU per process
     device = _device(args.device)
     if args.model is None:
         if device.type == "cpu":
@@ -188,7 +191,7 @@ def cmd_eval(args) -> int:
     import json
 
     from ..cli import CLIError
-    from .runner import evaluate
+    from .runner import distributed_rank, evaluate
 
     configs = _configs(args.configs)
     samples, benchmark = _samples(args, args.split)
@@ -201,7 +204,11 @@ def cmd_eval(args) -> int:
         if not isinstance(synonyms, dict):
             raise CLIError(f'{args.synonyms}: expected a JSON object {{"word": "object"}}')
     evaluator = _evaluator(args)
-    print(f"model: {evaluator.name}; {len(samples)} samples of {benchmark}; arms: vanilla, {', '.join(configs)}")
+    rank, world = distributed_rank()
+    if rank == 0:
+        shards = f" in {world} shards" if world > 1 else ""
+        arms = ", ".join(["vanilla", *configs])
+        print(f"model: {evaluator.name}; {len(samples)} samples of {benchmark}{shards}; arms: {arms}")
     summary = evaluate(
         evaluator,
         samples,
@@ -215,6 +222,12 @@ def cmd_eval(args) -> int:
         synonyms=synonyms,
         progress=False if args.no_progress else None,
     )
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if summary is None:  # another rank than 0: rank 0 merges and reports
+        return 0
     _print_summary(summary)
     for name in ("summary.json", "summary.md", "summary.png", "run.json"):
         print(f"wrote {os.path.join(args.out, name)}")
@@ -225,6 +238,8 @@ def cmd_sweep(args) -> int:
     from ..cli import CLIError, load_config
     from .sweep import candidates, split_dev, sweep
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CLIError("headgain sweep runs in one process; launch it without torchrun / accelerate launch")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     bad = [s for s in strategies if s not in ("enhance", "attenuate", "bipolar", "mixed")]
     if bad or not strategies:

@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TextIO
 
 import torch
@@ -25,7 +25,7 @@ from .sample import Sample
 from .store import ArmStore, record_key
 from .summary import plot_summary, save_json, summarize, write_markdown
 
-__all__ = ["Evaluator", "evaluate", "VANILLA"]
+__all__ = ["Evaluator", "evaluate", "distributed_rank", "VANILLA"]
 
 VANILLA = "vanilla"
 
@@ -97,27 +97,36 @@ class Evaluator:
         judge: extract.Judge | None = None,
         progress: bool | None = None,
         stream: TextIO | None = None,
-    ) -> dict[str, list[dict]]:
+        rank: int = 0,
+        world: int = 1,
+    ) -> dict[str, list[dict]] | None:
         """Answer ``samples`` with every arm, resuming from the records in ``out``.
 
-        Batches are fixed slices of ``samples`` (so a resumed run batches, and therefore
+        Batches are fixed slices of the samples (so a resumed run batches, and therefore
         pads, every sample as an uninterrupted one would). After each batch its records are
         appended to ``out/<arm>.jsonl`` and flushed.
 
+        Data parallel (``world`` > 1, ``torch.distributed`` initialised): rank r answers
+        samples r, r + world, ... into ``out/<arm>.rank<r>.jsonl``; after a barrier rank 0
+        reads every shard and returns all records, the other ranks return None.
+
         Returns:
             arm -> its records in sample order (dicts with ``key``, ``id``, ``arm``,
-            ``prompt``, ``output``, ``answer``, ``rule``, ``correct``, ``seconds``).
+            ``prompt``, ``output``, ``answer``, ``rule``, ``gold``, ``correct``,
+            ``seconds``).
         """
         os.makedirs(out, exist_ok=True)
         generation = {"max_new_tokens": max_new_tokens, "do_sample": False, "model": self.name}
-        stores = {arm: ArmStore(os.path.join(out, f"{_file_name(arm)}.jsonl")) for arm in arms}
+        shard = None if world == 1 else rank
+        stores = {arm: ArmStore(out, _file_name(arm), shard) for arm in arms}
         keys = {
             arm: [record_key(benchmark, s.id, arm, None if cfg is None else cfg.to_dict(), generation) for s in samples]
             for arm, cfg in arms.items()
         }
-        bar = _Progress(len(samples), list(arms), progress, stream)
-        for start in range(0, len(samples), batch):
-            chunk = range(start, min(start + batch, len(samples)))
+        mine = list(range(rank, len(samples), world))
+        bar = _Progress(len(mine), list(arms), progress if rank == 0 else False, stream)
+        for start in range(0, len(mine), batch):
+            chunk = mine[start : start + batch]
             for arm, cfg in arms.items():
                 todo = [i for i in chunk if keys[arm][i] not in stores[arm]]
                 if not todo:
@@ -142,9 +151,16 @@ class Evaluator:
                     )
                 stores[arm].add(records)
             bar.update(
-                chunk.stop, {arm: [stores[arm].records.get(keys[arm][i]) for i in range(chunk.stop)] for arm in arms}
+                start + len(chunk), lambda: {arm: [stores[arm].records.get(keys[arm][i]) for i in mine] for arm in arms}
             )
         bar.close()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            if rank != 0:
+                return None
+            stores = {arm: ArmStore(out, _file_name(arm), shard) for arm in arms}
         return {arm: [stores[arm].records[k] for k in keys[arm]] for arm in arms}
 
 
@@ -160,9 +176,11 @@ class _Progress:
         self.enabled = bool(getattr(self.stream, "isatty", lambda: False)()) if enabled is None else enabled
         self.total, self.arms, self.start, self.first = total, arms, time.perf_counter(), None
 
-    def update(self, done: int, records: Mapping[str, list]) -> None:
+    def update(self, done: int, records: Callable[[], Mapping[str, list]]) -> None:
+        """``records()``: arm -> this run's records so far (None where not yet answered)."""
         if not self.enabled:
             return
+        records = records()
         if self.first is None:
             self.first = (done, time.perf_counter())
         d0, t0 = self.first
@@ -195,6 +213,19 @@ def _versions() -> dict[str, str]:
     }
 
 
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world_size)``: ``(0, 1)`` unless launched by ``torchrun`` / ``accelerate
+    launch`` with ``WORLD_SIZE`` > 1, in which case the default process group is set up
+    (gloo: only barriers cross processes) if nobody has yet."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def evaluate(
     evaluator: Evaluator,
     samples: Sequence[Sample],
@@ -209,7 +240,7 @@ def evaluate(
     judge: extract.Judge | None = None,
     synonyms: Mapping[str, str] | None = None,
     progress: bool | None = None,
-) -> dict:
+) -> dict | None:
     """Vanilla and every config on ``samples``; writes into ``out``:
 
     * ``<arm>.jsonl``: per-sample records (see `Evaluator.run`);
@@ -217,15 +248,28 @@ def evaluate(
     * ``run.json``: benchmark, model, configs, generation settings, seed, versions and
       seconds per sample per arm.
 
-    Returns the summary object. ``seed`` seeds torch and the bootstrap.
+    Returns the summary object (None on ranks other than 0 of a data-parallel run, see
+    `distributed_rank`). ``seed`` seeds torch and the bootstrap.
     """
     if VANILLA in configs:
         raise ValueError(f"{VANILLA!r} names the arm without headgain; give the configs other names")
     torch.manual_seed(seed)
     arms: dict[str, HeadGainConfig | None] = {VANILLA: None, **configs}
+    rank, world = distributed_rank()
     records = evaluator.run(
-        samples, arms, out, benchmark, max_new_tokens=max_new_tokens, batch=batch, judge=judge, progress=progress
+        samples,
+        arms,
+        out,
+        benchmark,
+        max_new_tokens=max_new_tokens,
+        batch=batch,
+        judge=judge,
+        progress=progress,
+        rank=rank,
+        world=world,
     )
+    if records is None:
+        return None
     summary = summarize(benchmark, samples, records, reps=reps, seed=seed, synonyms=synonyms)
     timing = {arm: sum(r["seconds"] for r in recs) / len(recs) for arm, recs in records.items()}
     save_json(summary, os.path.join(out, "summary.json"))

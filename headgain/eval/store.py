@@ -1,13 +1,15 @@
 """Per-arm JSONL records of an evaluation run, and resuming from them.
 
-Each arm writes ``<out>/<arm>.jsonl``, one JSON object per answered sample, flushed after
-every batch, so a killed run loses at most the batch in flight. A record's ``key`` hashes
+Each arm writes ``<out>/<arm>.jsonl`` (each rank of a data-parallel run its own
+``<arm>.rank<r>.jsonl``), one JSON object per answered sample, flushed after every
+batch, so a killed run loses at most the batch in flight. A record's ``key`` hashes
 the benchmark, the sample id, the arm, its config and the generation settings: a rerun
 with the same folder skips samples whose key is already there and redoes the rest.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -24,19 +26,24 @@ def record_key(benchmark: str, sample_id: str, arm: str, config: Mapping[str, An
 
 
 class ArmStore:
-    """The records of one arm: those already on disk (by key) and new ones appended.
+    """The records of one arm in folder ``out``: those on disk (by key) and new ones.
 
-    A last line cut off by a kill (not valid JSON) is dropped from the file on open.
+    Records are read from ``<arm>.jsonl`` and from the shard files ``<arm>.rank<r>.jsonl``
+    of a data-parallel run (any world size); new ones are appended to ``<arm>.jsonl``, or
+    to this rank's shard file when ``rank`` is given. A last line cut off by a kill is
+    dropped (and cut from this store's own file).
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, out: str, arm: str, rank: int | None = None):
+        self.path = os.path.join(out, f"{arm}.jsonl" if rank is None else f"{arm}.rank{rank}.jsonl")
         self.records: dict[str, dict] = {}
-        if os.path.exists(path):
-            self._read()
+        shards = sorted(glob.glob(os.path.join(glob.escape(out), f"{glob.escape(arm)}.rank*.jsonl")))
+        for path in [os.path.join(out, f"{arm}.jsonl"), *shards]:
+            if os.path.exists(path):
+                self._read(path, own=path == self.path)
 
-    def _read(self) -> None:
-        with open(self.path, "rb") as f:
+    def _read(self, path: str, own: bool) -> None:
+        with open(path, "rb") as f:
             data = f.read()
         good = 0
         for line in data.splitlines(keepends=True):
@@ -48,8 +55,8 @@ class ArmStore:
                 break
             self.records[record["key"]] = record
             good += len(line)
-        if good < len(data):
-            with open(self.path, "r+b") as f:
+        if own and good < len(data):
+            with open(path, "r+b") as f:
                 f.truncate(good)
 
     def __contains__(self, key: str) -> bool:
