@@ -247,6 +247,11 @@ def test_cli_eval_tsv_configs_and_errors(tmp_path, capsys):
     (tmp_path / "vanilla.json").write_text(presets["ocean-r1-7b"].to_json())
     assert "named 'vanilla'" in error(["eval", "--bench", "shapes", "--configs", str(tmp_path / "vanilla.json")])
     assert "unknown preset 'nope'" in error(["eval", "--bench", "shapes", "--configs", "nope"])
+    HeadGainConfig(l_perc=30).to_json(str(tmp_path / "deep.json"))
+    message = error(
+        ["eval", "--bench", "shapes", "--configs", str(tmp_path / "deep.json"), "--out", str(tmp_path / "d")]
+    )
+    assert "l_perc=30 outside the model" in message and not os.path.exists(tmp_path / "d" / "vanilla.jsonl")
     (tmp_path / "x.tsv").write_text("index\tquestion\n0\tq\n")
     assert "'answer' missing" in error(["eval", "--bench", str(tmp_path / "x.tsv")])
 

@@ -50,6 +50,17 @@ class Evaluator:
         model, processor = source()
         return cls(model, processor, getattr(source, "name", type(model).__name__), arch_map)
 
+    def check(self, configs: Sequence[HeadGainConfig | None]) -> None:
+        """Attach headgain (with the first config) and validate every config against the
+        model before anything is generated; raises `headgain.ConfigError` naming the bad
+        fields."""
+        real = [c for c in configs if c is not None]
+        if not real:
+            return
+        self._arm(real[0])
+        for cfg in real[1:]:
+            cfg.check_layers(self.handle.num_layers)
+
     def _arm(self, cfg: HeadGainConfig | None) -> None:
         from ..core.handle import attach
 
@@ -115,6 +126,7 @@ class Evaluator:
             ``prompt``, ``output``, ``answer``, ``rule``, ``gold``, ``correct``,
             ``seconds``).
         """
+        self.check(list(arms.values()))
         os.makedirs(out, exist_ok=True)
         generation = {"max_new_tokens": max_new_tokens, "do_sample": False, "model": self.name}
         shard = None if world == 1 else rank

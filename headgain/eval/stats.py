@@ -41,9 +41,8 @@ def paired_bootstrap(
     if n < 1:
         raise ValueError("paired_bootstrap needs at least one sample")
     rng = np.random.default_rng(seed)
-    if clusters is None:
-        members = [np.array([i]) for i in range(n)]
-    else:
+    members = None
+    if clusters is not None:
         if len(clusters) != n:
             raise ValueError(f"{len(clusters)} cluster labels for {n} samples")
         by_label: dict = {}
@@ -52,8 +51,11 @@ def paired_bootstrap(
         members = [np.array(v) for v in by_label.values()]
     values = np.empty(reps)
     for r in range(reps):
-        picks = rng.integers(0, len(members), len(members))
-        values[r] = delta(np.concatenate([members[p] for p in picks]))
+        if members is None:
+            values[r] = delta(rng.integers(0, n, n))
+        else:
+            picks = rng.integers(0, len(members), len(members))
+            values[r] = delta(np.concatenate([members[p] for p in picks]))
     lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
