@@ -315,3 +315,68 @@ def test_cli_sweep_tunes_on_dev_reports_on_held_out(tmp_path, capsys):
     assert list(result["held_out"]["arms"]) == ["vanilla", result["chosen"]]
     assert f"chosen: {result['chosen']}" in text
     assert EMBEDDED["layers"] == 12
+
+
+def _llava_processor():
+    """A LlavaProcessor built in memory: a byte-level BPE tokenizer trained on a few words
+    whose "<image>" token gets the tiny models' IMAGE_ID, a CLIP image processor (PIL), a chat
+    template."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from headgain.testing.tiny import IMAGE_ID
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=IMAGE_ID,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    words = "What colour are the discs? Options: A. red B. green C. blue D. yellow. How many Is there a user assistant"
+    tok.train_from_iterator([words] * 5, trainer)
+    assert tok.get_vocab_size() == IMAGE_ID
+    tok.add_special_tokens(["<image>"])  # id IMAGE_ID
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    images = tf.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return tf.LlavaProcessor(
+        image_processor=images,
+        tokenizer=fast,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=template,
+        num_additional_image_tokens=1,
+    )
+
+
+def test_processor_path_chat_template_left_padding(tmp_path):
+    from headgain.testing.tiny import IMAGE_ID, tiny_model
+
+    processor = _llava_processor()
+    evaluator = Evaluator(tiny_model("llava"), processor, name="tiny llava")
+    samples = shapes(3, seed=2) + [Sample("blind", [], "Is there a red disc?", {}, "no", "yes_no")]
+    cfg = HeadGainConfig(l_perc=1, l_reas=2, tau_perc=0.2, tau_reas=0.1, g_perc=1.5, g_reas=1.5)
+    with pytest.warns(RuntimeWarning, match="no visual tokens"):  # the blind sample is left untouched
+        records = evaluator.run(
+            samples, {"vanilla": None, "cfg": cfg}, str(tmp_path), "shapes", max_new_tokens=4, batch=4
+        )
+    prompts = [r["prompt"] for r in records["vanilla"]]
+    assert prompts[0] == "user: <image>What colour are the discs?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n" + (
+        "Answer with the option's letter from the given choices. assistant:"
+    )
+    assert "<image>" not in prompts[3]  # a question without a figure (HallusionBench has some)
+    batch = processor(text=prompts, images=[s.images[0] for s in samples[:3]], return_tensors="pt", padding=True)
+    assert (batch["input_ids"] == IMAGE_ID).sum(1).tolist() == [4, 4, 4, 0]
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padding (the prompter set it)
+    plain = tiny_model("llava")  # same seeded weights, headgain never attached
+    with torch.no_grad():
+        ids = plain.generate(**batch, max_new_tokens=4, do_sample=False)
+    expected = processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert [r["output"] for r in records["vanilla"]] == expected
+    assert [r["output"] for r in records["cfg"]] != expected

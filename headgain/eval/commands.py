@@ -131,7 +131,7 @@ def _evaluator(args):
 
     local_rank = os.environ.get("LOCAL_RANK")
     if args.device == "auto" and local_rank is not None and torch.cuda.is_available():
-        args.device = f"cuda:{local_rank}"  # torchrun / accelerate launch: one GPU per process
+        args.device = f"cuda:{int(local_rank) % torch.cuda.device_count()}"  # one GPU per process
     device = _device(args.device)
     if args.model is None:
         if device.type == "cpu":
