@@ -19,7 +19,8 @@ from .sample import Sample
 
 __all__ = ["ModelSource", "embedded_source", "checkpoint_source", "Prompter"]
 
-#: ``() -> (model, processor or None)``
+#: ``() -> (model, processor or None)``; a ``name`` attribute, when set, names the model in
+#: records and ``run.json`` (and is part of every record's resume key).
 ModelSource = Callable[[], tuple[torch.nn.Module, object]]
 
 

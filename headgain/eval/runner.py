@@ -62,14 +62,14 @@ class Evaluator:
             cfg.check_layers(self.handle.num_layers)
 
     def _arm(self, cfg: HeadGainConfig | None) -> None:
-        from ..core.handle import attach
+        from ..core.handle import attach, handle_of
 
         if cfg is None:
             if self.handle is not None:
                 self.handle.enabled = False
             return
-        if self.handle is None:
-            self.handle = attach(self.model, self.arch_map, cfg)
+        if self.handle is None:  # a handle the caller attached is used (its cfg is set per arm)
+            self.handle = handle_of(self.model) or attach(self.model, self.arch_map, cfg)
         self.handle.cfg = cfg
         self.handle.enabled = True
 
