@@ -380,3 +380,39 @@ def test_processor_path_chat_template_left_padding(tmp_path):
     expected = processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert [r["output"] for r in records["vanilla"]] == expected
     assert [r["output"] for r in records["cfg"]] != expected
+
+
+def test_summary_chair_on_captions():
+    synonyms = {"puppy": "dog", "man": "person", "dog": "dog", "cat": "cat", "person": "person"}
+    samples = [
+        Sample("a", [], "Describe.", {}, "", "text", {"objects": ["dog", "person"]}),
+        Sample("b", [], "Describe.", {}, "", "text", {"objects": ["cat"]}),
+        Sample("c", [], "Describe.", {}, "", "text", {"objects": ["cat"]}),
+    ]
+    vanilla = ["A man with a puppy and a cat.", "A cat.", "A dog and a cat."]
+    arm = ["A man with a puppy.", "A cat.", "A cat."]
+    records = {
+        name: [{"answer": t, "correct": False} for t in texts] for name, texts in (("vanilla", vanilla), ("arm", arm))
+    }
+    out = summarize("captions", samples, records, reps=100, synonyms=synonyms)
+    objects = [s.meta["objects"] for s in samples]
+    for name, texts in (("vanilla", vanilla), ("arm", arm)):
+        expected = metrics.chair(texts, objects, synonyms)
+        assert out["arms"][name]["chair_s"] == pytest.approx(expected["chair_s"], abs=1e-6)
+        assert out["arms"][name]["chair_i"] == pytest.approx(expected["chair_i"], abs=1e-6)
+    assert out["arms"]["vanilla"]["chair_s"] == pytest.approx(2 / 3, abs=1e-6)  # hand count: captions a and c
+    rows = {c["metric"]: c for c in out["comparisons"]}
+    assert rows["chair_s"]["delta"] == pytest.approx(-2 / 3, abs=1e-6)
+
+
+def test_progress_line_shows_eta_and_running_accuracy(evaluator, tmp_path):
+    import io
+
+    stream = io.StringIO()
+    samples = shapes(4, seed=3)
+    evaluator.run(
+        samples, {"vanilla": None}, str(tmp_path), "shapes", max_new_tokens=2, batch=2, progress=True, stream=stream
+    )
+    lines = stream.getvalue().split("\r")
+    assert lines[1].startswith("2/4 ETA") and lines[2].startswith("4/4 ETA") and lines[2].endswith("\n")
+    assert "accuracy: vanilla 0.000" in lines[2]
