@@ -314,6 +314,9 @@ def test_cli_sweep_tunes_on_dev_reports_on_held_out(tmp_path, capsys):
     assert len(dev_ids) == 4 and len(held_ids) == 6 and not dev_ids & held_ids
     assert list(result["held_out"]["arms"]) == ["vanilla", result["chosen"]]
     assert f"chosen: {result['chosen']}" in text
+    assert main(["sweep", "--bench", "shapes", "--limit", "6", "--metric", "aAcc", "--out", str(tmp_path / "x")]) == 2
+    assert "metric 'aAcc' is not computed for shapes; available: accuracy" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x" / "dev")
     assert EMBEDDED["layers"] == 12
 
 

@@ -143,6 +143,9 @@ def sweep(
         raise ValueError(f"dev and held-out samples share ids {sorted(overlap)[:5]}")
     if eta < 2:
         raise ValueError(f"eta must be at least 2, got {eta}")
+    available = metric_functions(dev, [{"answer": None, "correct": False}] * len(dev))  # names depend on the samples
+    if metric not in available:
+        raise ValueError(f"metric {metric!r} is not computed for {benchmark}; available: {', '.join(available)}")
     say = log or (lambda _line: None)
     rungs = max(1, math.ceil(math.log(max(1, len(configs)), eta)) + 1)
     sizes = [min(len(dev), max(min_samples, math.ceil(len(dev) / eta ** (rungs - 1 - r)))) for r in range(rungs)]
@@ -158,10 +161,7 @@ def sweep(
         )
         everything = np.arange(size)
         for arm in arms:
-            value = metric_functions(subset, records[arm])
-            if metric not in value:
-                raise ValueError(f"metric {metric!r} is not computed for {benchmark}; available: {', '.join(value)}")
-            score = float(value[metric](everything))
+            score = float(metric_functions(subset, records[arm])[metric](everything))
             (vanilla_scores if arm == VANILLA else scores[arm]).append(round(score, 6))
         ranked = sorted(alive, key=lambda name: (-scores[name][-1], list(configs).index(name)))
         say(
