@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from headgain.eval.datasets import DataError, detect_format, load
+from headgain.eval.images import LazyImages
 from headgain.testing.synthetic import draw_image
 
 try:
@@ -87,6 +88,8 @@ def test_tsv_mmstar_options_images_categories(tmp_path):
     assert [s.category for s in samples] == ["coarse", "fine", "fine"]
     assert samples[0].meta["benchmark"] == "mmstar" and samples[0].meta["l2_category"] == "image style"
     assert _same(samples[0].images[0], imgs[0]) and len(samples[0].images) == 1
+    assert isinstance(samples[0].images, LazyImages)  # kept compressed, decoded on each access
+    assert samples[0].images[0] is not samples[0].images[0] and samples[0].images[0].mode == "RGB"
     assert len(samples[2].images) == 2 and _same(samples[2].images[1], imgs[2])
 
 
@@ -134,7 +137,7 @@ def test_tsv_hallusionbench_shared_figure_and_missing_image(tmp_path):
     assert [s.answer for s in samples] == ["yes", "no", "yes"]
     assert all(s.answer_type == "yes_no" for s in samples)
     assert _same(samples[1].images[0], fig)  # the reference resolved
-    assert samples[2].images == []
+    assert len(samples[2].images) == 0
     assert samples[1].meta["subcategory"] == "chart" and samples[1].meta["question_id"] == "1"
     assert samples[0].meta["benchmark"] == "hallusionbench"
 
@@ -429,6 +432,13 @@ def test_errors_name_the_problem(tmp_path):
     )
     with pytest.raises(DataError, match="'E' is not one of the options"):
         list(load(str(tmp_path / "bad.tsv")))
+    _write_tsv(
+        tmp_path / "corrupt.tsv",
+        ["index", "question", "answer", "image"],
+        [dict(index=0, question="q", answer="yes", image="bm90IGFuIGltYWdl" * 8)],  # base64 of text
+    )
+    with pytest.raises(DataError, match="corrupt.tsv row 0: not an image"):
+        list(load(str(tmp_path / "corrupt.tsv")))
     (tmp_path / "dup.jsonl").write_text('{"id": 1, "question": "q", "answer": "yes"}\n' * 2)
     with pytest.raises(DataError, match="appears twice"):
         list(load(str(tmp_path / "dup.jsonl")))

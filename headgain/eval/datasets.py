@@ -8,6 +8,9 @@ Formats (detected from the path when ``format`` is None):
   (VLMEvalKit stores a figure shared by several questions once).
 * ``"hf"``: a Hugging Face ``datasets`` folder written by ``save_to_disk`` (a Dataset or
   a DatasetDict).
+
+Images stay compressed until used: `Sample.images` is a `LazyImages` that decodes on
+each access, so a benchmark of thousands of pictures fits in memory.
 * ``"parquet"``: one parquet file, or a folder of them (as the benchmarks publish them on
   the Hub: ``data/<split>-00000-of-00001.parquet``), read with ``datasets``.
 * ``"jsonl"``: one JSON object per line, image paths relative to the file (``image``: a
@@ -28,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .adapters import ADAPTERS, detect
-from .images import decode_image, split_image_list
+from .images import LazyImages, split_image_list
 from .sample import Sample
 
 __all__ = ["load", "FORMATS", "DataError", "detect_format"]
@@ -109,9 +112,9 @@ def load(
 def _samples(rows, adapter, base_dir, path) -> Iterator[Sample]:
     seen: set[str] = set()
     for index, row in enumerate(rows):
-        where = f"{path} row {index}"
-        images = [decode_image(v, base_dir, where) for v in _image_values(row)]
+        images = LazyImages(_image_values(row), base_dir, f"{path} row {index}")
         try:
+            images.check()
             sample = adapter.convert(row, images, index)
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
@@ -238,6 +241,22 @@ def _parquet(path: str, split: str | None):
     return _dataset_rows(ds), list(ds.column_names), os.path.dirname(os.path.abspath(files[0]))
 
 
+def _undecoded(feature):
+    """``feature`` with every Image feature in it set not to decode (rows then hold the
+    compressed bytes; `LazyImages` decodes them on use)."""
+    from datasets import Image as ImageFeature
+
+    if isinstance(feature, ImageFeature):
+        return ImageFeature(decode=False)
+    if hasattr(feature, "feature") and isinstance(feature.feature, ImageFeature):
+        return type(feature)(ImageFeature(decode=False))
+    return feature
+
+
 def _dataset_rows(ds) -> Iterator[dict]:
+    for name, feature in ds.features.items():
+        undecoded = _undecoded(feature)
+        if undecoded is not feature:
+            ds = ds.cast_column(name, undecoded)
     for i in range(len(ds)):
         yield ds[i]

@@ -7,10 +7,11 @@ import base64
 import binascii
 import io
 import os
+from collections.abc import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["decode_image", "split_image_list"]
+__all__ = ["decode_image", "split_image_list", "LazyImages"]
 
 
 def split_image_list(value: str) -> list[str]:
@@ -59,3 +60,52 @@ def decode_image(value, base_dir: str | None = None, where: str = "") -> Image.I
             raise ValueError(f"{where}: image {value[:80]!r} is neither a file nor base64 data") from None
         return decode_image(raw, base_dir, where)
     raise ValueError(f"{where}: cannot read an image from a {type(value).__name__}")
+
+
+class LazyImages(Sequence):
+    """A sample's images, decoded to RGB on each access and never kept decoded, so a whole
+    benchmark stays in memory as its compressed sources (base64 text, file paths, bytes).
+
+    Args:
+        sources: per image anything `decode_image` reads.
+        base_dir: folder that relative paths are taken from.
+        where: names the sample in error messages.
+    """
+
+    def __init__(self, sources: Sequence, base_dir: str | None = None, where: str = ""):
+        self.sources, self.base_dir, self.where = list(sources), base_dir, where
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [decode_image(v, self.base_dir, self.where) for v in self.sources[index]]
+        return decode_image(self.sources[index], self.base_dir, self.where)
+
+    def check(self) -> None:
+        """Raise `ValueError` (naming the sample) unless every source opens as an image;
+        reads headers only."""
+        for value in self.sources:
+            if isinstance(value, Image.Image):
+                continue
+            if isinstance(value, dict):
+                value = value.get("bytes") or value.get("path")
+            if isinstance(value, str):
+                path = value if self.base_dir is None or os.path.isabs(value) else os.path.join(self.base_dir, value)
+                if len(value) < 1024 and os.path.isfile(path):
+                    value = path
+                else:
+                    try:
+                        value = io.BytesIO(base64.b64decode(value, validate=True))
+                    except (binascii.Error, ValueError):
+                        raise ValueError(
+                            f"{self.where}: image {value[:80]!r} is neither a file nor base64 data"
+                        ) from None
+            elif isinstance(value, (bytes, bytearray)):
+                value = io.BytesIO(value)
+            try:
+                with Image.open(value):
+                    pass
+            except (UnidentifiedImageError, OSError, TypeError) as e:
+                raise ValueError(f"{self.where}: not an image ({e})") from None

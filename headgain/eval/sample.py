@@ -17,8 +17,9 @@ class Sample:
 
     Attributes:
         id: the sample's identifier in its benchmark (a string, unique within the file).
-        images: the question's images as RGB ``PIL.Image.Image`` objects (may be empty:
-            some HallusionBench questions have no figure).
+        images: the question's images, a sequence of RGB ``PIL.Image.Image`` (a list, or
+            the `headgain.eval.images.LazyImages` that `load` gives, which decodes on each
+            access); may be empty: some HallusionBench questions have no figure.
         question: the question text, without the options.
         options: option letter -> option text, in the order shown ("A", "B", ...); empty
             for open-ended questions.
