@@ -112,6 +112,8 @@ def test_evaluate_records_agree_with_summary(evaluator, tmp_path):
     assert rows["accuracy"]["p_value"] is not None and rows["f1"]["p_value"] is None
     md = open(os.path.join(out, "summary.md")).read()
     assert "| accuracy |" in md and "![metrics per arm](summary.png)" in md and "seconds / sample" in md
+    even = summary["arms"]["strong"]["accuracy_by_category"]["even"]
+    assert f"| even | {summary['arms']['vanilla']['accuracy_by_category']['even']:.4f} | {even:.4f} |" in md
     with Image.open(os.path.join(out, "summary.png")) as img:
         assert img.format == "PNG" and min(img.size) > 200
     run = json.load(open(os.path.join(out, "run.json")))

@@ -189,7 +189,7 @@ def plot_summary(summary: Mapping, path: str) -> str:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("value (error bars: 95% bootstrap interval)")
     ax.set_title(f"{summary['benchmark']}: n = {summary['n']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -197,8 +197,9 @@ def plot_summary(summary: Mapping, path: str) -> str:
 
 
 def write_markdown(summary: Mapping, path: str, chart: str | None = None, timing: Mapping | None = None) -> str:
-    """``summary.md``: the metric table (value and 95% interval per arm), the comparisons
-    against vanilla, the chart (a relative link) and seconds per sample per arm."""
+    """``summary.md``: the metric table (value and 95% interval per arm, seconds per
+    sample), accuracy per category, the comparisons against vanilla and the chart (a
+    relative link)."""
     arms = list(summary["arms"])
     names = _scalar_metrics(summary)
     lines = [f"# {summary['benchmark']} (n = {summary['n']})", ""]
@@ -212,6 +213,12 @@ def write_markdown(summary: Mapping, path: str, chart: str | None = None, timing
     lines.append("| parsed | " + " | ".join(f"{summary['arms'][a]['parsed']:.4f}" for a in arms) + " |")
     if timing:
         lines.append("| seconds / sample | " + " | ".join(f"{timing.get(a, float('nan')):.4f}" for a in arms) + " |")
+    by_category = [summary["arms"][a].get("accuracy_by_category") for a in arms]
+    if all(by_category):
+        lines += ["", "## Accuracy per category", "", "| category | " + " | ".join(arms) + " |"]
+        lines.append("|---" * (len(arms) + 1) + "|")
+        for c in by_category[0]:
+            lines.append(f"| {c} | " + " | ".join(f"{cats[c]:.4f}" for cats in by_category) + " |")
     if summary["comparisons"]:
         lines += ["", f"## Against {arms[0]} (paired bootstrap 95% interval; exact McNemar test)", ""]
         lines += ["| arm | metric | delta | 95% interval | p | fixed | broken |", "|---|---|---|---|---|---|---|"]
