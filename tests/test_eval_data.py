@@ -404,6 +404,12 @@ def test_jsonl_relative_images_and_types(tmp_path):
     assert _same(b.images[0], imgs[0]) and _same(b.images[1], imgs[1])
     assert (c.answer_type, c.answer) == ("number", "1,024")
     assert d.meta["objects"] == ["dog", "person"] and d.answer_type == "text"
+    split = tmp_path / "split.jsonl"
+    split.write_text("".join(json.dumps(dict(x, split="dev" if i < 2 else "test")) + "\n" for i, x in enumerate(lines)))
+    assert [s.id for s in load(str(split), split="dev")] == ["a", "b"]
+    assert [s.id for s in load(str(split), split="test")] == ["c", "d"]
+    with pytest.raises(DataError, match="no rows of split 'val'; splits found: dev, test"):
+        load(str(split), split="val")
 
 
 # ---------------------------------------------------------------------- errors

@@ -319,6 +319,8 @@ def test_cli_sweep_tunes_on_dev_reports_on_held_out(tmp_path, capsys):
     assert main(["sweep", "--bench", "shapes", "--limit", "6", "--metric", "aAcc", "--out", str(tmp_path / "x")]) == 2
     assert "metric 'aAcc' is not computed for shapes; available: accuracy" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x" / "dev")
+    assert main(["sweep", "--bench", "shapes", "--dev-split", "test", "--split", "test"]) == 2
+    assert "--dev-split test equals --split" in capsys.readouterr().err
     assert EMBEDDED["layers"] == 12
 
 
