@@ -17,6 +17,8 @@ SHAPES_DEFAULT_N = 30
 
 
 def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
+    from .adapters import ADAPTERS
+
     d = p.add_argument_group("data and generation")
     d.add_argument(
         "--bench",
@@ -29,7 +31,7 @@ def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
     d.add_argument("--split", metavar="NAME", help="split to read (default: the only one)")
     d.add_argument(
         "--adapter",
-        choices=("mathvista", "mathvision", "mmstar", "seedbench", "pope", "hallusionbench", "generic"),
+        choices=tuple(ADAPTERS),
         help="which benchmark's fields to expect (default: detected from the columns and file name)",
     )
     d.add_argument("--limit", type=positive, metavar="N", help="use only the first N samples")
@@ -236,14 +238,14 @@ def cmd_eval(args) -> int:
 
 def cmd_sweep(args) -> int:
     from ..cli import CLIError, load_config
+    from ..core.config import STRATEGIES
     from .sweep import candidates, split_dev, sweep
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CLIError("headgain sweep runs in one process; launch it without torchrun / accelerate launch")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    bad = [s for s in strategies if s not in ("enhance", "attenuate", "bipolar", "mixed")]
-    if bad or not strategies:
-        raise CLIError(f"--strategies {args.strategies!r}: choose among enhance, attenuate, bipolar, mixed")
+    if not strategies or any(s not in STRATEGIES for s in strategies):
+        raise CLIError(f"--strategies {args.strategies!r}: choose among {', '.join(STRATEGIES)}")
     if args.eta < 2:
         raise CLIError(f"--eta {args.eta} must be at least 2")
     base = load_config(args)
