@@ -126,14 +126,16 @@ def sweep(
     """Choose the best of ``configs`` on ``dev`` by ``metric`` and report it on ``held_out``.
 
     Successive halving: rung 0 runs every config (and vanilla) on the first
-    ``max(min_samples, len(dev) / eta**k)`` dev samples, where k makes the last rung use
-    all of dev; each rung keeps the best ``ceil(len / eta)`` configs (ties: the earlier
-    name in ``configs``) and grows the sample count eta times. Records go to ``out/dev``
-    (resumable; a config's records on a smaller rung are reused on larger ones); the
-    held-out run (vanilla and the winner) goes to ``out/held_out`` with its summary.
+    ``max(min_samples, len(dev) / eta**k)`` dev samples (in a seeded random order), where
+    k makes the last rung use all of dev; each rung keeps the best ``ceil(len / eta)``
+    configs (ties: the earlier name in ``configs``) and grows the sample count eta times.
+    Records go to ``out/dev`` (resumable; a config's records on a smaller rung are reused
+    on larger ones); the held-out run (vanilla and the winner) goes to ``out/held_out``
+    with its summary.
 
-    Returns the ``sweep.json`` object: the dev/held-out ids' counts, every config with its
-    fields, selected-head share and dev score per rung, the chosen config, and the
+    Returns the ``sweep.json`` object (also written to ``out``): the dev and held-out
+    sample counts, the rung sizes, vanilla's dev score per rung, every config with its
+    fields, selected-head share and dev score per rung it ran, the chosen config, and the
     held-out summary.
     """
     if not dev or not held_out:
@@ -147,6 +149,8 @@ def sweep(
     if metric not in available:
         raise ValueError(f"metric {metric!r} is not computed for {benchmark}; available: {', '.join(available)}")
     say = log or (lambda _line: None)
+    dev = list(dev)
+    random.Random(seed).shuffle(dev)  # rung prefixes mix categories even when the file is sorted by one
     rungs = max(1, math.ceil(math.log(max(1, len(configs)), eta)) + 1)
     sizes = [min(len(dev), max(min_samples, math.ceil(len(dev) / eta ** (rungs - 1 - r)))) for r in range(rungs)]
     shares = selected_shares(evaluator, dev, configs, batch)
