@@ -115,6 +115,9 @@ def _samples(rows, adapter, base_dir, path) -> Iterator[Sample]:
         images = LazyImages(_image_values(row), base_dir, f"{path} row {index}")
         try:
             images.check()
+        except ValueError as e:  # the message names the file and row
+            raise DataError(str(e)) from None
+        try:
             sample = adapter.convert(row, images, index)
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
