@@ -423,3 +423,22 @@ def test_progress_line_shows_eta_and_running_accuracy(evaluator, tmp_path):
     lines = stream.getvalue().split("\r")
     assert lines[1].startswith("2/4 ETA") and lines[2].startswith("4/4 ETA") and lines[2].endswith("\n")
     assert "accuracy: vanilla 0.000" in lines[2]
+
+
+def test_cli_eval_local_checkpoint(tmp_path, capsys):
+    from headgain.testing.tiny import tiny_model
+
+    folder = str(tmp_path / "tiny-llava")
+    tiny_model("llava").save_pretrained(folder)
+    _llava_processor().save_pretrained(folder)
+    HeadGainConfig(l_perc=1, l_reas=2, tau_perc=0.2, tau_reas=0.1).to_json(str(tmp_path / "small.json"))
+    out = tmp_path / "out"
+    argv = ["eval", "--bench", "shapes", "--limit", "2", "--model", folder, "--configs", str(tmp_path / "small.json")]
+    assert main([*argv, "--max-new-tokens", "3", "--reps", "20", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    run = json.load(open(out / "run.json"))
+    assert run["model"] == folder and list(run["configs"]) == ["small"]
+    records = _lines(out / "small.jsonl")
+    assert [r["prompt"][:13] for r in records] == ["user: <image>"] * 2  # the saved chat template
+    assert main(["eval", "--bench", "shapes", "--model", str(tmp_path / "nothing")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
