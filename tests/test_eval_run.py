@@ -162,21 +162,23 @@ def test_resume_after_kill_gives_the_same_summary(tmp_path, capsys):
     args += ["--no-progress", "--configs", "ocean-r1-7b", "--device", "cpu"]
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "headgain", *args, "--out", str(killed)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     arm_file = killed / "ocean-r1-7b.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if arm_file.exists() and arm_file.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "headgain", *args, "--out", str(killed)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if arm_file.exists() and arm_file.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert arm_file.exists(), (tmp_path / "stderr.txt").read_text()[-2000:]
     done_before = (killed / "vanilla.jsonl").read_text().count("\n")
     assert 2 <= done_before < 8 and not (killed / "summary.json").exists()
     with open(arm_file, "a") as f:  # a write cut off mid-line
