@@ -24,7 +24,7 @@ from headgain.eval.shapes import shapes
 from headgain.eval.summary import summarize
 from headgain.eval.sweep import candidates, split_dev
 from headgain.testing.synthetic import draw_image
-from headgain.testing.tiny import EMBEDDED, embedded_model
+from headgain.testing.tiny import IMAGE_ID, embedded_model, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -323,7 +323,6 @@ def test_cli_sweep_tunes_on_dev_reports_on_held_out(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x" / "dev")
     assert main(["sweep", "--bench", "shapes", "--dev-split", "test", "--split", "test"]) == 2
     assert "--dev-split test equals --split" in capsys.readouterr().err
-    assert EMBEDDED["layers"] == 12
 
 
 def _llava_processor():
@@ -332,8 +331,6 @@ def _llava_processor():
     template."""
     import transformers as tf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from headgain.testing.tiny import IMAGE_ID
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -365,8 +362,6 @@ def _llava_processor():
 
 
 def test_processor_path_chat_template_left_padding(tmp_path):
-    from headgain.testing.tiny import IMAGE_ID, tiny_model
-
     processor = _llava_processor()
     evaluator = Evaluator(tiny_model("llava"), processor, name="tiny llava")
     samples = shapes(3, seed=2) + [Sample("blind", [], "Is there a red disc?", {}, "no", "yes_no")]
@@ -428,8 +423,6 @@ def test_progress_line_shows_eta_and_running_accuracy(evaluator, tmp_path):
 
 
 def test_cli_eval_local_checkpoint(tmp_path, capsys):
-    from headgain.testing.tiny import tiny_model
-
     folder = str(tmp_path / "tiny-llava")
     tiny_model("llava").save_pretrained(folder)
     _llava_processor().save_pretrained(folder)
