@@ -203,7 +203,12 @@ def _split_inline_options(question: str) -> tuple[str, dict[str, str]]:
     return head.replace("Question:", "", 1).strip(), {k: v.strip().rstrip(",").strip() for k, v in zip(letters, texts)}
 
 
-def _multiple_choice(name_category: tuple[str, ...]):
+def _multiple_choice(category_columns: tuple[str, ...]):
+    """A converter for multiple-choice benchmarks (MMStar, SEED-Bench): options from the
+    ``A``.. columns, else SEED-Bench's ``choice_a``.. columns, else written inside the
+    question (MMStar on the Hub); the category from the first of ``category_columns``
+    present (SEED-Bench's numeric ``question_type_id`` named by `SEED_DIMENSIONS`)."""
+
     def convert(row, images, index) -> Sample:
         question = str(_get(row, "question", default=""))
         options = _option_columns(row)
@@ -217,8 +222,8 @@ def _multiple_choice(name_category: tuple[str, ...]):
         letter = _letter_of(answer, options)
         if letter is None:
             raise ValueError(f"row {index}: answer {answer!r} is not one of the options {list(options)}")
-        category = _get(row, *name_category)
-        if "question_type_id" in name_category and category is not None and str(category).isdigit():
+        category = _get(row, *category_columns)
+        if "question_type_id" in category_columns and category is not None and str(category).isdigit():
             category = SEED_DIMENSIONS.get(int(category), str(category))
         meta = {"category": category}
         for extra in ("l2_category", "l2-category", "data_type"):
