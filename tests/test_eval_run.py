@@ -181,16 +181,18 @@ def test_resume_after_kill_gives_the_same_summary(tmp_path, capsys):
     assert arm_file.exists(), (tmp_path / "stderr.txt").read_text()[-2000:]
     done_before = (killed / "vanilla.jsonl").read_text().count("\n")
     assert 2 <= done_before < 8 and not (killed / "summary.json").exists()
-    with open(arm_file, "a") as f:  # a write cut off mid-line
-        f.write('{"key": "half a rec')
-    assert _run_cli([*args, "--out", str(killed)], capsys) == 0
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "fresh"  # the same run, never killed
     assert _run_cli([*args, "--out", str(fresh)], capsys) == 0
+    done = arm_file.read_text().count("\n")  # whole batches: records are written per batch
+    assert done % 2 == 0 and done < 8
+    with open(arm_file, "a") as f:  # a batch's write cut off after its first record, then mid-line
+        stale = _lines(fresh / "ocean-r1-7b.jsonl")[done]
+        f.write(json.dumps(dict(stale, output="stale")) + "\n" + '{"key": "half a rec')
+    assert _run_cli([*args, "--out", str(killed)], capsys) == 0
     assert json.load(open(killed / "summary.json")) == json.load(open(fresh / "summary.json"))
     for name in ("vanilla.jsonl", "ocean-r1-7b.jsonl"):
-        ids = [r["id"] for r in _lines(killed / name)]
-        assert sorted(ids) == sorted(f"shapes-{i}" for i in range(8))  # nothing twice, nothing lost
-        outputs = {r["id"]: r["output"] for r in _lines(killed / name)}
+        assert {r["id"] for r in _lines(killed / name)} == {f"shapes-{i}" for i in range(8)}  # nothing lost
+        outputs = {r["id"]: r["output"] for r in _lines(killed / name)}  # later lines win, as on resume
         assert outputs == {r["id"]: r["output"] for r in _lines(fresh / name)}
     # a rerun of a finished run generates nothing and gives the same summary
     before = {n: (killed / n).read_text() for n in ("vanilla.jsonl", "ocean-r1-7b.jsonl", "summary.json")}

@@ -113,9 +113,11 @@ class Evaluator:
     ) -> dict[str, list[dict]] | None:
         """Answer ``samples`` with every arm, resuming from the records in ``out``.
 
-        Batches are fixed slices of the samples (so a resumed run batches, and therefore
-        pads, every sample as an uninterrupted one would). After each batch its records are
-        appended to ``out/<arm>.jsonl`` and flushed.
+        Batches are fixed slices of the samples, and a batch counts as done only when all
+        its records are on disk (else it is answered again whole, the newer records
+        winning), so a resumed run batches, and therefore pads, every sample as an
+        uninterrupted one would. After each batch its records are appended to
+        ``out/<arm>.jsonl`` and flushed.
 
         Data parallel (``world`` > 1, ``torch.distributed`` initialised): rank r answers
         samples r, r + world, ... into ``out/<arm>.rank<r>.jsonl``; after a barrier rank 0
@@ -140,9 +142,9 @@ class Evaluator:
         for start in range(0, len(mine), batch):
             chunk = mine[start : start + batch]
             for arm, cfg in arms.items():
-                todo = [i for i in chunk if keys[arm][i] not in stores[arm]]
-                if not todo:
+                if all(keys[arm][i] in stores[arm] for i in chunk):
                     continue
+                todo = chunk  # a batch cut by a kill is answered again whole: the same padding
                 prompts, outputs, seconds = self.generate([samples[i] for i in todo], cfg, max_new_tokens)
                 records = []
                 for i, prompt, output in zip(todo, prompts, outputs):

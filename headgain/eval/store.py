@@ -63,7 +63,8 @@ class ArmStore:
         return key in self.records
 
     def add(self, records: list[dict]) -> None:
-        """Append ``records`` (each with a ``key``) and flush them to disk."""
+        """Append ``records`` (each with a ``key``; a key already present is replaced, in
+        memory and, on the next read, by the later line) and flush them to disk."""
         with open(self.path, "a", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
