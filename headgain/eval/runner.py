@@ -143,11 +143,10 @@ class Evaluator:
             chunk = mine[start : start + batch]
             for arm, cfg in arms.items():
                 if all(keys[arm][i] in stores[arm] for i in chunk):
-                    continue
-                todo = chunk  # a batch cut by a kill is answered again whole: the same padding
-                prompts, outputs, seconds = self.generate([samples[i] for i in todo], cfg, max_new_tokens)
+                    continue  # else the whole batch, even one cut by a kill: the same padding
+                prompts, outputs, seconds = self.generate([samples[i] for i in chunk], cfg, max_new_tokens)
                 records = []
-                for i, prompt, output in zip(todo, prompts, outputs):
+                for i, prompt, output in zip(chunk, prompts, outputs):
                     found = extract.answer(output, samples[i], judge)
                     records.append(
                         {
@@ -160,7 +159,7 @@ class Evaluator:
                             "rule": found.rule,
                             "gold": samples[i].answer,
                             "correct": is_correct(found.value, samples[i]),
-                            "seconds": seconds / len(todo),
+                            "seconds": seconds / len(chunk),
                         }
                     )
                 stores[arm].add(records)
