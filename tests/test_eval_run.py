@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
+import threading
 import time
 
+import matplotlib.pyplot  # noqa: F401  (imported before any fork: forked runs inherit it)
 import pytest
 import torch
+import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401  (as above)
 from PIL import Image
 
 from headgain import HeadGainConfig, presets
@@ -25,8 +28,6 @@ from headgain.eval.summary import summarize
 from headgain.eval.sweep import candidates, split_dev
 from headgain.testing.synthetic import draw_image
 from headgain.testing.tiny import IMAGE_ID, embedded_model, tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -157,32 +158,42 @@ def _run_cli(args, capsys=None):
     return rc
 
 
+def _quiet_cli(argv, folder):
+    """The command line in a forked process, its output in files under ``folder``."""
+    with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
+        sys.stdout, sys.stderr = out, err
+        sys.exit(main(argv))
+
+
 def test_resume_after_kill_gives_the_same_summary(tmp_path, capsys):
     args = ["eval", "--bench", "shapes", "--limit", "8", "--batch", "2", "--max-new-tokens", "4", "--reps", "50"]
     args += ["--no-progress", "--configs", "ocean-r1-7b", "--device", "cpu"]
     killed = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     arm_file = killed / "ocean-r1-7b.jsonl"
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "headgain", *args, "--out", str(killed)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
+    # the run to kill: a forked process (it inherits the imports), SIGKILLed after its first batch
+    proc = multiprocessing.get_context("fork").Process(
+        target=_quiet_cli, args=([*args, "--out", str(killed)], tmp_path)
+    )
+    proc.start()
+
+    def kill_after_first_batch():
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.is_alive():
             if arm_file.exists() and arm_file.read_text().count("\n") >= 2:
                 break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert arm_file.exists(), (tmp_path / "stderr.txt").read_text()[-2000:]
+            time.sleep(0.02)
+        proc.kill()
+        proc.join()
+
+    killer = threading.Thread(target=kill_after_first_batch)
+    killer.start()
+    fresh = tmp_path / "fresh"  # the same run, never killed: made while the other one runs
+    assert _run_cli([*args, "--out", str(fresh)], capsys) == 0
+    killer.join()
+    assert proc.exitcode == -signal.SIGKILL
+    assert arm_file.exists(), (tmp_path / "stderr.txt").read_text()[-2000:]  # it failed before its first batch
     done_before = (killed / "vanilla.jsonl").read_text().count("\n")
     assert 2 <= done_before < 8 and not (killed / "summary.json").exists()
-    fresh = tmp_path / "fresh"  # the same run, never killed
-    assert _run_cli([*args, "--out", str(fresh)], capsys) == 0
     done = arm_file.read_text().count("\n")  # whole batches: records are written per batch
     assert done % 2 == 0 and done < 8
     with open(arm_file, "a") as f:  # a batch's write cut off after its first record, then mid-line
