@@ -159,7 +159,9 @@ def _run_cli(args, capsys=None):
 
 
 def _quiet_cli(argv, folder):
-    """The command line in a forked process, its output in files under ``folder``."""
+    """The command line in a forked process, its output in files under ``folder``; one torch
+    thread (OpenMP threads started in a child after the parent used them hang)."""
+    torch.set_num_threads(1)
     with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
         sys.stdout, sys.stderr = out, err
         sys.exit(main(argv))

@@ -2,7 +2,9 @@
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); rank 0 merges.
 
 The two ranks are forked from the test process (no second import of torch and
-transformers: seconds per process on a small CPU), then run the command line."""
+transformers: seconds per process on a small CPU), then run the command line. A forked
+process must keep torch at one thread: OpenMP threads started in a child after the parent
+used them hang."""
 
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    """One rank: torchrun's environment, stdout to a file, exit with the command's status."""
+    """One rank: torchrun's environment, one torch thread, stdout to a file, exit with the
+    command's status."""
+    torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
