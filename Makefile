@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): $(PY) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install setuptools wheel ninja pytest "ruff==$(RUFF_VERSION)"
-	$(PY) -m pip install --no-build-isolation -e .
+	$(PY) -m pip install --no-build-isolation -e ".[eval]"
 	$(PY) -c "import headgain, sys; ok = headgain.extension_available(); print('headgain extension:', ('built, CUDA kernels ' + ('included' if headgain.extension_available('cuda') else 'not built')) if ok else headgain.core.ops.extension_error()); sys.exit(0 if ok else 1)"
 	touch $(STAMP)
 

@@ -149,7 +149,7 @@ if __name__ == "__main__":
         packages=find_packages(include=["headgain", "headgain.*"]),
         python_requires=">=3.10",
         install_requires=["torch>=2.11,<2.14", "transformers>=5.17", "numpy", "pillow", "matplotlib"],
-        extras_require={"test": ["pytest"]},
+        extras_require={"test": ["pytest"], "eval": ["datasets>=2.14", "pyarrow>=12"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtensionChecked},
         entry_points={"console_scripts": ["headgain=headgain.cli:main"]},

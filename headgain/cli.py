@@ -7,6 +7,9 @@ Subcommands:
 * ``census``: S_v of every head over a folder of images (and a JSONL questions file);
   writes ``census.json``, ``samples.npy``, ``suggested_config.json`` and heat maps.
 * ``contrib``: contribution maps of an answer, vanilla and rescaled, as PNG and JSON.
+* ``eval``: vanilla against headgain configs on a benchmark: metrics, bootstrap
+  intervals, McNemar tests (`headgain.eval`).
+* ``sweep``: tune a config on a dev split, report it on the held-out rest.
 
 ``--model PATH`` loads a local checkpoint and its processor (nothing is downloaded);
 without it the embedded tiny Qwen2.5-VL (random weights: answers are noise) is used, so
@@ -36,11 +39,13 @@ class CLIError(Exception):
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("model and config")
+    model_opts = argparse.ArgumentParser(add_help=False)
+    cfg_opts = argparse.ArgumentParser(add_help=False)
+    c = cfg_opts.add_argument_group("config")
+    c.add_argument("--preset", metavar="NAME", help="a paper preset (default: ocean-r1-7b)")
+    c.add_argument("--config", metavar="FILE.json", help="a HeadGainConfig saved as JSON")
+    g = model_opts.add_argument_group("model")
     g.add_argument("--model", metavar="PATH", help="local checkpoint folder (default: the embedded tiny model)")
-    g.add_argument("--preset", metavar="NAME", help="a paper preset (default: ocean-r1-7b)")
-    g.add_argument("--config", metavar="FILE.json", help="a HeadGainConfig saved as JSON")
     g.add_argument(
         "--arch-map",
         metavar="FILE.json",
@@ -59,20 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="headgain",
         description=(
-            "Training-free functional-head rescaling for vision-language models: run, census, contribution maps."
+            "Training-free functional-head rescaling for vision-language models: run, census, contribution maps, "
+            "benchmark evaluation and config sweeps."
         ),
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,census,contrib}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,census,contrib,eval,sweep}")
     sub.required = True
 
-    run = sub.add_parser("run", parents=[common], help="answer a question about an image, vanilla and rescaled")
+    run = sub.add_parser(
+        "run", parents=[model_opts, cfg_opts], help="answer a question about an image, vanilla and rescaled"
+    )
     run.add_argument("--image", required=True, metavar="PATH", help="image file")
     run.add_argument("--question", required=True, help="question text")
     run.add_argument(
         "--max-new-tokens", type=_positive, default=32, metavar="N", help="tokens to generate (default 32)"
     )
 
-    cen = sub.add_parser("census", parents=[common], help="S_v statistics of every head over a folder of images")
+    cen = sub.add_parser(
+        "census", parents=[model_opts, cfg_opts], help="S_v statistics of every head over a folder of images"
+    )
     cen.add_argument("--images", required=True, metavar="DIR", help="folder of images")
     cen.add_argument(
         "--questions",
@@ -94,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    con = sub.add_parser("contrib", parents=[common], help="contribution maps of an answer, vanilla and rescaled")
+    con = sub.add_parser(
+        "contrib", parents=[model_opts, cfg_opts], help="contribution maps of an answer, vanilla and rescaled"
+    )
     con.add_argument("--image", required=True, metavar="PATH", help="image file")
     con.add_argument("--question", required=True, help="question text")
     con.add_argument(
@@ -112,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument(
         "--out", default="headgain-contrib", metavar="DIR", help="output folder (default headgain-contrib)"
     )
+    from .eval.commands import add_subcommands
+
+    add_subcommands(sub, model_opts, cfg_opts, _positive)
     return parser
 
 
@@ -139,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     threads = torch.get_num_threads()
     try:
+        if args.command in ("eval", "sweep"):
+            from .eval.commands import cmd_eval, cmd_sweep
+
+            return {"eval": cmd_eval, "sweep": cmd_sweep}[args.command](args)
         return {"run": cmd_run, "census": cmd_census, "contrib": cmd_contrib}[args.command](args)
     except (CLIError, ConfigError, ArchError, HeadGainError) as e:
         return _fail(str(e))
