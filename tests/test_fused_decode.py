@@ -21,7 +21,10 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=pytest.mark.skipif(not ops.extension_available("cuda"), reason="no GPU or no CUDA kernels built"),
+        marks=pytest.mark.skipif(
+            not (torch.cuda.is_available() and ops.extension_available("cuda")),
+            reason="needs a CUDA GPU and headgain built with its CUDA kernels",
+        ),
     ),
 ]
 
