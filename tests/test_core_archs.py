@@ -2,12 +2,28 @@
 
 import pytest
 import torch
+import transformers
 from support import attach_gain_hooks, attach_mixed, reference_ratios, token_inputs, twin_models, visual_of
 
 import headgain
 from headgain.testing.tiny import ARCHS
 
-NO_IDS = {"deepseek_v3"}  # the decoder alone: visual positions are given explicitly
+NO_IDS = {"deepseek_v3", "llama4_text"}  # the decoder alone: visual positions are given explicitly
+#: model types whose forward fails in some transformers versions without headgain: skipped there
+#: (their decoder is tested alone under its text model type)
+BROKEN_FORWARD = {
+    "llama4": "Llama4ForConditionalGeneration.forward reads image_outputs from its language model's output, "
+    "which has none (AttributeError)",
+}
+
+
+def _skip_broken_forward(model, inputs, arch):
+    if arch in BROKEN_FORWARD:
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        except AttributeError:
+            pytest.skip(f"transformers {transformers.__version__}: {BROKEN_FORWARD[arch]}")
 
 
 def _attach_mixed(model, inputs, arch):
@@ -20,6 +36,7 @@ def _attach_mixed(model, inputs, arch):
 def test_ratios_and_logits_match_eager_reference(arch, backend):
     model, ref = twin_models(arch, backend)
     inputs = token_inputs()
+    _skip_broken_forward(model, inputs, arch)
     handle = _attach_mixed(model, inputs, arch)
     with torch.no_grad():
         logits = model(**inputs).logits

@@ -57,6 +57,50 @@ def _qwen_ids() -> dict:
     )
 
 
+def _qwen3_vision(hidden: int, vision_hidden: int) -> dict:
+    return dict(
+        depth=1,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=2,
+        out_hidden_size=hidden,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        deepstack_visual_indexes=[0],
+        num_position_embeddings=64,
+    )
+
+
+def _glm_ids() -> dict:
+    return dict(
+        image_token_id=IMAGE_ID,
+        video_token_id=VIDEO_ID,
+        image_start_token_id=VISION_START_ID,
+        image_end_token_id=VISION_END_ID,
+        video_start_token_id=VISION_START_ID,
+        video_end_token_id=VISION_END_ID,
+    )
+
+
+def _moe(hidden: int) -> dict:
+    """DeepSeek-style routed experts: 4 experts of width hidden / 2, 2 per token, 1 shared."""
+    return dict(moe_intermediate_size=hidden // 2, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+
+
+def _vq() -> dict:
+    """A one-stage VQ image tokenizer (Chameleon, Janus)."""
+    return dict(
+        embed_dim=8,
+        num_embeddings=16,
+        latent_channels=32,
+        base_channels=32,
+        channel_multiplier=[1],
+        num_res_blocks=1,
+        attn_resolutions=[],
+    )
+
+
 def _clip(**kw):
     return tf.CLIPVisionConfig(
         hidden_size=32,
@@ -139,18 +183,7 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
         rope = dict(_mrope(hidden, heads), mrope_interleaved=True)
         return tf.Qwen3VLConfig(
             text_config=dict(txt, head_dim=hidden // heads, rope_parameters=rope),
-            vision_config=dict(
-                depth=1,
-                hidden_size=vision_hidden,
-                intermediate_size=2 * vision_hidden,
-                num_heads=2,
-                out_hidden_size=hidden,
-                patch_size=16,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                deepstack_visual_indexes=[0],
-                num_position_embeddings=64,
-            ),
+            vision_config=_qwen3_vision(hidden, vision_hidden),
             **_qwen_ids(),
         )
     if model_type == "llava":
@@ -207,6 +240,110 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
         return tf.InternVLConfig(
             text_config=tf.Qwen2Config(**txt), vision_config=vision, image_token_id=IMAGE_ID, downsample_ratio=0.5
         )
+    if model_type in ("glm4v", "glm4v_moe"):
+        moe = model_type == "glm4v_moe"
+        rope = dict(_mrope(hidden, heads), partial_rotary_factor=1.0)
+        text = dict(txt, rope_parameters=rope)
+        if moe:
+            text.update(_moe(hidden), first_k_dense_replace=1, n_group=1, topk_group=1)
+        vision = dict(
+            depth=1,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_heads=2,
+            out_hidden_size=hidden,
+            image_size=28,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        config = tf.Glm4vMoeConfig if moe else tf.Glm4vConfig
+        return config(text_config=text, vision_config=vision, **_glm_ids())
+    if model_type == "qwen3_vl_moe":
+        rope = dict(_mrope(hidden, heads), mrope_interleaved=True)
+        return tf.Qwen3VLMoeConfig(
+            text_config=dict(
+                txt,
+                head_dim=hidden // heads,
+                rope_parameters=rope,
+                moe_intermediate_size=hidden // 2,
+                num_experts=4,
+                num_experts_per_tok=2,
+            ),
+            vision_config=_qwen3_vision(hidden, vision_hidden),
+            **_qwen_ids(),
+        )
+    if model_type == "paligemma":
+        return tf.PaliGemmaConfig(
+            text_config=tf.GemmaConfig(**txt, head_dim=hidden // heads),
+            vision_config=_siglip(),
+            image_token_index=IMAGE_ID,
+            projection_dim=hidden,
+        )
+    if model_type in ("aya_vision", "cohere2_vision"):
+        text = tf.Cohere2Config(
+            **txt, sliding_window=64, layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+        )
+        config = tf.AyaVisionConfig if model_type == "aya_vision" else tf.Cohere2VisionConfig
+        extra = {"alignment_intermediate_size": hidden} if model_type == "cohere2_vision" else {}
+        return config(text_config=text, vision_config=_siglip(), image_token_id=IMAGE_ID, downsample_factor=1, **extra)
+    if model_type == "llama4":
+        text = dict(
+            txt,
+            head_dim=hidden // heads,
+            intermediate_size_mlp=2 * hidden,
+            num_local_experts=2,
+            interleave_moe_layer_step=2,
+            no_rope_layer_interval=2,
+            attention_chunk_size=8,
+        )
+        vision = dict(
+            _vision_dict(),
+            vision_output_dim=vision_hidden,
+            projector_input_dim=hidden,
+            projector_output_dim=hidden,
+            pixel_shuffle_ratio=0.5,
+        )
+        return tf.Llama4Config(text_config=text, vision_config=vision, image_token_index=IMAGE_ID)
+    if model_type == "llama4_text":
+        return _tiny_config("llama4", layers, hidden, heads, kv_heads, vision_hidden).text_config
+    if model_type == "phi4_multimodal":
+        vision = dict(_vision_dict(), image_token_id=IMAGE_ID)
+        audio = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_blocks=1,
+            num_attention_heads=2,
+            ext_pw_out_channel=32,
+            depthwise_separable_out_channel=32,
+            nemo_conv_channels=32,
+            audio_token_id=VIDEO_ID,
+        )
+        return tf.Phi4MultimodalConfig(**txt, vision_config=vision, audio_config=audio)
+    if model_type == "chameleon":
+        return tf.ChameleonConfig(**txt, vq_config=_vq(), vocabulary_map={"<image>": IMAGE_ID})
+    if model_type == "emu3":
+        vq = dict(
+            codebook_size=16,
+            embed_dim=4,
+            latent_channels=4,
+            base_channels=32,
+            channel_multiplier=[1],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            hidden_size=32,
+            num_attention_heads=1,
+        )
+        return tf.Emu3Config(text_config=tf.Emu3TextConfig(**txt), vq_config=vq, vocabulary_map={"<image>": IMAGE_ID})
+    if model_type == "janus":
+        vision = dict(_vision_dict(), image_size=28, patch_size=14, projection_dim=hidden, depth=1, num_image_tokens=4)
+        vq = dict(_vq(), num_patches=2, projection_dim=hidden, image_token_embed_dim=hidden, num_hidden_layers=1)
+        return tf.JanusConfig(
+            text_config=tf.LlamaConfig(**txt), vision_config=vision, vq_config=vq, image_token_id=IMAGE_ID
+        )
+    if model_type == "fuyu":
+        text = dict(txt, num_key_value_heads=heads, hidden_act="relu2", qk_layernorm=True)
+        return tf.FuyuConfig(text_config=text, image_size=28, patch_size=14, image_token_id=IMAGE_ID)
     if model_type == "deepseek_v3":
         return tf.DeepseekV3Config(
             vocab_size=VOCAB,
@@ -248,7 +385,23 @@ ARCHS = (
     "mistral3",
     "internvl",
     "deepseek_v3",
+    "glm4v",
+    "glm4v_moe",
+    "qwen3_vl_moe",
+    "paligemma",
+    "aya_vision",
+    "cohere2_vision",
+    "llama4",
+    "llama4_text",
+    "phi4_multimodal",
+    "chameleon",
+    "emu3",
+    "janus",
+    "fuyu",
 )
+
+
+_CAUSAL_LM = ("deepseek_v3", "llama4_text", "phi4_multimodal")  # not image-text-to-text models in transformers
 
 
 def tiny_model(
@@ -261,7 +414,7 @@ def tiny_model(
     """A random-weight model of ``model_type`` in eval mode (seeded, so two calls give equal weights)."""
     config = tiny_config(model_type, **config_kwargs)
     torch.manual_seed(seed)
-    auto = tf.AutoModelForCausalLM if model_type == "deepseek_v3" else tf.AutoModelForImageTextToText
+    auto = tf.AutoModelForCausalLM if model_type in _CAUSAL_LM else tf.AutoModelForImageTextToText
     model = auto.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()
 
