@@ -43,8 +43,13 @@ BUILTIN: dict[str, ArchMap] = {
     "emu3": ArchMap("model.text_model.layers.*.self_attn", visual_token_ids=("image_token_id",)),
     "janus": ArchMap(_LM, visual_token_ids=("image_token_id",)),
     "fuyu": ArchMap(_LM, o_proj="dense", visual_token_ids=("image_token_id",)),
+    "kimi_k25": ArchMap(_LM, head_dim="v_head_dim"),
+    "ovis2": ArchMap(_LM, visual_token_ids=("image_token_id",)),
+    "gemma3n": ArchMap(_LM, visual_token_ids=("image_token_id",)),
+    "perception_lm": ArchMap(_LM),
     "deepseek_v3": ArchMap("model.layers.*.self_attn", head_dim="v_head_dim", visual_token_ids=()),
     "llama4_text": ArchMap("model.layers.*.self_attn", visual_token_ids=()),
+    "gemma3n_text": ArchMap("model.layers.*.self_attn", visual_token_ids=()),
     "kimi_vl": ArchMap(
         "language_model.model.layers.*.self_attn",
         head_dim="v_head_dim",

@@ -13,6 +13,7 @@ __all__ = [
     "ARCHS",
     "EMBEDDED",
     "IMAGE_ID",
+    "REQUIRES",
     "VIDEO_ID",
     "VOCAB",
     "embedded_model",
@@ -86,6 +87,31 @@ def _glm_ids() -> dict:
 def _moe(hidden: int) -> dict:
     """DeepSeek-style routed experts: 4 experts of width hidden / 2, 2 per token, 1 shared."""
     return dict(moe_intermediate_size=hidden // 2, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+
+
+def _deepseek_v3(layers: int, hidden: int, heads: int) -> dict:
+    """A DeepSeek-V3 decoder: multi-head latent attention (value width 16) and routed experts."""
+    return dict(
+        _moe(hidden),
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        first_k_dense_replace=1,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_group=1,
+        topk_group=1,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def _vq() -> dict:
@@ -345,29 +371,66 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
         text = dict(txt, num_key_value_heads=heads, hidden_act="relu2", qk_layernorm=True)
         return tf.FuyuConfig(text_config=text, image_size=28, patch_size=14, image_token_id=IMAGE_ID)
     if model_type == "deepseek_v3":
-        return tf.DeepseekV3Config(
+        return tf.DeepseekV3Config(**_deepseek_v3(layers, hidden, heads))
+    if model_type == "gemma3n_text":
+        return tf.Gemma3nTextConfig(
+            **txt,
+            head_dim=hidden // heads,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+            num_kv_shared_layers=layers // 2,
+            vocab_size_per_layer_input=VOCAB,
+            hidden_size_per_layer_input=8,
+            altup_num_inputs=2,
+            laurel_rank=4,
+        )
+    if model_type == "perception_lm":
+        vision = dict(
+            model_type="timm_wrapper",
+            architecture="vit_pe_core_tiny_patch16_384",
+            model_args=dict(embed_dim=vision_hidden, depth=1, num_heads=2, img_size=32, ref_feat_shape=(2, 2)),
+        )
+        return tf.PerceptionLMConfig(
+            text_config=tf.LlamaConfig(**txt), vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID
+        )
+    if model_type == "gemma3n":
+        text = _tiny_config("gemma3n_text", layers, hidden, heads, kv_heads, vision_hidden)
+        vision = dict(model_args={"channel_multiplier": 0.125})  # timm's MobileNetV5 encoder, 16M parameters
+        audio = dict(
+            hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1, sscp_conv_channel_size=[8, 8]
+        )
+        return tf.Gemma3nConfig(
+            text_config=text,
+            vision_config=vision,
+            audio_config=audio,
+            vision_soft_tokens_per_image=4,
+            image_token_id=IMAGE_ID,
+            audio_token_id=VIDEO_ID,
+        )
+    if model_type == "kimi_k25":
+        vision = dict(
+            num_hidden_layers=1,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_attention_heads=2,
+            pos_emb_height=8,
+            pos_emb_width=8,
+        )
+        return tf.Kimi_K25Config(
+            text_config=_deepseek_v3(layers, hidden, heads),
+            vision_config=vision,
+            projection_hidden_size=vision_hidden,
+            **_qwen_ids(),
+        )
+    if model_type == "ovis2":
+        vision = dict(_vision_dict(), vocab_size=64, num_visual_indicator_tokens=2)
+        return tf.Ovis2Config(
+            text_config=tf.Qwen2Config(**txt),
+            vision_config=vision,
+            image_token_id=IMAGE_ID,
+            visual_indicator_token_ids=[VISION_START_ID, VISION_END_ID],
             vocab_size=VOCAB,
             hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            moe_intermediate_size=hidden // 2,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            q_lora_rank=32,
-            kv_lora_rank=16,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=16,
-            n_group=1,
-            topk_group=1,
-            max_position_embeddings=4096,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
         )
     raise ValueError(f"no tiny config for model_type {model_type!r}; known: {', '.join(ARCHS)}")
 
@@ -398,10 +461,23 @@ ARCHS = (
     "emu3",
     "janus",
     "fuyu",
+    "kimi_k25",
+    "ovis2",
+    "gemma3n_text",
+    "gemma3n",
+    "perception_lm",
 )
 
+#: model_type -> the package its vision tower needs beyond transformers (timm builds these towers)
+REQUIRES = {"gemma3n": "timm", "perception_lm": "timm"}
 
-_CAUSAL_LM = ("deepseek_v3", "llama4_text", "phi4_multimodal")  # not image-text-to-text models in transformers
+
+_CAUSAL_LM = (
+    "deepseek_v3",
+    "gemma3n_text",
+    "llama4_text",
+    "phi4_multimodal",
+)  # not image-text-to-text models in transformers
 
 
 def tiny_model(
