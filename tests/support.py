@@ -117,3 +117,34 @@ def mixed_cfg(ratios, num_layers):
         g_perc=1.5,
         g_reas=1.7,
     )
+
+
+def record_steps(model, handle):
+    """Collect (ratios, gains) after each call of ``model``; returns the list and the hook."""
+    steps = []
+    hook = model.register_forward_hook(lambda m, a, o: steps.append((handle.last_ratios, handle.last_gains)))
+    return steps, hook
+
+
+def check_steps_against_eager(model, ref, inputs, handle, new):
+    """Generate greedily with ``model`` (attached), replay with the unattached eager ``ref``
+    applying each step's reported gains, and compare every step's ratios to the
+    probabilities ``ref`` returns for that same step (cached keys included). The visual
+    placeholder ids are never generated: the new tokens are text."""
+    greedy = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, suppress_tokens=[IMAGE_ID, VIDEO_ID])
+    steps, hook = record_steps(model, handle)
+    with torch.no_grad():
+        seq = model.generate(**inputs, **greedy)
+    hook.remove()
+    assert len(steps) == new
+    remove = attach_gain_hooks(ref, [g for _, g in steps])
+    with torch.no_grad():
+        out = ref.generate(**inputs, **greedy, output_attentions=True, return_dict_in_generate=True)
+    remove()
+    assert torch.equal(out.sequences, seq)
+    prompt_visual = visual_of(inputs["input_ids"], inputs["attention_mask"])
+    assert prompt_visual.sum(1).min() > 0
+    for step, (ratios, _) in enumerate(steps):
+        expected = reference_ratios(out.attentions[step], torch.nn.functional.pad(prompt_visual, (0, step)))
+        torch.testing.assert_close(ratios, expected, atol=2e-5, rtol=1e-4)
+    return steps, out

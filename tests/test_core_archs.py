@@ -3,7 +3,15 @@
 import pytest
 import torch
 import transformers
-from support import attach_gain_hooks, attach_mixed, reference_ratios, token_inputs, twin_models, visual_of
+from support import (
+    attach_gain_hooks,
+    attach_mixed,
+    check_steps_against_eager,
+    reference_ratios,
+    token_inputs,
+    twin_models,
+    visual_of,
+)
 
 import headgain
 from headgain.testing.tiny import ARCHS, REQUIRES
@@ -56,6 +64,17 @@ def test_ratios_and_logits_match_eager_reference(arch, backend):
     real = inputs["attention_mask"].bool()  # padded rows attend to nothing: backends differ there
     torch.testing.assert_close(logits[real], out.logits[real], atol=2e-5, rtol=1e-4)
     handle.detach()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_with_cache_matches_eager_reference(arch):
+    if arch in REQUIRES:
+        pytest.importorskip(REQUIRES[arch])
+    model, ref = twin_models(arch)
+    inputs = token_inputs()
+    _skip_broken_forward(model, inputs, arch)
+    steps, _ = check_steps_against_eager(model, ref, inputs, _attach_mixed(model, inputs, arch), new=3)
+    assert any((g > 1).any() for _, g in steps)
 
 
 def test_registry_covers_the_tested_architectures():
