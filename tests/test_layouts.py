@@ -87,3 +87,35 @@ def test_unsupported_layouts_are_refused_with_a_reason_and_a_remedy(name):
     assert "use" in str(refused.value).lower()
     assert headgain.handle_of(model) is None
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.skipif(not hasattr(tf, "Gemma4Config"), reason="Gemma 4 is not in this transformers version")
+def test_layers_of_different_head_widths_are_refused():
+    """Gemma 4's full-attention layers have wider heads than its sliding layers; its config
+    keeps head_dim per layer, and reading the global value raises (a RuntimeError)."""
+    text = dict(
+        text_config_kwargs(),
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        vocab_size_per_layer_input=320,
+        hidden_size_per_layer_input=8,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=14,
+        position_embedding_size=64,
+    )
+    config = tf.Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
+    with pytest.raises(RuntimeError):
+        assert config.text_config.head_dim is None  # never reached: reading it raises
+    model = tf.AutoModelForImageTextToText.from_config(config)
+    with pytest.raises(headgain.ArchError, match=r"different widths \[64, 128\].*one head width"):
+        headgain.attach(model, ArchMap("model.language_model.layers.*.self_attn"), CFG)
+    assert headgain.handle_of(model) is None
