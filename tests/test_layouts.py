@@ -2,11 +2,13 @@
 what to do instead, whether they are found by model_type or from an explicit ArchMap."""
 
 import pytest
+import torch
 import transformers as tf
+from support import token_inputs
 
 import headgain
 from headgain import ArchMap
-from headgain.testing.tiny import text_config_kwargs
+from headgain.testing.tiny import text_config_kwargs, tiny_config
 
 CFG = dict(l_perc=0, l_reas=0)
 
@@ -119,3 +121,19 @@ def test_layers_of_different_head_widths_are_refused():
     with pytest.raises(headgain.ArchError, match=r"different widths \[64, 128\].*one head width"):
         headgain.attach(model, ArchMap("model.language_model.layers.*.self_attn"), CFG)
     assert headgain.handle_of(model) is None
+
+
+@pytest.mark.parametrize(
+    "top, thinker", [("Qwen2_5OmniConfig", "qwen2_5_omni_thinker"), ("Qwen3OmniMoeConfig", "qwen3_omni_moe_thinker")]
+)
+def test_omni_models_are_refused_and_their_thinker_is_attached(top, thinker):
+    config = getattr(tf, top)(thinker_config=tiny_config(thinker).to_dict(), enable_audio_output=False)
+    model = tf.AutoModelForMultimodalLM.from_config(config).eval()
+    with pytest.raises(headgain.ArchError, match=f"no forward of its own.*Use model.thinker.*{thinker}"):
+        headgain.attach(model, cfg=CFG)
+    assert headgain.handle_of(model) is None
+    handle = headgain.attach(model.thinker, cfg=CFG)
+    with torch.no_grad():
+        model.thinker(**token_inputs())
+    assert handle.last_ratios.shape == (4, 2, 4) and (handle.last_ratios > 0).all()
+    handle.detach()

@@ -47,6 +47,8 @@ BUILTIN: dict[str, ArchMap] = {
     "ovis2": ArchMap(_LM, visual_token_ids=("image_token_id",)),
     "gemma3n": ArchMap(_LM, visual_token_ids=("image_token_id",)),
     "perception_lm": ArchMap(_LM),
+    "qwen2_5_omni_thinker": ArchMap(_LM),
+    "qwen3_omni_moe_thinker": ArchMap(_LM),
     "deepseek_v3": ArchMap("model.layers.*.self_attn", head_dim="v_head_dim", visual_token_ids=()),
     "llama4_text": ArchMap("model.layers.*.self_attn", visual_token_ids=()),
     "gemma3n_text": ArchMap("model.layers.*.self_attn", visual_token_ids=()),
@@ -75,6 +77,17 @@ UNSUPPORTED: dict[str, str] = {
         "reads them only through cross-attention, which the paper's S_v does not define. Use a decoder-only VLM"
     ),
 }
+_OMNI = (
+    "'s top model has no forward of its own: its generate() runs the thinker (a decoder-only VLM that reads "
+    "images, video and audio) and then the talker, which turns the thinker's hidden states into speech. Use "
+    "model.thinker: headgain.attach(model.thinker, cfg=...) (registered as {thinker})"
+)
+UNSUPPORTED.update(
+    {
+        "qwen2_5_omni": "Qwen2.5-Omni" + _OMNI.format(thinker="qwen2_5_omni_thinker"),
+        "qwen3_omni_moe": "Qwen3-Omni" + _OMNI.format(thinker="qwen3_omni_moe_thinker"),
+    }
+)
 
 #: Models whose generate() runs a submodule's generate on embeddings (the top model's
 #: forward is never called): headgain starts passes at their decoder module and takes the

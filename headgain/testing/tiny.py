@@ -407,6 +407,53 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
             image_token_id=IMAGE_ID,
             audio_token_id=VIDEO_ID,
         )
+    if model_type in ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"):
+        audio = dict(
+            num_mel_bins=8,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            d_model=32,
+            output_dim=hidden,
+            max_source_positions=64,
+        )
+        audio_id = VISION_END_ID + 1
+        if model_type == "qwen3_omni_moe_thinker":
+            text = dict(
+                txt,
+                head_dim=hidden // heads,
+                rope_parameters=dict(_mrope(hidden, heads), mrope_interleaved=True),
+                moe_intermediate_size=hidden // 2,
+                num_experts=4,
+                num_experts_per_tok=2,
+            )
+            return tf.Qwen3OmniMoeThinkerConfig(
+                text_config=text,
+                vision_config=_qwen3_vision(hidden, vision_hidden),
+                audio_config=dict(audio, downsample_hidden_size=8),
+                image_token_id=IMAGE_ID,
+                video_token_id=VIDEO_ID,
+                audio_token_id=audio_id,
+                vision_start_token_id=VISION_START_ID,  # read by its rope index, though not a field of its config
+            )
+        vision = dict(
+            _qwen3_vision(hidden, vision_hidden),
+            patch_size=14,
+            window_size=56,
+            fullatt_block_indexes=[0],
+            deepstack_visual_indexes=None,
+            num_position_embeddings=None,
+        )
+        return tf.Qwen2_5OmniThinkerConfig(
+            text_config=dict(txt, rope_parameters=_mrope(hidden, heads)),
+            vision_config=vision,
+            audio_config=audio,
+            image_token_index=IMAGE_ID,
+            video_token_index=VIDEO_ID,
+            audio_token_index=audio_id,
+            vision_start_token_id=VISION_START_ID,
+            vision_end_token_id=VISION_END_ID,
+        )
     if model_type == "kimi_k25":
         vision = dict(
             num_hidden_layers=1,
@@ -463,6 +510,8 @@ ARCHS = (
     "fuyu",
     "kimi_k25",
     "ovis2",
+    "qwen2_5_omni_thinker",
+    "qwen3_omni_moe_thinker",
     "gemma3n_text",
     "gemma3n",
     "perception_lm",
