@@ -70,11 +70,44 @@ def _florence2():
     return tf.AutoModelForImageTextToText.from_config(tf.Florence2Config(text_config=text, vision_config=vision))
 
 
+def _qwen3_5():
+    text = dict(
+        text_config_kwargs(layers=2),
+        head_dim=16,
+        layer_types=["linear_attention", "full_attention"],
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+    )
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    return tf.AutoModelForImageTextToText.from_config(tf.Qwen3_5Config(text_config=text, vision_config=vision))
+
+
+def _t5gemma2():
+    text = dict(text_config_kwargs(layers=2), head_dim=16, layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+    config = tf.T5Gemma2Config(
+        encoder=dict(text_config=text, vision_config=vision, mm_tokens_per_image=4), decoder=text
+    )
+    return tf.AutoModelForImageTextToText.from_config(config)
+
+
+def _idefics():
+    vision = dict(embed_dim=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    config = tf.IdeficsConfig(**text_config_kwargs(layers=2), vision_config=vision)
+    return tf.AutoModelForImageTextToText.from_config(config)
+
+
 LAYOUTS = {
     "mllama": (_mllama, "model.language_model.layers.*.self_attn", "cross-attention layers"),
     "lfm2_vl": (_lfm2_vl, "model.language_model.layers.*.self_attn", "(interleaves short-convolution|not layers)"),
     "florence2": (_florence2, "model.language_model.decoder.layers.*.self_attn", "encoder-decoder"),
+    "qwen3_5": (_qwen3_5, "model.language_model.layers.*.self_attn", "(interleaves Gated DeltaNet|not layers)"),
+    "t5gemma2": (_t5gemma2, "model.decoder.layers.*.self_attn", "encoder-decoder"),
 }
+#: refused by model_type only: an explicit ArchMap is the user's own decision
+BY_TYPE = {"idefics": (_idefics, "gated cross-attention layers")}
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
@@ -89,6 +122,16 @@ def test_unsupported_layouts_are_refused_with_a_reason_and_a_remedy(name):
     assert "use" in str(refused.value).lower()
     assert headgain.handle_of(model) is None
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(BY_TYPE))
+def test_unsupported_model_types_are_refused_with_a_reason_and_a_remedy(name):
+    make, reason = BY_TYPE[name]
+    model = make()
+    assert model.config.model_type == name
+    with pytest.raises(headgain.ArchError, match=f"model_type '{name}' is not supported: .*{reason}.*Use a"):
+        headgain.attach(model, cfg=CFG)
+    assert headgain.handle_of(model) is None
 
 
 @pytest.mark.skipif(not hasattr(tf, "Gemma4Config"), reason="Gemma 4 is not in this transformers version")

@@ -77,6 +77,35 @@ UNSUPPORTED: dict[str, str] = {
         "reads them only through cross-attention, which the paper's S_v does not define. Use a decoder-only VLM"
     ),
 }
+_HYBRID = (
+    "{model}'s decoder interleaves {other} layers with attention layers; headgain reads and scales every decoder "
+    "layer's attention heads and does not support such hybrid decoders. Use a model whose decoder layers are all "
+    "attention layers"
+)
+_ENCODER_DECODER = (
+    "{model} is an encoder-decoder: the image sits in the encoder's input and the decoder that generates reads it "
+    "only through cross-attention, which the paper's S_v does not define. Use a decoder-only VLM"
+)
+UNSUPPORTED.update(
+    {
+        "qwen3_5": _HYBRID.format(model="Qwen3.5", other="Gated DeltaNet (linear attention)"),
+        "qwen3_5_moe": _HYBRID.format(model="Qwen3.5-MoE", other="Gated DeltaNet (linear attention)"),
+        "qwen4_exp": _HYBRID.format(model="Qwen4-Exp", other="Gated DeltaNet (linear attention)"),
+        "glm5_next": _HYBRID.format(model="GLM-5-Next", other="linear attention"),
+        "lfm3_vl": _HYBRID.format(model="LFM3-VL", other="short-convolution"),
+        "nemotron_h_omni": _HYBRID.format(model="Nemotron-H Omni", other="Mamba-2 (state-space) and MLP-only"),
+        "idefics": (
+            "IDEFICS (v1) reads the image through gated cross-attention layers, so its self-attention never sees "
+            "image features and S_v (the share of self-attention on image tokens) says nothing about the image. Use a "
+            "VLM whose decoder holds the image tokens in its sequence (idefics2, idefics3, qwen2_5_vl, llava, ...)"
+        ),
+        "blip": _ENCODER_DECODER.format(model="BLIP (captioning)"),
+        "pix2struct": _ENCODER_DECODER.format(model="Pix2Struct"),
+        "udop": _ENCODER_DECODER.format(model="UDOP"),
+        "t5gemma2": _ENCODER_DECODER.format(model="T5Gemma 2"),
+        "vision-encoder-decoder": _ENCODER_DECODER.format(model="VisionEncoderDecoderModel"),
+    }
+)
 _OMNI = (
     "'s top model has no forward of its own: its generate() runs the thinker (a decoder-only VLM that reads "
     "images, video and audio) and then the talker, which turns the thinker's hidden states into speech. Use "
