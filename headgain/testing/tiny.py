@@ -370,6 +370,84 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
     if model_type == "fuyu":
         text = dict(txt, num_key_value_heads=heads, hidden_act="relu2", qk_layernorm=True)
         return tf.FuyuConfig(text_config=text, image_size=28, patch_size=14, image_token_id=IMAGE_ID)
+    if model_type == "llava_next_video":
+        return tf.LlavaNextVideoConfig(
+            text_config=tf.LlamaConfig(**txt),
+            vision_config=_clip(),
+            image_token_index=IMAGE_ID,
+            video_token_index=VIDEO_ID,
+            image_grid_pinpoints=[[28, 28]],
+        )
+    if model_type == "vipllava":
+        return tf.VipLlavaConfig(
+            text_config=tf.LlamaConfig(**txt),
+            vision_config=_clip(),
+            image_token_index=IMAGE_ID,
+            vision_feature_layers=[-1],
+        )
+    if model_type == "video_llava":
+        return tf.VideoLlavaConfig(
+            text_config=tf.LlamaConfig(**txt),
+            vision_config=_clip(),
+            image_token_index=IMAGE_ID,
+            video_token_index=VIDEO_ID,
+            image_seq_length=4,
+            video_seq_length=32,
+        )
+    if model_type == "idefics2":
+        perceiver = dict(
+            hidden_size=hidden,
+            resampler_n_latents=4,
+            resampler_depth=1,
+            resampler_n_heads=2,
+            resampler_head_dim=16,
+            num_key_value_heads=1,
+        )
+        return tf.Idefics2Config(
+            text_config=tf.MistralConfig(**txt),
+            vision_config=_vision_dict(),
+            perceiver_config=perceiver,
+            image_token_id=IMAGE_ID,
+        )
+    if model_type in ("glm46v", "glm_ocr"):
+        rope = dict(_mrope(hidden, heads), partial_rotary_factor=1.0)
+        vision = dict(
+            depth=1,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_heads=2,
+            out_hidden_size=hidden,
+            image_size=28,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        config = tf.Glm46VConfig if model_type == "glm46v" else tf.GlmOcrConfig
+        return config(text_config=dict(txt, rope_parameters=rope), vision_config=vision, **_glm_ids())
+    if model_type == "lighton_ocr":
+        vision = dict(_vision_dict(), head_dim=16, model_type="pixtral")
+        return tf.LightOnOcrConfig(
+            text_config=dict(txt, model_type="qwen3", head_dim=hidden // heads),
+            vision_config=vision,
+            image_token_id=IMAGE_ID,
+            spatial_merge_size=1,
+        )
+    if model_type in ("deepseek_vl", "deepseek_vl_hybrid"):
+        extra = {}
+        if model_type == "deepseek_vl_hybrid":
+            extra["high_res_vision_config"] = dict(
+                hidden_size=32,
+                output_channels=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=16,
+                window_size=2,
+                global_attn_indexes=[0],
+                mlp_dim=64,
+            )
+        config = tf.DeepseekVLConfig if model_type == "deepseek_vl" else tf.DeepseekVLHybridConfig
+        return config(text_config=tf.LlamaConfig(**txt), vision_config=_siglip(), image_token_id=IMAGE_ID, **extra)
     if model_type == "deepseek_v3":
         return tf.DeepseekV3Config(**_deepseek_v3(layers, hidden, heads))
     if model_type == "gemma3n_text":
@@ -512,6 +590,15 @@ ARCHS = (
     "ovis2",
     "qwen2_5_omni_thinker",
     "qwen3_omni_moe_thinker",
+    "llava_next_video",
+    "vipllava",
+    "video_llava",
+    "idefics2",
+    "glm46v",
+    "glm_ocr",
+    "lighton_ocr",
+    "deepseek_vl",
+    "deepseek_vl_hybrid",
     "gemma3n_text",
     "gemma3n",
     "perception_lm",
