@@ -448,6 +448,48 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
             )
         config = tf.DeepseekVLConfig if model_type == "deepseek_vl" else tf.DeepseekVLHybridConfig
         return config(text_config=tf.LlamaConfig(**txt), vision_config=_siglip(), image_token_id=IMAGE_ID, **extra)
+    if model_type == "paddleocr_vl":
+        text = dict(txt, head_dim=hidden // heads, rope_parameters=_mrope(hidden, heads))
+        vision = dict(_vision_dict(), spatial_merge_size=2)
+        return tf.PaddleOCRVLConfig(text_config=text, vision_config=vision, **_qwen_ids())
+    if model_type == "video_llama_3":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+        return tf.VideoLlama3Config(
+            text_config=dict(txt, model_type="qwen2"),
+            vision_config=vision,
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+        )
+    if model_type == "aria":
+        text = dict(txt, moe_num_experts=2, moe_topk=1, moe_num_shared_experts=1)
+        vision = dict(_vision_dict(), model_type="idefics3_vision")
+        return tf.AriaConfig(
+            text_config=text, vision_config=vision, image_token_index=IMAGE_ID, projector_patch_to_query_dict={4: 4}
+        )
+    if model_type == "shieldgemma2":
+        return tf.ShieldGemma2Config(
+            text_config=tf.Gemma3TextConfig(**txt, head_dim=hidden // heads, sliding_window=64),
+            vision_config=_siglip(),
+            mm_tokens_per_image=4,
+            image_token_index=IMAGE_ID,
+            boi_token_index=VISION_START_ID,
+            eoi_token_index=VISION_END_ID,
+        )
+    if model_type == "granite_docling":
+        vision = dict(_vision_dict(), image_size=56, out_hidden_size=hidden, scale_factor=2)
+        return tf.GraniteDoclingConfig(text_config=txt, vision_config=vision, image_token_id=IMAGE_ID, pad_token_id=0)
+    if model_type == "hunyuan_vl":
+        vision = dict(
+            _vision_dict(),
+            out_hidden_size=hidden,
+            text_hidden_size=hidden,
+            spatial_merge_size=2,
+            max_vit_seq_len=64,
+            max_image_size=64,
+            min_image_size=32,
+        )
+        text = dict(txt, head_dim=hidden // heads, rope_parameters=_mrope(hidden, heads))
+        return tf.HunYuanVLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID)
     if model_type == "deepseek_v3":
         return tf.DeepseekV3Config(**_deepseek_v3(layers, hidden, heads))
     if model_type == "gemma3n_text":
@@ -599,6 +641,12 @@ ARCHS = (
     "lighton_ocr",
     "deepseek_vl",
     "deepseek_vl_hybrid",
+    "paddleocr_vl",
+    "video_llama_3",
+    "aria",
+    "shieldgemma2",
+    "granite_docling",
+    "hunyuan_vl",
     "gemma3n_text",
     "gemma3n",
     "perception_lm",
