@@ -490,6 +490,41 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
         )
         text = dict(txt, head_dim=hidden // heads, rope_parameters=_mrope(hidden, heads))
         return tf.HunYuanVLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID)
+    if model_type == "cosmos3_omni":
+        rope = dict(_mrope(hidden, heads), mrope_interleaved=True)
+        return tf.Cosmos3OmniConfig(
+            text_config=dict(txt, head_dim=hidden // heads, rope_parameters=rope),
+            vision_config=_qwen3_vision(hidden, vision_hidden),
+            **_qwen_ids(),
+        )
+    if model_type == "exaone4_5":
+        vision = dict(
+            _qwen3_vision(hidden, vision_hidden),
+            patch_size=14,
+            window_size=56,
+            fullatt_block_indexes=[0],
+            num_key_value_heads=2,
+            deepstack_visual_indexes=None,
+            num_position_embeddings=None,
+        )
+        text = tf.Exaone4Config(
+            **txt, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+        )
+        return tf.Exaone4_5_Config(
+            text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID
+        )
+    if model_type == "ernie4_5_vl_moe":
+        text = dict(
+            txt,
+            # sections ordered (h, w, t), with h = w
+            rope_parameters=dict(_mrope(hidden, heads), mrope_section=_mrope(hidden, heads)["mrope_section"][::-1]),
+            moe_intermediate_size=[hidden // 2, hidden // 2],
+            moe_k=2,
+            moe_num_experts=4,
+            moe_num_shared_experts=1,
+        )
+        vision = dict(depth=1, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2)
+        return tf.Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, **_glm_ids())
     if model_type == "deepseek_v3":
         return tf.DeepseekV3Config(**_deepseek_v3(layers, hidden, heads))
     if model_type == "gemma3n_text":
@@ -647,6 +682,9 @@ ARCHS = (
     "shieldgemma2",
     "granite_docling",
     "hunyuan_vl",
+    "cosmos3_omni",
+    "exaone4_5",
+    "ernie4_5_vl_moe",
     "gemma3n_text",
     "gemma3n",
     "perception_lm",
