@@ -1,5 +1,7 @@
 """Every registered architecture: ratios and logits against independent eager references."""
 
+import pathlib
+
 import pytest
 import torch
 import transformers
@@ -75,6 +77,15 @@ def test_generate_with_cache_matches_eager_reference(arch):
     _skip_broken_forward(model, inputs, arch)
     steps, _ = check_steps_against_eager(model, ref, inputs, _attach_mixed(model, inputs, arch), new=3)
     assert any((g > 1).any() for _, g in steps)
+
+
+def test_the_readme_names_every_registered_and_refused_model_type():
+    from headgain.adapters.hf_archs import BUILTIN, UNSUPPORTED
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Supported architectures") :]
+    missing = [name for name in [*BUILTIN, *UNSUPPORTED] if f"`{name}`" not in section]
+    assert not missing, f"README's architecture section lacks {missing}"
 
 
 def test_registry_covers_the_tested_architectures():
