@@ -67,6 +67,7 @@ BUILTIN: dict[str, ArchMap] = {
     "cosmos3_omni": ArchMap(_LM),
     "exaone4_5": ArchMap(_LM),
     "ernie4_5_vl_moe": ArchMap(_LM),
+    "hyperclovax_vision_v2": ArchMap(_LM),
     "deepseek_v3": ArchMap("model.layers.*.self_attn", head_dim="v_head_dim", visual_token_ids=()),
     "llama4_text": ArchMap("model.layers.*.self_attn", visual_token_ids=()),
     "gemma3n_text": ArchMap("model.layers.*.self_attn", visual_token_ids=()),

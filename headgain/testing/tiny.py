@@ -526,6 +526,14 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
         )
         vision = dict(depth=1, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2)
         return tf.Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, **_glm_ids())
+    if model_type == "hyperclovax_vision_v2":
+        vision = _tiny_config("qwen2_5_vl", layers, hidden, heads, kv_heads, vision_hidden).vision_config.to_dict()
+        return tf.HyperCLOVAXVisionV2Config(
+            text_config=dict(txt, model_type="hyperclovax"),
+            vision_config=dict(vision, model_type="qwen2_5_vl_vision"),
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+        )
     if model_type == "deepseek_v3":
         return tf.DeepseekV3Config(**_deepseek_v3(layers, hidden, heads))
     if model_type == "gemma3n_text":
@@ -689,6 +697,7 @@ ARCHS = tuple(
         "cosmos3_omni",
         "exaone4_5",
         "ernie4_5_vl_moe",
+        "hyperclovax_vision_v2",
         "gemma3n_text",
         "gemma3n",
         "perception_lm",
