@@ -534,6 +534,16 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
             image_token_id=IMAGE_ID,
             video_token_id=VIDEO_ID,
         )
+    if model_type == "fast_vlm":
+        vision = dict(
+            model_type="timm_wrapper",
+            architecture="fastvit_mci3",
+            do_pooling=True,
+            global_pool="avg",
+            hidden_size=128,
+            model_args=dict(inference_mode=True, layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 64)),
+        )
+        return tf.FastVlmConfig(text_config=tf.Qwen2Config(**txt), vision_config=vision, image_token_index=IMAGE_ID)
     if model_type == "deepseek_v3":
         return tf.DeepseekV3Config(**_deepseek_v3(layers, hidden, heads))
     if model_type == "gemma3n_text":
@@ -701,12 +711,13 @@ ARCHS = tuple(
         "gemma3n_text",
         "gemma3n",
         "perception_lm",
+        "fast_vlm",
     )
     if model_type in CONFIG_MAPPING_NAMES
 )
 
 #: model_type -> the package its vision tower needs beyond transformers (timm builds these towers)
-REQUIRES = {"gemma3n": "timm", "perception_lm": "timm"}
+REQUIRES = {"gemma3n": "timm", "perception_lm": "timm", "fast_vlm": "timm"}
 
 
 _CAUSAL_LM = (
