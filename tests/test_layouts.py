@@ -4,7 +4,7 @@ what to do instead, whether they are found by model_type or from an explicit Arc
 import pytest
 import torch
 import transformers as tf
-from support import token_inputs
+from support import skip_moved_decoder, token_inputs
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 import headgain
@@ -184,6 +184,7 @@ def test_omni_models_are_refused_and_their_thinker_is_attached(top, thinker):
     with pytest.raises(headgain.ArchError, match=f"no forward of its own.*Use model.thinker.*{thinker}"):
         headgain.attach(model, cfg=CFG)
     assert headgain.handle_of(model) is None
+    skip_moved_decoder(model.thinker, thinker)
     handle = headgain.attach(model.thinker, cfg=CFG)
     with torch.no_grad():
         model.thinker(**token_inputs())

@@ -462,7 +462,7 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
             video_token_id=VIDEO_ID,
         )
     if model_type == "aria":
-        text = dict(txt, moe_num_experts=2, moe_topk=1, moe_num_shared_experts=1)
+        text = tf.AriaTextConfig(**txt, moe_num_experts=2, moe_topk=1, moe_num_shared_experts=1)
         vision = dict(_vision_dict(), model_type="idefics3_vision")
         return tf.AriaConfig(
             text_config=text, vision_config=vision, image_token_index=IMAGE_ID, projector_patch_to_query_dict={4: 4}
