@@ -363,7 +363,7 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
         )
         return tf.Emu3Config(text_config=tf.Emu3TextConfig(**txt), vq_config=vq, vocabulary_map={"<image>": IMAGE_ID})
     if model_type == "janus":
-        vision = dict(_vision_dict(), image_size=28, patch_size=14, projection_dim=hidden, depth=1, num_image_tokens=4)
+        vision = dict(_vision_dict(), projection_dim=hidden, depth=1, num_image_tokens=4)
         vq = dict(_vq(), num_patches=2, projection_dim=hidden, image_token_embed_dim=hidden, num_hidden_layers=1)
         return tf.JanusConfig(
             text_config=tf.LlamaConfig(**txt), vision_config=vision, vq_config=vq, image_token_id=IMAGE_ID
