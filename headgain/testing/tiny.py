@@ -544,6 +544,19 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
             model_args=dict(inference_mode=True, layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 64)),
         )
         return tf.FastVlmConfig(text_config=tf.Qwen2Config(**txt), vision_config=vision, image_token_index=IMAGE_ID)
+    if model_type == "molmo2":
+        vision = dict(_vision_dict(), num_key_value_heads=2, head_dim=16, image_size=[28, 28])
+        adapter = dict(
+            vision_feature_layer=[-1],
+            hidden_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=64,
+            text_hidden_size=hidden,
+        )
+        text = dict(txt, head_dim=hidden // heads, additional_vocab_size=8)
+        return tf.Molmo2Config(text_config=text, vision_config=vision, adapter_config=adapter, image_patch_id=IMAGE_ID)
     if model_type == "deepseek_v3":
         return tf.DeepseekV3Config(**_deepseek_v3(layers, hidden, heads))
     if model_type == "gemma3n_text":
@@ -708,6 +721,7 @@ ARCHS = tuple(
         "exaone4_5",
         "ernie4_5_vl_moe",
         "hyperclovax_vision_v2",
+        "molmo2",
         "gemma3n_text",
         "gemma3n",
         "perception_lm",
