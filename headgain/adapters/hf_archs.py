@@ -113,6 +113,15 @@ UNSUPPORTED.update(
         "qwen3_5_moe": _HYBRID.format(model="Qwen3.5-MoE", other="Gated DeltaNet (linear attention)"),
         "qwen4_exp": _HYBRID.format(model="Qwen4-Exp", other="Gated DeltaNet (linear attention)"),
         "glm5_next": _HYBRID.format(model="GLM-5-Next", other="linear attention"),
+        "minicpmv4_6": _HYBRID.format(
+            model="MiniCPM-V 4.6 (a Qwen3.5 decoder)", other="Gated DeltaNet (linear attention)"
+        ),
+        "minicpmv4_7": _HYBRID.format(
+            model="MiniCPM-V 4.7 (a Qwen3.5 decoder)", other="Gated DeltaNet (linear attention)"
+        ),
+        "minicpm_ocr": _HYBRID.format(
+            model="MiniCPM-OCR (a Qwen3.5 decoder)", other="Gated DeltaNet (linear attention)"
+        ),
         "lfm3_vl": _HYBRID.format(model="LFM3-VL", other="short-convolution"),
         "nemotron_h_omni": _HYBRID.format(model="Nemotron-H Omni", other="Mamba-2 (state-space) and MLP-only"),
         "idefics": (
