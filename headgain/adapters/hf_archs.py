@@ -70,6 +70,7 @@ BUILTIN: dict[str, ArchMap] = {
     "hyperclovax_vision_v2": ArchMap(_LM),
     "fast_vlm": ArchMap(_LM, visual_token_ids=("image_token_id",)),
     "molmo2": ArchMap(_LM, visual_token_ids=("image_token_id",)),
+    "granite4_vision": ArchMap(_LM, visual_token_ids=("image_token_id",)),
     "deepseek_v3": ArchMap("model.layers.*.self_attn", head_dim="v_head_dim", visual_token_ids=()),
     "llama4_text": ArchMap("model.layers.*.self_attn", visual_token_ids=()),
     "gemma3n_text": ArchMap("model.layers.*.self_attn", visual_token_ids=()),

@@ -557,6 +557,17 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
         )
         text = dict(txt, head_dim=hidden // heads, additional_vocab_size=8)
         return tf.Molmo2Config(text_config=text, vision_config=vision, adapter_config=adapter, image_patch_id=IMAGE_ID)
+    if model_type == "granite4_vision":
+        return tf.Granite4VisionConfig(
+            text_config=txt,
+            vision_config=dict(_vision_dict(), hidden_size=64, model_type="clip_vision_model"),  # Q-Former: 64 per head
+            qformer_config=dict(num_hidden_layers=1, intermediate_size=64, use_qformer_text_input=False),
+            image_token_index=IMAGE_ID,
+            image_grid_pinpoints=[[28, 28]],
+            downsample_rate="1/2",
+            deepstack_layer_map=[[-1, 0]],
+            spatial_target_layers=[0, 1, 2, 3],
+        )
     if model_type == "deepseek_v3":
         return tf.DeepseekV3Config(**_deepseek_v3(layers, hidden, heads))
     if model_type == "gemma3n_text":
@@ -722,6 +733,7 @@ ARCHS = tuple(
         "ernie4_5_vl_moe",
         "hyperclovax_vision_v2",
         "molmo2",
+        "granite4_vision",
         "gemma3n_text",
         "gemma3n",
         "perception_lm",
