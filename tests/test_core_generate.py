@@ -2,16 +2,10 @@
 
 import pytest
 import torch
-from support import attach_gain_hooks, attach_mixed, reference_ratios, twin_models, visual_of
+from support import attach_mixed, check_steps_against_eager, record_steps, twin_models
 
 import headgain
 from headgain.testing.synthetic import draw_image, qwen_vl_inputs
-
-
-def _record(model, handle):
-    steps = []
-    hook = model.register_forward_hook(lambda m, a, o: steps.append((handle.last_ratios, handle.last_gains)))
-    return steps, hook
 
 
 def _pair(backend="sdpa", **kw):
@@ -27,41 +21,12 @@ def _images_inputs(**kw):
     )
 
 
-def _check_steps_against_eager(model, ref, inputs, handle, new):
-    """Generate greedily with ``model`` (attached), replay with the unattached eager ``ref``
-    applying each step's reported gains, and compare every step's ratios to the
-    probabilities ``ref`` returns for that same step (cached keys included)."""
-    steps, hook = _record(model, handle)
-    with torch.no_grad():
-        seq = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-    hook.remove()
-    assert len(steps) == new
-    remove = attach_gain_hooks(ref, [g for _, g in steps])
-    with torch.no_grad():
-        out = ref.generate(
-            **inputs,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            output_attentions=True,
-            return_dict_in_generate=True,
-        )
-    remove()
-    assert torch.equal(out.sequences, seq)
-    prompt_visual = visual_of(inputs["input_ids"], inputs["attention_mask"])
-    assert prompt_visual.sum(1).min() > 0
-    for step, (ratios, _) in enumerate(steps):
-        expected = reference_ratios(out.attentions[step], torch.nn.functional.pad(prompt_visual, (0, step)))
-        torch.testing.assert_close(ratios, expected, atol=2e-5, rtol=1e-4)
-    return steps, out
-
-
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 @pytest.mark.parametrize("video", [0, 2])
 def test_generate_every_step_matches_eager_reference(backend, video):
     model, ref = _pair(backend)
     inputs = _images_inputs(video_frames=video)
-    steps, _ = _check_steps_against_eager(model, ref, inputs, attach_mixed(model, inputs), new=4)
+    steps, _ = check_steps_against_eager(model, ref, inputs, attach_mixed(model, inputs), new=4)
     assert any((g > 1).any() for _, g in steps)
 
 
@@ -69,7 +34,7 @@ def test_sampling_with_cache_records_every_step():
     model, _ = _pair()
     inputs = _images_inputs()
     handle = attach_mixed(model, inputs)
-    steps, hook = _record(model, handle)
+    steps, hook = record_steps(model, handle)
     torch.manual_seed(0)
     with torch.no_grad():
         seq = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=True, top_k=50)
@@ -144,7 +109,7 @@ def test_sliding_window_cache_aligns_visual_keys(backend):
     ref = tf.AutoModelForImageTextToText.from_config(config, attn_implementation="eager").eval()
     ref.load_state_dict(model.state_dict())
     inputs = token_inputs(batch_lengths=(14, 14), image_span=(7, 11))
-    _, out = _check_steps_against_eager(model, ref, inputs, attach_mixed(model, inputs), new=3)
+    _, out = check_steps_against_eager(model, ref, inputs, attach_mixed(model, inputs), new=3)
     widths = {a.shape[-1] for a in out.attentions[-1]}
     assert len(widths) == 2, "sliding layers must see fewer keys than full layers"
 
@@ -155,7 +120,7 @@ def test_static_cache_gives_the_dynamic_cache_ratios():
     handle = attach_mixed(model, inputs)
     runs = []
     for extra in ({}, {"cache_implementation": "static"}):
-        steps, hook = _record(model, handle)
+        steps, hook = record_steps(model, handle)
         with torch.no_grad():
             seq = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, **extra)
         hook.remove()

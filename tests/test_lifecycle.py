@@ -198,7 +198,7 @@ def test_an_attached_model_deleted_without_detach_is_freed(kind):
 
 
 # ---------------------------------------------------------------------- 7. only decoder modules change
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "llava", "phi4_multimodal"])
 def test_attach_changes_no_config_and_detach_is_exact(model_type):
     model = tiny_model(model_type, "sdpa")
     inputs = token_inputs()

@@ -116,7 +116,10 @@ def _text_config(config, arch: ArchMap):
 def _config_int(text_config, field, what: str, required: bool) -> int | None:
     if field is None or isinstance(field, int):
         return field
-    value = getattr(text_config, field, None)
+    try:
+        value = getattr(text_config, field, None)
+    except RuntimeError:  # a per-layer attribute of a heterogeneous config (transformers' per_layer_config)
+        value = None
     if value is None and not required:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

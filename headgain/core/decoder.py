@@ -130,8 +130,8 @@ def head_layout(arch: ArchMap, found, num_heads: int, head_dim: int | None) -> t
 
     Checks that each module has a linear ``arch.o_proj`` whose input width is
     ``num_heads * head_dim`` (or a multiple of ``num_heads`` when ``head_dim`` is None),
-    and that head counts the module itself keeps (``num_heads``, ``num_attention_heads``,
-    ``n_heads``) agree with ``num_heads``.
+    that this width is the same in every layer, and that head counts the module itself
+    keeps (``num_heads``, ``num_attention_heads``, ``n_heads``) agree with ``num_heads``.
     """
     layers = []
     width = None
@@ -157,6 +157,12 @@ def head_layout(arch: ArchMap, found, num_heads: int, head_dim: int | None) -> t
                 f"ArchMap.num_heads ({arch.num_heads!r}) and ArchMap.head_dim ({arch.head_dim!r})"
             )
         layers.append(DecoderLayer(index, name, module, proj))
+    widths = sorted({layer.o_proj.in_features for layer in layers})
+    if len(widths) > 1:
+        raise ArchError(
+            f"the output projections {arch.o_proj!r} of {arch.attention!r} take inputs of different widths {widths}: "
+            "the decoder's layers have different head widths, and headgain needs one head width for every layer"
+        )
     return layers, head_dim if head_dim is not None else width // num_heads
 
 
