@@ -1,7 +1,8 @@
 """Tiny random-weight models of every registered architecture, built from configs.
 
-Used by the demo, the tests and the CPU benchmarks: nothing is downloaded. Visual
-placeholder ids are fixed (`IMAGE_ID`, `VIDEO_ID`) so inputs can be written by hand.
+Used by the tests and the CPU benchmarks: nothing is downloaded (the demo and the command
+line use the trained toy model of `headgain.toy`). Visual placeholder ids are fixed
+(`IMAGE_ID`, `VIDEO_ID`) so inputs can be written by hand.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ import transformers as tf
 
 __all__ = [
     "ARCHS",
-    "EMBEDDED",
     "IMAGE_ID",
     "VIDEO_ID",
     "VOCAB",
-    "embedded_model",
     "tiny_config",
     "tiny_model",
     "text_config_kwargs",
@@ -264,14 +263,3 @@ def tiny_model(
     auto = tf.AutoModelForCausalLM if model_type == "deepseek_v3" else tf.AutoModelForImageTextToText
     model = auto.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()
-
-
-#: The embedded default of the demo and the command line: a Qwen2.5-VL deep enough for the
-#: paper's presets (l_perc = 7), initialised with a wide range so heads differ in how much
-#: they look at the image.
-EMBEDDED = dict(layers=12, hidden=256, heads=8, kv_heads=2, vision_hidden=64, init_std=0.1)
-
-
-def embedded_model(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
-    """The embedded default model (see `EMBEDDED`), random weights, eval mode."""
-    return tiny_model("qwen2_5_vl", attn_implementation, dtype=dtype, **EMBEDDED)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-from .scenes import DEFAULT_REASONING, QA, TASKS, Scene, make_qa, make_scene, reasoning_text
+from .scenes import DEFAULT_REASONING, HELDOUT, QA, TASKS, Scene, make_qa, make_scene, reasoning_text
 
-__all__ = ["TOY", "toy_config", "messages", "prompt_batch", "train_batch", "accuracy"]
+__all__ = ["TOY", "toy_config", "messages", "chat_prompt", "prompt_batch", "train_batch", "accuracy", "heldout"]
 
 #: Sizes of the toy model: decoder and vision tower.
 TOY = dict(
@@ -89,13 +89,11 @@ def _think(qa: QA, words: int, seed: int) -> str:
     return f"<think> {text} </think>" if text else "<think> </think>"
 
 
-def messages(turns: list[tuple[QA, int, int]], answer_last: bool = True) -> list[dict]:
-    """Chat messages for one picture and several questions.
+def messages(turns: list[tuple[QA, int, int]]) -> list[dict]:
+    """Chat messages (with the answers) for one picture and several questions.
 
     Args:
         turns: per question (qa, reasoning words, reasoning seed).
-        answer_last: write the last answer too (training); else the last assistant message
-            stops after ``</think>`` and the model is to continue it.
     """
     out: list[dict] = []
     for i, (qa, words, seed) in enumerate(turns):
@@ -103,21 +101,25 @@ def messages(turns: list[tuple[QA, int, int]], answer_last: bool = True) -> list
         if i == 0:
             content.insert(0, {"type": "image"})
         out.append({"role": "user", "content": content})
-        reply = _think(qa, words, seed)
-        if answer_last or i < len(turns) - 1:
-            reply += f" {qa.answer}"
-        out.append({"role": "assistant", "content": reply})
+        out.append({"role": "assistant", "content": f"{_think(qa, words, seed)} {qa.answer}"})
     return out
+
+
+def chat_prompt(processor, question: str, reasoning: str = "") -> str:
+    """The prompt text for one picture and one question, the assistant turn opened with
+    ``reasoning`` (words) between ``<think>`` and ``</think>``; the answer is left to the model."""
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": f"<think> {reasoning} </think>" if reasoning else "<think> </think>"},
+    ]
+    return processor.apply_chat_template(msgs, continue_final_message=True)
 
 
 def prompt_batch(processor, scenes: list[Scene], qas: list[QA], reasoning: int = DEFAULT_REASONING) -> dict:
     """Left-padded model inputs: one picture and one question per row, the reasoning text
-    (``reasoning`` words) given, the answer left to the model."""
+    (``reasoning`` words, seeded by the scene) given, the answer left to the model."""
     texts = [
-        processor.apply_chat_template(
-            messages([(qa, reasoning, s.seed)], answer_last=False), continue_final_message=True
-        )
-        for s, qa in zip(scenes, qas)
+        chat_prompt(processor, qa.question, reasoning_text(reasoning, qa.about, s.seed)) for s, qa in zip(scenes, qas)
     ]
     return processor(images=[s.image for s in scenes], text=texts, return_tensors="pt", padding=True)
 
@@ -178,3 +180,13 @@ def accuracy(
             correct += sum(p == qa.answer for p, qa in zip(predicted, qas))
         total += len(qas)
     return correct, total
+
+
+def heldout(model, processor, scenes: int, reasoning: int = DEFAULT_REASONING, tasks=TASKS) -> dict:
+    """Held-out accuracy per task on ``scenes`` scenes each (seeds from `HELDOUT` upwards):
+    ``{task: {"correct", "total", "accuracy"}}``."""
+    out = {}
+    for task in tasks:
+        correct, total = accuracy(model, processor, task, range(HELDOUT, HELDOUT + scenes), reasoning)
+        out[task] = {"correct": correct, "total": total, "accuracy": correct / total}
+    return out

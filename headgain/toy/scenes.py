@@ -35,6 +35,7 @@ __all__ = [
     "TASKS",
     "IMAGE_SIZE",
     "DEFAULT_REASONING",
+    "HELDOUT",
     "Obj",
     "Scene",
     "QA",
@@ -50,6 +51,8 @@ __all__ = [
 IMAGE_SIZE = 112
 #: Words of reasoning text before the answer, unless told otherwise.
 DEFAULT_REASONING = 16
+#: First seed of the held-out scenes: training draws its scene seeds below it.
+HELDOUT = 2**31
 
 KINDS = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")

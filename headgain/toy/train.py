@@ -7,7 +7,8 @@ is the cross-entropy of the answers (and the ``<|im_end|>`` after them) only. Sc
 come from ``--seed``; held-out scenes use seeds from `HELDOUT` upwards, which training never
 draws. Every ``--eval-every`` steps a quick held-out accuracy is logged and the weights are
 saved to ``DIR`` (bfloat16 safetensors, the processor and ``metrics.json``); at the end the
-held-out accuracy of every task is measured on ``--eval-scenes`` scenes and recorded.
+saved weights are read back and their held-out accuracy is recorded
+(`headgain.toy.evaluate.record`).
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ import time
 import torch
 import transformers as tf
 
-from .model import TOY, accuracy, toy_config, train_batch
+from .evaluate import record
+from .model import TOY, heldout, toy_config, train_batch
 from .processor import build_processor
-from .scenes import DEFAULT_REASONING, TASKS, Scene, make_qa, make_scene
+from .scenes import HELDOUT, Scene, make_qa, make_scene
 
-__all__ = ["HELDOUT", "TASK_WEIGHTS", "sample_dialogue", "train", "evaluate", "save", "main"]
+__all__ = ["TASK_WEIGHTS", "sample_dialogue", "train", "save", "main"]
 
-#: First seed of the held-out scenes (training draws seeds below it).
-HELDOUT = 2**31
 #: How often each task is asked in training.
 TASK_WEIGHTS = {
     "exist": 0.15,
@@ -78,15 +78,6 @@ def sample_dialogue(rng: random.Random) -> tuple[Scene, list]:
     return scene, turns
 
 
-def evaluate(model, processor, scenes: int, reasoning: int = DEFAULT_REASONING, tasks=TASKS) -> dict:
-    """Held-out accuracy per task on ``scenes`` scenes each (seeds from `HELDOUT`)."""
-    out = {}
-    for task in tasks:
-        correct, total = accuracy(model, processor, task, range(HELDOUT, HELDOUT + scenes), reasoning)
-        out[task] = {"correct": correct, "total": total, "accuracy": correct / total}
-    return out
-
-
 def save(model, processor, out: str, metrics: dict) -> None:
     """Weights (bfloat16 safetensors), config, processor and ``metrics.json`` into ``out``."""
     os.makedirs(out, exist_ok=True)
@@ -131,12 +122,10 @@ def train(args, log=print) -> tuple[torch.nn.Module, object, list[float]]:
         losses.append(loss.item())
         if (step + 1) % args.log_every == 0:
             recent = losses[-args.log_every :]
-            log(
-                f"step {step + 1} loss {sum(recent) / len(recent):.4f} lr {_lr(step, args.steps, args.warmup, args.lr):.2e} "
-                f"{time.time() - start:.0f} s"
-            )
+            lr = _lr(step, args.steps, args.warmup, args.lr)
+            log(f"step {step + 1} loss {sum(recent) / len(recent):.4f} lr {lr:.2e} {time.time() - start:.0f} s")
         if args.out and args.eval_every and (step + 1) % args.eval_every == 0:
-            quick = evaluate(model, processor, 64, tasks=("exist-adversarial", "colour", "count"))
+            quick = heldout(model, processor, 64, tasks=("exist-adversarial", "colour", "count"))
             log(
                 f"step {step + 1} held-out (64 scenes): "
                 + ", ".join(f"{t} {m['accuracy']:.2f}" for t, m in quick.items())
@@ -144,14 +133,9 @@ def train(args, log=print) -> tuple[torch.nn.Module, object, list[float]]:
             save(model, processor, args.out, dict(metrics, steps_done=step + 1, seconds=time.time() - start))
     metrics.update(steps_done=args.steps, seconds=time.time() - start, final_loss=losses[-1] if losses else None)
     if args.out:
-        if args.eval_scenes:
-            metrics["heldout"] = {
-                "reasoning": DEFAULT_REASONING,
-                "first_seed": HELDOUT,
-                "tasks": evaluate(model, processor, args.eval_scenes),
-            }
-            log("held-out: " + json.dumps(metrics["heldout"]["tasks"]))
         save(model, processor, args.out, metrics)
+        if args.eval_scenes:
+            record(args.out, args.eval_scenes, log=log)
     return model, processor, losses
 
 
