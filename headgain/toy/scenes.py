@@ -202,22 +202,25 @@ def _random_spec(rng: random.Random) -> tuple[str, str]:
     return _weighted(rng, KINDS, _KIND_WEIGHTS), _weighted(rng, COLOURS, _COLOUR_WEIGHTS)
 
 
-def make_scene(seed: int, task: str = "exist", size: int = IMAGE_SIZE) -> Scene:
+def make_scene(seed: int, task: str = "exist", size: int = IMAGE_SIZE, max_objects: int = 9) -> Scene:
     """A scene for ``task`` (counting scenes hold more objects), deterministic per (seed, task).
 
     Objects of a scene are distinct as (kind, colour) pairs except in counting scenes; in
-    ``colour`` scenes each kind occurs once.
+    ``colour`` scenes each kind occurs once. ``max_objects`` caps their number (the training
+    curriculum starts with one object; ``position`` needs two).
     """
     rng = random.Random(f"scene-{task}-{seed}")
     if task == "count":
         kind = _weighted(rng, KINDS, _KIND_WEIGHTS)
-        specs = [(kind, _weighted(rng, COLOURS, _COLOUR_WEIGHTS)) for _ in range(rng.randint(0, 5))]
+        specs = [(kind, _weighted(rng, COLOURS, _COLOUR_WEIGHTS)) for _ in range(rng.randint(0, min(5, max_objects)))]
         others = [k for k in KINDS if k != kind]
-        for _ in range(rng.randint(0 if specs else 1, min(3, 7 - len(specs)))):
+        for _ in range(rng.randint(0 if specs else 1, min(3, 7 - len(specs), max(1, max_objects - len(specs))))):
             specs.append((rng.choice(others), _weighted(rng, COLOURS, _COLOUR_WEIGHTS)))
         rng.shuffle(specs)
     else:
-        n = rng.randint(2 if task in ("position", "colour") else 1, 4)
+        n = min(
+            rng.randint(2 if task in ("position", "colour") else 1, 4), max(max_objects, 2 if task == "position" else 1)
+        )
         specs = []
         while len(specs) < n:
             spec = _random_spec(rng)

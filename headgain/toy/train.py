@@ -3,7 +3,9 @@
     python -m headgain.toy.train --seed 0 --out DIR [--steps N] [--batch B] [--lr LR]
 
 Each training row is one picture and 1-3 questions about it (a short dialogue); the loss
-is the cross-entropy of the answers (and the ``<|im_end|>`` after them) only. Scene seeds
+is the cross-entropy of the answers (and the ``<|im_end|>`` after them) only. A curriculum
+(`CURRICULUM`) starts with one object per scene and short reasoning texts, so that the
+vision tower learns colours and kinds before the model has to tell objects apart. Scene seeds
 come from ``--seed``; held-out scenes use seeds from `HELDOUT` upwards, which training never
 draws. Every ``--eval-every`` steps a quick held-out accuracy is logged and the weights are
 saved to ``DIR`` (bfloat16 safetensors, the processor and ``metrics.json``); at the end the
@@ -28,28 +30,41 @@ from .model import TOY, heldout, toy_config, train_batch
 from .processor import build_processor
 from .scenes import HELDOUT, Scene, make_qa, make_scene
 
-__all__ = ["TASK_WEIGHTS", "sample_dialogue", "train", "save", "main"]
+__all__ = ["TASK_WEIGHTS", "CURRICULUM", "max_objects", "sample_dialogue", "train", "save", "main"]
 
 #: How often each task is asked in training.
 TASK_WEIGHTS = {
-    "exist": 0.15,
-    "exist-popular": 0.15,
-    "exist-adversarial": 0.2,
+    "exist": 0.12,
+    "exist-popular": 0.12,
+    "exist-adversarial": 0.18,
     "colour": 0.15,
     "count": 0.15,
-    "position": 0.1,
-    "caption": 0.1,
+    "position": 0.08,
+    "caption": 0.2,
 }
+#: Curriculum: (fraction of the steps, most objects per scene until then); full scenes after.
+CURRICULUM = ((0.15, 1), (0.3, 2), (0.4, 3))
 
 
-def _reasoning_words(rng: random.Random, long: bool) -> int:
-    """Mostly short reasoning (the default length and below); ``long`` allows up to 64 words."""
+def _reasoning_words(rng: random.Random, long: bool, short: bool = False) -> int:
+    """Mostly short reasoning (the default length and below); ``long`` allows up to 64 words,
+    ``short`` (early in the curriculum) at most 8."""
     r = rng.random()
     if r < 0.25:
         return 0
+    if short:
+        return rng.randint(1, 8)
     if r < 0.8 or not long:
         return rng.randint(1, 20)
     return rng.randint(21, 64)
+
+
+def max_objects(step: int, steps: int) -> int:
+    """The most objects a training scene holds at ``step`` of ``steps`` (see `CURRICULUM`)."""
+    for fraction, most in CURRICULUM:
+        if step < fraction * steps:
+            return most
+    return 9
 
 
 def _fits(scene: Scene, task: str) -> bool:
@@ -61,12 +76,14 @@ def _fits(scene: Scene, task: str) -> bool:
     return True
 
 
-def sample_dialogue(rng: random.Random) -> tuple[Scene, list]:
-    """A training row: a scene drawn for a task and 1-3 questions about it, each with its
-    reasoning length and seed (see `headgain.toy.model.messages`)."""
+def sample_dialogue(rng: random.Random, most: int = 9) -> tuple[Scene, list]:
+    """A training row: a scene of at most ``most`` objects drawn for a task and 1-3 questions
+    about it, each with its reasoning length and seed (see `headgain.toy.model.messages`)."""
     tasks, weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
     first = rng.choices(tasks, weights)[0]
-    scene = make_scene(rng.randrange(HELDOUT), first)
+    while first == "position" and most < 2:
+        first = rng.choices(tasks, weights)[0]
+    scene = make_scene(rng.randrange(HELDOUT), first, max_objects=most)
     turns = []
     count = rng.randint(1, 3)
     for k in range(count):
@@ -74,7 +91,7 @@ def sample_dialogue(rng: random.Random) -> tuple[Scene, list]:
         if not _fits(scene, task):
             continue
         qa = make_qa(scene, task, seed=scene.seed * 4 + k)
-        turns.append((qa, _reasoning_words(rng, long=count == 1), rng.randrange(HELDOUT)))
+        turns.append((qa, _reasoning_words(rng, long=count == 1, short=most < 9), rng.randrange(HELDOUT)))
     return scene, turns
 
 
@@ -111,7 +128,8 @@ def train(args, log=print) -> tuple[torch.nn.Module, object, list[float]]:
     metrics = {"args": vars(args), "parameters": params, "sizes": TOY}
     for step in range(args.steps):
         model.train()
-        batch = train_batch(processor, [sample_dialogue(rng) for _ in range(args.batch)])
+        most = max_objects(step, args.steps)
+        batch = train_batch(processor, [sample_dialogue(rng, most) for _ in range(args.batch)])
         for group in opt.param_groups:
             group["lr"] = _lr(step, args.steps, args.warmup, args.lr)
         loss = model(**batch).loss
@@ -144,8 +162,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for the weights, processor and metrics.json")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
