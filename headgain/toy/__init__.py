@@ -27,9 +27,15 @@ def load(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, 
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no toy model in {path} (train one with python -m headgain.toy.train --out {path})")
-    model = tf.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
-    )
+    bar = tf.utils.logging.is_progress_bar_enabled()
+    tf.utils.logging.disable_progress_bar()  # a few MB: no progress bar on stderr
+    try:
+        model = tf.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
+        )
+    finally:
+        if bar:
+            tf.utils.logging.enable_progress_bar()
     return model.eval(), ToyProcessor.from_pretrained(path, local_files_only=True)
 
 

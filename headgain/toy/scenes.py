@@ -185,15 +185,19 @@ def draw_scene(objects: list[Obj], seed: int, size: int = IMAGE_SIZE) -> tuple[I
     return img, style
 
 
-def _place(rng: random.Random, specs: list[tuple[str, str]], size: int) -> list[Obj]:
+def _place(rng: random.Random, specs: list[tuple[str, str]], size: int, zoom: float = 1.0) -> list[Obj]:
     cells = rng.sample([(r, c) for r in range(_GRID) for c in range(_GRID)], len(specs))
     step = size / _GRID
     objects = []
     for (kind, colour), (row, col) in zip(specs, cells):
-        radius = rng.randint(int(step * 0.28), int(step * 0.4))
-        slack = max(0, int(step / 2 - radius) - 1)
-        cx = int((col + 0.5) * step) + rng.randint(-slack, slack)
-        cy = int((row + 0.5) * step) + rng.randint(-slack, slack)
+        radius = int(rng.randint(int(step * 0.28), int(step * 0.4)) * zoom)
+        if zoom > 1:  # one large object anywhere inside the picture; its cell follows its centre
+            cx, cy = (rng.randint(radius + 1, size - radius - 2) for _ in range(2))
+            row, col = min(_GRID - 1, int(cy // step)), min(_GRID - 1, int(cx // step))
+        else:
+            slack = max(0, int(step / 2 - radius) - 1)
+            cx = int((col + 0.5) * step) + rng.randint(-slack, slack)
+            cy = int((row + 0.5) * step) + rng.randint(-slack, slack)
         objects.append(Obj(kind, colour, (row, col), (cx, cy), radius))
     return sorted(objects, key=lambda o: o.cell)
 
@@ -202,12 +206,15 @@ def _random_spec(rng: random.Random) -> tuple[str, str]:
     return _weighted(rng, KINDS, _KIND_WEIGHTS), _weighted(rng, COLOURS, _COLOUR_WEIGHTS)
 
 
-def make_scene(seed: int, task: str = "exist", size: int = IMAGE_SIZE, max_objects: int = 9) -> Scene:
+def make_scene(
+    seed: int, task: str = "exist", size: int = IMAGE_SIZE, max_objects: int = 9, zoom: float = 1.0
+) -> Scene:
     """A scene for ``task`` (counting scenes hold more objects), deterministic per (seed, task).
 
     Objects of a scene are distinct as (kind, colour) pairs except in counting scenes; in
     ``colour`` scenes each kind occurs once. ``max_objects`` caps their number (the training
-    curriculum starts with one object; ``position`` needs two).
+    curriculum starts with one object; ``position`` needs two); ``zoom`` > 1 enlarges a
+    single object and places it anywhere.
     """
     rng = random.Random(f"scene-{task}-{seed}")
     if task == "count":
@@ -227,7 +234,7 @@ def make_scene(seed: int, task: str = "exist", size: int = IMAGE_SIZE, max_objec
             # colour questions name a kind: their scenes hold each kind once
             if spec not in specs and not (task == "colour" and spec[0] in {k for k, _ in specs}):
                 specs.append(spec)
-    objects = _place(rng, specs, size)
+    objects = _place(rng, specs, size, zoom if len(specs) == 1 else 1.0)
     image, style = draw_scene(objects, seed, size)
     return Scene(seed, objects, style, image)
 

@@ -4,8 +4,8 @@
 
 Each training row is one picture and 1-3 questions about it (a short dialogue); the loss
 is the cross-entropy of the answers (and the ``<|im_end|>`` after them) only. A curriculum
-(`CURRICULUM`) starts with one object per scene and short reasoning texts, so that the
-vision tower learns colours and kinds before the model has to tell objects apart. Scene seeds
+(`CURRICULUM`) starts with one large object per scene and short reasoning texts, so that
+the vision tower learns colours and kinds before the model has to tell objects apart. Scene seeds
 come from ``--seed``; held-out scenes use seeds from `HELDOUT` upwards, which training never
 draws. Every ``--eval-every`` steps a quick held-out accuracy is logged and the weights are
 saved to ``DIR`` (bfloat16 safetensors, the processor and ``metrics.json``); at the end the
@@ -30,7 +30,7 @@ from .model import TOY, heldout, toy_config, train_batch
 from .processor import build_processor
 from .scenes import HELDOUT, Scene, make_qa, make_scene
 
-__all__ = ["TASK_WEIGHTS", "CURRICULUM", "max_objects", "sample_dialogue", "train", "save", "main"]
+__all__ = ["TASK_WEIGHTS", "CURRICULUM", "curriculum", "sample_dialogue", "train", "save", "main"]
 
 #: How often each task is asked in training.
 TASK_WEIGHTS = {
@@ -42,8 +42,9 @@ TASK_WEIGHTS = {
     "position": 0.08,
     "caption": 0.2,
 }
-#: Curriculum: (fraction of the steps, most objects per scene until then); full scenes after.
-CURRICULUM = ((0.15, 1), (0.3, 2), (0.4, 3))
+#: Curriculum: (fraction of the steps, most objects per scene until then, zoom of a single
+#: object); full scenes after.
+CURRICULUM = ((0.12, 1, 2.5), (0.3, 2, 1.0), (0.4, 3, 1.0))
 
 
 def _reasoning_words(rng: random.Random, long: bool, short: bool = False) -> int:
@@ -59,12 +60,12 @@ def _reasoning_words(rng: random.Random, long: bool, short: bool = False) -> int
     return rng.randint(21, 64)
 
 
-def max_objects(step: int, steps: int) -> int:
-    """The most objects a training scene holds at ``step`` of ``steps`` (see `CURRICULUM`)."""
-    for fraction, most in CURRICULUM:
+def curriculum(step: int, steps: int) -> tuple[int, float]:
+    """(most objects per scene, zoom of a single object) at ``step`` of ``steps`` (see `CURRICULUM`)."""
+    for fraction, most, zoom in CURRICULUM:
         if step < fraction * steps:
-            return most
-    return 9
+            return most, zoom
+    return 9, 1.0
 
 
 def _fits(scene: Scene, task: str) -> bool:
@@ -76,14 +77,15 @@ def _fits(scene: Scene, task: str) -> bool:
     return True
 
 
-def sample_dialogue(rng: random.Random, most: int = 9) -> tuple[Scene, list]:
-    """A training row: a scene of at most ``most`` objects drawn for a task and 1-3 questions
-    about it, each with its reasoning length and seed (see `headgain.toy.model.messages`)."""
+def sample_dialogue(rng: random.Random, most: int = 9, zoom: float = 1.0) -> tuple[Scene, list]:
+    """A training row: a scene of at most ``most`` objects (a single one enlarged by ``zoom``)
+    drawn for a task and 1-3 questions about it, each with its reasoning length and seed (see
+    `headgain.toy.model.messages`)."""
     tasks, weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
     first = rng.choices(tasks, weights)[0]
     while first == "position" and most < 2:
         first = rng.choices(tasks, weights)[0]
-    scene = make_scene(rng.randrange(HELDOUT), first, max_objects=most)
+    scene = make_scene(rng.randrange(HELDOUT), first, max_objects=most, zoom=zoom)
     turns = []
     count = rng.randint(1, 3)
     for k in range(count):
@@ -128,8 +130,8 @@ def train(args, log=print) -> tuple[torch.nn.Module, object, list[float]]:
     metrics = {"args": vars(args), "parameters": params, "sizes": TOY}
     for step in range(args.steps):
         model.train()
-        most = max_objects(step, args.steps)
-        batch = train_batch(processor, [sample_dialogue(rng, most) for _ in range(args.batch)])
+        most, zoom = curriculum(step, args.steps)
+        batch = train_batch(processor, [sample_dialogue(rng, most, zoom) for _ in range(args.batch)])
         for group in opt.param_groups:
             group["lr"] = _lr(step, args.steps, args.warmup, args.lr)
         loss = model(**batch).loss
@@ -162,9 +164,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for the weights, processor and metrics.json")
-    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=24)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--log-every", type=int, default=10)
