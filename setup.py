@@ -147,6 +147,8 @@ if __name__ == "__main__":
         version=_version(),
         description="Training-free functional-head rescaling against hallucination in vision-language models",
         packages=find_packages(include=["headgain", "headgain.*"]),
+        # the toy model's weights, processor and training record (headgain.toy.load)
+        package_data={"headgain.toy": ["weights/*.json", "weights/*.safetensors", "weights/*.jinja"]},
         python_requires=">=3.10",
         install_requires=["torch>=2.11,<2.14", "transformers>=5.17", "numpy", "pillow", "matplotlib"],
         extras_require={"test": ["pytest"], "eval": ["datasets>=2.14", "pyarrow>=12"]},

@@ -12,8 +12,9 @@ Subcommands:
 * ``sweep``: tune a config on a dev split, report it on the held-out rest.
 
 ``--model PATH`` loads a local checkpoint and its processor (nothing is downloaded);
-without it the embedded tiny Qwen2.5-VL (random weights: answers are noise) is used, so
-every subcommand runs anywhere in seconds. Bad inputs end with a one-line message on
+without it the embedded toy Qwen2.5-VL (`headgain.toy`: trained on drawn shapes, it
+answers questions such as "is there a red circle in the image ?") is used, so every
+subcommand runs anywhere in seconds. Bad inputs end with a one-line message on
 stderr and exit status 2.
 """
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", metavar="NAME", help="a paper preset (default: ocean-r1-7b)")
     c.add_argument("--config", metavar="FILE.json", help="a HeadGainConfig saved as JSON")
     g = model_opts.add_argument_group("model")
-    g.add_argument("--model", metavar="PATH", help="local checkpoint folder (default: the embedded tiny model)")
+    g.add_argument("--model", metavar="PATH", help="local checkpoint folder (default: the embedded toy model)")
     g.add_argument(
         "--arch-map",
         metavar="FILE.json",
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("auto", "float32", "float16", "bfloat16"),
         default="auto",
-        help="model dtype (auto: the checkpoint's, float32 for the embedded model)",
+        help="model dtype (auto: the checkpoint's, float32 for the embedded toy model)",
     )
 
     parser = argparse.ArgumentParser(
@@ -300,7 +301,7 @@ def load_model(args) -> Loaded:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.model is None:
         if device.type == "cpu":
-            torch.set_num_threads(1)  # the tiny model's matrices are too small to gain from threads
+            torch.set_num_threads(1)  # the toy model's matrices are too small to gain from threads
         return _embedded(args.attn, dtype or torch.float32, device)
     return _checkpoint(args.model, args.attn, dtype, device)
 
@@ -310,22 +311,32 @@ def _to(batch: dict, device) -> dict:
 
 
 def _embedded(attn: str, dtype, device) -> Loaded:
-    from .testing.synthetic import ByteTokenizer, qwen_vl_inputs
-    from .testing.tiny import EMBEDDED, embedded_model
+    from .toy import load
+    from .toy.model import TOY, chat_prompt
+    from .toy.scenes import DEFAULT_REASONING, reasoning_text
 
-    model = embedded_model(attn, dtype).to(device)
-    tok = ByteTokenizer()
+    model, processor = load(attn, dtype)
+    model = model.to(device)
+    tokenizer = processor.tokenizer
 
     def inputs(images, questions):
-        batch = qwen_vl_inputs(list(images), list(questions), max_pixels=112 * 112)
+        reasoning = reasoning_text(DEFAULT_REASONING, "shapes", seed=0)
+        texts = [chat_prompt(processor, q, reasoning) for q in questions]
+        batch = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
-        return _to(batch, device)
+        return _to(dict(batch), device)
+
+    def encode(text):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
 
     name = (
-        f"embedded tiny Qwen2.5-VL ({EMBEDDED['layers']} layers x {EMBEDDED['heads']} heads, random weights: "
-        "answers are noise)"
+        f"embedded toy Qwen2.5-VL ({TOY['layers']} layers x {TOY['heads']} heads, trained on drawn shapes: "
+        "it knows the words of headgain.toy.scenes only)"
     )
-    return Loaded(model, name, inputs, tok.encode, tok.decode, device)
+    return Loaded(model, name, inputs, encode, decode, device)
 
 
 def _checkpoint(path: str, attn: str, dtype, device) -> Loaded:

@@ -1,4 +1,4 @@
-"""The headgain command on the embedded tiny model: every subcommand, and bad inputs."""
+"""The headgain command on the embedded toy model: every subcommand, and bad inputs."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from PIL import Image
 import headgain
 from headgain.cli import main
 from headgain.testing.synthetic import draw_image
-from headgain.testing.tiny import EMBEDDED
+from headgain.toy.model import TOY
 
-L, H = EMBEDDED["layers"], EMBEDDED["heads"]
+L, H = TOY["layers"], TOY["heads"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,9 +61,9 @@ def test_run(data, capsys):
     )
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "embedded tiny Qwen2.5-VL" in out and "preset ocean-r1-7b" in out
+    assert "embedded toy Qwen2.5-VL" in out and "preset ocean-r1-7b" in out
     assert "vanilla  (" in out and "rescaled (" in out and " s, " in out
-    assert "layer  0: perception" in out and "total: " in out
+    assert "selected heads at the prompt's last token" in out and "total: " in out
 
 
 def test_run_with_an_arch_map_file(data, tmp_path, capsys):
@@ -166,7 +166,7 @@ def test_contrib(data, tmp_path, capsys):
     for name in ("contrib_vanilla.png", "contrib_rescaled.png", "contrib_compare.png"):
         _png(out_dir / name)
     d = json.loads((out_dir / "contrib.json").read_text())
-    assert d["answer"] == "red" and len(d["answer_ids"]) == 3
+    assert d["answer"] == "red" and len(d["answer_ids"]) == 1  # one word, one token
     for key in ("vanilla", "rescaled"):
         assert np.array(d[key]["signed"]).shape == (L, H)
         assert np.array(d[key]["importance"]).sum(1) == pytest.approx(np.ones(L), abs=1e-5)

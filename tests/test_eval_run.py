@@ -27,7 +27,7 @@ from headgain.eval.shapes import shapes
 from headgain.eval.summary import summarize
 from headgain.eval.sweep import candidates, split_dev
 from headgain.testing.synthetic import draw_image
-from headgain.testing.tiny import IMAGE_ID, embedded_model, tiny_model
+from headgain.testing.tiny import IMAGE_ID, byte_model, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +52,7 @@ def test_vanilla_arm_is_the_plain_model(evaluator):
     samples = shapes(4, seed=1)
     _, rescaled, _ = evaluator.generate(samples, presets["ocean-r1-7b"], 6)  # attaches headgain
     prompts, vanilla, _ = evaluator.generate(samples, None, 6)
-    plain = embedded_model()  # same seeded weights, headgain never attached
+    plain = byte_model()  # same seeded weights, headgain never attached
     batch = evaluator.prompter.inputs(samples)
     with torch.no_grad():
         ids = plain.generate(**batch, max_new_tokens=6, do_sample=False)

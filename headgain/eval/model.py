@@ -25,12 +25,12 @@ ModelSource = Callable[[], tuple[torch.nn.Module, object]]
 
 
 def embedded_source(attn_implementation: str = "sdpa", dtype: str = "float32", device: str = "cpu") -> ModelSource:
-    """The embedded default (`headgain.testing.tiny.embedded_model`), no processor."""
+    """The default without ``--model``: `headgain.testing.tiny.byte_model` (random weights), no processor."""
 
     def load():
-        from ..testing.tiny import embedded_model
+        from ..testing.tiny import byte_model
 
-        return embedded_model(attn_implementation, getattr(torch, dtype)).to(device), None
+        return byte_model(attn_implementation, getattr(torch, dtype)).to(device), None
 
     load.name = "embedded tiny Qwen2.5-VL (random weights)"
     return load

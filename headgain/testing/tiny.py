@@ -1,7 +1,8 @@
 """Tiny random-weight models of every registered architecture, built from configs.
 
-Used by the demo, the tests and the CPU benchmarks: nothing is downloaded. Visual
-placeholder ids are fixed (`IMAGE_ID`, `VIDEO_ID`) so inputs can be written by hand.
+Used by the tests and the CPU benchmarks: nothing is downloaded (the demo and the command
+line use the trained toy model of `headgain.toy`). Visual placeholder ids are fixed
+(`IMAGE_ID`, `VIDEO_ID`) so inputs can be written by hand.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 __all__ = [
     "ARCHS",
-    "EMBEDDED",
+    "BYTE_MODEL",
     "IMAGE_ID",
     "REQUIRES",
     "VIDEO_ID",
     "VOCAB",
-    "embedded_model",
+    "byte_model",
     "tiny_config",
     "tiny_model",
     "text_config_kwargs",
@@ -769,12 +770,13 @@ def tiny_model(
     return model.eval()
 
 
-#: The embedded default of the demo and the command line: a Qwen2.5-VL deep enough for the
-#: paper's presets (l_perc = 7), initialised with a wide range so heads differ in how much
-#: they look at the image.
-EMBEDDED = dict(layers=12, hidden=256, heads=8, kv_heads=2, vision_hidden=64, init_std=0.1)
+#: A random-weight Qwen2.5-VL for byte-level prompts (`headgain.testing.synthetic`): deep
+#: enough for the paper's presets (l_perc = 7), initialised with a wide range so heads differ
+#: in how much they look at the image. `headgain eval` runs it without a `--model` (answers
+#: are noise: the run shows the machinery), and its tests use it.
+BYTE_MODEL = dict(layers=12, hidden=256, heads=8, kv_heads=2, vision_hidden=64, init_std=0.1)
 
 
-def embedded_model(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
-    """The embedded default model (see `EMBEDDED`), random weights, eval mode."""
-    return tiny_model("qwen2_5_vl", attn_implementation, dtype=dtype, **EMBEDDED)
+def byte_model(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """The model of `BYTE_MODEL`, random weights, eval mode."""
+    return tiny_model("qwen2_5_vl", attn_implementation, dtype=dtype, **BYTE_MODEL)
