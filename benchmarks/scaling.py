@@ -1,7 +1,9 @@
 """Cost of one decoding step (and of the prefill) against context length and batch:
 the scaling mode of the overhead benchmark (`python benchmarks/overhead.py --scaling`).
 
-Arms, interleaved round by round with the starting arm rotating; medians are reported:
+Arms, interleaved call by call (each timed call of one arm is followed by one of each other
+arm, the starting arm rotating), so that drifts of the machine hit every arm alike; medians
+are reported:
 
     vanilla-sdpa        the model as loaded
     headgain-fused      headgain attached (default): decoding steps compute the attention
@@ -13,7 +15,10 @@ Decoding steps: the KV cache of every point (batch x context) is filled with ran
 and values instead of running an N-token prefill (an hour of CPU at 16k tokens x 16), and
 headgain is given the prompt's visual positions (the first N tokens after a 4-token
 prefix) as its prefill would have. Each timed call decodes one token for the whole batch;
-the cache is cropped back after it, so every call sees the same context. Prefill: where
+the cache is cropped back after it, so every call sees the same context. `--cache dynamic`
+(transformers' default: every step concatenates the new keys to a copy of the cache) or
+`static` (a preallocated cache written in place; the step's cost is then the weights and the
+attention). Prefill: where
 batch x context is at most --prefill-limit tokens, a real prefill of token ids (visual
 placeholders, no pixels) is timed too.
 
@@ -68,8 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,4,16", help="batch sizes (default 1,4,16)")
     p.add_argument("--visual-tokens", default="256,1024,4096,16384", help="visual tokens per sample")
     p.add_argument("--reasoning", default="0,2048", help="tokens already generated after the prompt (default 0,2048)")
+    p.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="KV cache (default dynamic)")
     p.add_argument("--steps", type=int, default=6, help="timed decoding calls per arm and round (default 6)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds after a warm-up (default 5)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds after a warm-up round (default 5)")
     p.add_argument("--prefill-limit", type=int, default=4096, help="time the prefill up to batch x context tokens")
     p.add_argument("--preset", default="ocean-r1-7b", help="headgain config preset")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -88,16 +94,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Point:
     """One (batch, visual tokens, reasoning tokens) point: its cache, visual mask and step inputs."""
 
-    def __init__(self, model, batch: int, visual: int, reasoning: int, device, dtype):
+    def __init__(self, model, batch: int, visual: int, reasoning: int, device, dtype, cache: str = "dynamic"):
         self.batch, self.visual_tokens, self.reasoning = batch, visual, reasoning
         self.context = PREFIX + visual + SUFFIX + reasoning
+        self.static = cache == "static"
         text = model.config.get_text_config()
         kv_heads = text.num_key_value_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
         g = torch.Generator(device="cpu").manual_seed(batch * 100003 + self.context)
-        self.cache = DynamicCache(config=model.config)
+        if self.static:  # one free slot: the step writes it, `rewind` frees it again
+            self.cache = StaticCache(config=model.config, max_cache_len=self.context + 1)
+        else:
+            self.cache = DynamicCache(config=model.config)
         for layer in range(text.num_hidden_layers):
             shape = (batch, kv_heads, self.context, head_dim)
             k = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
@@ -112,6 +122,14 @@ class Point:
             "use_cache": True,
         }
 
+    def rewind(self) -> None:
+        """Drop the token the last step added, so that every step sees the same context."""
+        if self.static:  # transformers 5.17's static layers have no crop: move their write position back
+            for layer in self.cache.layers:
+                layer.cumulative_length.sub_(1)
+        else:
+            self.cache.crop(-1)  # negative: tokens to remove
+
     def label(self) -> str:
         return f"B={self.batch} vis={self.visual_tokens} reas={self.reasoning}"
 
@@ -121,27 +139,24 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def decode_times(model, point: Point, arm: str, steps: int, preset: str) -> list[float]:
-    """Seconds of ``steps`` decoding calls of ``arm`` at ``point`` (the cache is cropped back after each)."""
+def decode_time(model, point: Point, arm: str, preset: str) -> float:
+    """Seconds of one decoding call of ``arm`` at ``point`` (headgain attached for the call only)."""
     handle = None
     if arm != "vanilla-sdpa":
         handle = headgain.attach(model, cfg=preset, fused=arm == "headgain-fused")
-    times = []
+        # the visual positions headgain's prefill would have recorded
+        handle._local.state = ForwardState.build(point.visual, None, None, handle.cfg.query)
     try:
-        for _ in range(steps):
-            if handle is not None:  # the visual positions headgain's prefill would have recorded
-                handle._local.state = ForwardState.build(point.visual, None, None, handle.cfg.query)
-            _sync(point.visual.device)
-            start = time.perf_counter()
-            with torch.no_grad():
-                model(**point.step)
-            _sync(point.visual.device)
-            times.append(time.perf_counter() - start)
-            point.cache.crop(-1)  # back to the point's context (negative: tokens to remove)
+        _sync(point.visual.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(**point.step)
+        _sync(point.visual.device)
+        return time.perf_counter() - start
     finally:
+        point.rewind()
         if handle is not None:
             handle.detach()
-    return times
 
 
 def prefill_time(model, point: Point, arm: str, preset: str) -> float:
@@ -163,25 +178,31 @@ def prefill_time(model, point: Point, arm: str, preset: str) -> float:
             handle.detach()
 
 
+def _rotated(rnd: int) -> tuple[str, ...]:
+    return ARMS[rnd % len(ARMS) :] + ARMS[: rnd % len(ARMS)]
+
+
 def measure(args, model) -> list[dict]:
     device, dtype = model.device, model.dtype
     results = []
     points = [(b, v, r) for r in args.reasoning for v in args.visual_tokens for b in args.batches]
     for n, (b, v, r) in enumerate(points, 1):
-        point = Point(model, b, v, r, device, dtype)
+        point = Point(model, b, v, r, device, dtype, args.cache)
         do_prefill = b * point.context <= args.prefill_limit
         decode = {a: [] for a in ARMS}
         prefill = {a: [] for a in ARMS}
         for rnd in range(args.rounds + 1):  # round 0 warms up
-            order = ARMS[rnd % len(ARMS) :] + ARMS[: rnd % len(ARMS)]
-            for arm in order:
-                times = decode_times(model, point, arm, args.steps, args.preset)
+            steps = {a: [] for a in ARMS}
+            for step in range(args.steps):
+                for arm in _rotated(rnd + step):
+                    steps[arm].append(decode_time(model, point, arm, args.preset))
+            for arm in _rotated(rnd) if do_prefill else ():
+                t = prefill_time(model, point, arm, args.preset)
                 if rnd:
-                    decode[arm].append(statistics.median(times))
-                if do_prefill:
-                    t = prefill_time(model, point, arm, args.preset)
-                    if rnd:
-                        prefill[arm].append(t)
+                    prefill[arm].append(t)
+            if rnd:
+                for arm in ARMS:
+                    decode[arm].append(statistics.median(steps[arm]))
         entry = {"batch": b, "visual_tokens": v, "reasoning": r, "context": point.context, "arms": {}}
         for arm in ARMS:
             entry["arms"][arm] = {
@@ -276,7 +297,8 @@ def main(argv=None) -> int:
                 f"- Machine: {hw}; torch {info['torch']}, transformers {info['transformers']}",
                 f"- headgain ops: {common.extension_status(model.device.type)}; revision {common.git_revision()}",
                 f"- Command: `{command}`",
-                f"- Decoding step: median over {args.rounds} interleaved rounds of the median of {args.steps} calls; "
+                f"- Decoding step ({args.cache} cache): median over {args.rounds} rounds of the median of "
+                f"{args.steps} calls per arm, arms alternating call by call; "
                 f"preset {args.preset}; change against vanilla sdpa",
                 "",
                 text,

@@ -1,11 +1,13 @@
 """The overhead benchmark's code paths at tiny sizes (one round; no timing is asserted)."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,12 +105,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "no such local checkpoint" in proc.stderr
 
 
-def test_scaling_mode(tmp_path):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_scaling_mode(tmp_path, cache):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n## Ops benchmark\n\nkept as is\n")
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
     args = ["--batches", "1,2", "--visual-tokens", "8", "--reasoning", "0,4", "--rounds", "1", "--steps", "1"]
     args += ["--prefill-limit", "60", "--json", str(out), "--plot", str(png), "--results", str(results)]
+    args += ["--cache", cache]
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--scaling", *args]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=dict(os.environ, PYTHONPATH=ROOT)
@@ -125,6 +129,27 @@ def test_scaling_mode(tmp_path):
     assert png.stat().st_size > 1000
     md = results.read_text()
     assert "## Decoding-step scaling (benchmarks/overhead.py --scaling)" in md and "| 2 | 8 | 4 | 44 |" in md
+    assert f"Decoding step ({cache} cache)" in md
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_scaling_point_keeps_its_context(cache):
+    """Every timed step of the scaling benchmark sees the point's context: the step's token is
+    dropped again, and the logits of repeated steps agree."""
+    from benchmarks import common, scaling
+
+    shape = common.SHAPES["cpu-default"]
+    model = common.build_model(dataclasses.replace(shape, text={**shape.text, "num_hidden_layers": 8}), "sdpa")
+    point = scaling.Point(model, 2, 8, 0, model.device, model.dtype, cache)
+    logits = []
+    for arm in scaling.ARMS:
+        assert scaling.decode_time(model, point, arm, "ocean-r1-7b") > 0
+        assert int(point.cache.get_seq_length()) == point.context
+        with torch.no_grad():
+            logits.append(model(**point.step).logits)
+        point.rewind()
+    assert int(point.cache.get_seq_length()) == point.context
+    torch.testing.assert_close(logits[0], logits[1])
 
 
 def test_gpu_check_refuses_a_machine_without_a_cuda_gpu(tmp_path):

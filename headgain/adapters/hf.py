@@ -20,6 +20,8 @@ import sys
 
 import torch
 from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..core import ops
 from ..core.archmap import ArchMap
@@ -64,8 +66,6 @@ def resolve(model: nn.Module, arch: ArchMap) -> ResolvedDecoder:
             f"attention implementation {backend!r} is not supported; load the model with attn_implementation='sdpa', "
             "'eager' or a flash attention backend"
         )
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if backend != "eager" and backend not in ALL_ATTENTION_FUNCTIONS:
         raise HeadGainError(
             f"attention implementation {backend!r} is not registered in transformers' AttentionInterface"
@@ -160,8 +160,6 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
 def _backend_function(module: nn.Module, backend: str):
     """The attention function ``module`` would call under ``backend``."""
     if backend != "eager":
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         return ALL_ATTENTION_FUNCTIONS[backend]
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
@@ -175,8 +173,6 @@ def _backend_function(module: nn.Module, backend: str):
 # ---------------------------------------------------------------------- the dispatcher
 def _register(backend: str) -> str:
     """Register (once) the dispatcher for ``backend``; returns its name."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = PREFIX + backend
     if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
@@ -404,4 +400,7 @@ def _fused_mask(handle, module, query, key, value, attention_mask, kwargs: dict)
     m = attention_mask
     if m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != 1 or m.shape[3] != nk or m.shape[0] not in (1, b):
         return _UNFUSED
-    return m[:, 0].expand(b, 1, nk)
+    state = handle._local.state
+    if state is None or state.visual.shape[0] != b:
+        return m[:, 0].expand(b, 1, nk)
+    return state.decode_mask(m, nk)

@@ -219,6 +219,7 @@ class Handle:
         self._pass_ids = itertools.count(1)
         self._local = _Local()
         self._records = _Records()
+        self._id_tensors: dict[torch.device, torch.Tensor] = {}
         self._adapter = _adapter_for(decoder)
         self._hooks: list = []
         self.attached = True
@@ -393,13 +394,14 @@ class Handle:
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        del state["_local"], state["_records"], state["_pass_ids"]
+        del state["_local"], state["_records"], state["_pass_ids"], state["_id_tensors"]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = _Local()
         self._records = _Records()
+        self._id_tensors = {}
         self._pass_ids = itertools.count(1)
         self._adapter.restore(self)
 
@@ -479,9 +481,7 @@ class Handle:
     def _visual_of_prompt(self, new_prompt, input_ids, embeds, shape, device) -> tuple[torch.Tensor, bool]:
         """(B, N) bool visual flags of this pass's positions, and whether a mask or token ids gave them."""
         local = self._local
-        ids = (
-            torch.tensor(self.decoder.visual_ids, dtype=torch.long, device=device) if self.decoder.visual_ids else None
-        )
+        ids = self._visual_id_tensor(device)
         from_ids = None
         if input_ids is not None and ids is not None:
             from_ids = torch.isin(input_ids, ids)
@@ -511,6 +511,15 @@ class Handle:
         if from_ids is not None:
             return from_ids, True
         return torch.zeros(shape, dtype=torch.bool, device=device), False
+
+    def _visual_id_tensor(self, device: torch.device) -> torch.Tensor | None:
+        """(V,) int64 visual token ids on ``device`` (made once per device), or None without ids."""
+        if not self.decoder.visual_ids:
+            return None
+        got = self._id_tensors.get(device)
+        if got is None:
+            got = self._id_tensors[device] = torch.tensor(self.decoder.visual_ids, dtype=torch.long, device=device)
+        return got
 
     def _sized(self, batch: int, length: int) -> ForwardState:
         """The pass's state, remade for (batch, length) positions when nothing gave the visual
@@ -573,7 +582,7 @@ class Handle:
                 "whole input"
             )
         local.calls += 1
-        with torch.no_grad():
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             ratios = read(state)
             gains = None
             if local.enabled:

@@ -101,6 +101,16 @@ class ForwardState:
             self._key_visual[num_keys] = got
         return got
 
+    def decode_mask(self, attention_mask: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """(B, 1, Nk) view of a (B or 1, 1, 1, Nk) decoding-step mask, for `ops.decode_attention`
+        (made once per mask and pass: every layer of a step gets the same mask)."""
+        key = ("decode", id(attention_mask), num_keys)
+        got = self._masks.get(key)
+        if got is None:
+            rows = attention_mask[:, 0].expand(self.visual.shape[0], 1, num_keys)
+            got = self._masks[key] = (attention_mask, rows)  # the mask stays alive while its id is a key
+        return got[1]
+
     def mask_rows(self, attention_mask: torch.Tensor | None, num_keys: int, sliding_window: int | None):
         """(B, R, Nk) bool or additive rows of the mask for the recomputed query rows, or None."""
         key = (id(attention_mask), num_keys, sliding_window)
