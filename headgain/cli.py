@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .core import jsonio
+
 __all__ = ["main", "CLIError", "build_parser"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -241,23 +243,12 @@ def read_questions(images_dir: str, questions: str | None, limit: int | None) ->
     else:
         if not os.path.isfile(questions):
             raise CLIError(f"questions file not found: {questions}")
-        with open(questions, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CLIError(f"{questions} line {number}: not valid JSON ({e.msg})") from None
-                if (
-                    not isinstance(item, dict)
-                    or not isinstance(item.get("image"), str)
-                    or not isinstance(item.get("question"), str)
-                ):
-                    raise CLIError(f'{questions} line {number}: expected {{"image": "...", "question": "..."}}')
-                if not item["question"].strip():
-                    raise CLIError(f"{questions} line {number}: the question is empty")
-                pairs.append((os.path.join(images_dir, item["image"]), item["question"]))
+        for number, item in jsonio.jsonl_objects(questions, CLIError):
+            if not isinstance(item.get("image"), str) or not isinstance(item.get("question"), str):
+                raise CLIError(f'{questions} line {number}: expected {{"image": "...", "question": "..."}}')
+            if not item["question"].strip():
+                raise CLIError(f"{questions} line {number}: the question is empty")
+            pairs.append((os.path.join(images_dir, item["image"]), item["question"]))
         if not pairs:
             raise CLIError(f"{questions} holds no questions")
     pairs = pairs[:limit] if limit else pairs

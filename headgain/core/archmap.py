@@ -8,12 +8,12 @@ Module paths are dotted names with ``*`` standing for one integer index, for exa
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import jsonio
 from .errors import ArchError
 
 __all__ = ["ArchMap"]
@@ -122,11 +122,7 @@ class ArchMap:
 
     def to_json(self, path: str | None = None) -> str:
         """The map as sorted JSON; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        return jsonio.write_text(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ArchMap:
@@ -143,18 +139,7 @@ class ArchMap:
     @classmethod
     def from_json(cls, text_or_path: str) -> ArchMap:
         """Parse a JSON object, or read a ``.json`` file when given a path to one."""
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            try:
-                with open(text_or_path, encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as e:
-                raise ArchError(f"cannot read ArchMap file {text_or_path!r}: {e.strerror}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ArchError(f"ArchMap is not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(jsonio.read_object(text_or_path, ArchError, "ArchMap"))
 
 
 def _positive_int(value: Any) -> bool:

@@ -8,12 +8,12 @@ in `headgain.core.rules`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import jsonio
 from .errors import ConfigError
 from .rules import CLASS_NAMES
 
@@ -137,11 +137,7 @@ class HeadGainConfig:
 
     def to_json(self, path: str | None = None) -> str:
         """The config as sorted JSON; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        return jsonio.write_text(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> HeadGainConfig:
@@ -154,20 +150,7 @@ class HeadGainConfig:
     @classmethod
     def from_json(cls, text_or_path: str) -> HeadGainConfig:
         """Parse a JSON string, or read a ``.json`` file when given a path to one."""
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            try:
-                with open(text_or_path, encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as e:
-                raise ConfigError(f"cannot read config file {text_or_path!r}: {e.strerror}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config JSON must be an object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(jsonio.read_object(text_or_path, ConfigError, "config"))
 
     @classmethod
     def from_preset(cls, name: str) -> HeadGainConfig:

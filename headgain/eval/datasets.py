@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ..core import jsonio
 from .adapters import ADAPTERS, detect
 from .images import LazyImages, split_image_list
 from .sample import Sample
@@ -170,18 +170,7 @@ def _tsv(path: str, split: str | None):
 
 
 def _jsonl(path: str, split: str | None):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(item, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object, got {type(item).__name__}")
-            rows.append(item)
+    rows = [item for _, item in jsonio.jsonl_objects(path, DataError)]
     if not rows:
         raise DataError(f"{path}: no rows (an empty JSONL file)")
     columns = sorted({k for r in rows for k in r})
