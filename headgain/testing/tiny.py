@@ -60,19 +60,23 @@ def _qwen_ids() -> dict:
     )
 
 
-def _qwen3_vision(hidden: int, vision_hidden: int) -> dict:
+def _merged_vision(hidden: int, vision_hidden: int, patch_size: int = 14, **extra) -> dict:
+    """A one-block vision tower of the Qwen2.5-VL / Qwen3-VL / GLM-4V kind (2 x 2 patch merge)."""
     return dict(
         depth=1,
         hidden_size=vision_hidden,
         intermediate_size=2 * vision_hidden,
         num_heads=2,
         out_hidden_size=hidden,
-        patch_size=16,
+        patch_size=patch_size,
         spatial_merge_size=2,
         temporal_patch_size=2,
-        deepstack_visual_indexes=[0],
-        num_position_embeddings=64,
+        **extra,
     )
+
+
+def _qwen3_vision(hidden: int, vision_hidden: int) -> dict:
+    return _merged_vision(hidden, vision_hidden, 16, deepstack_visual_indexes=[0], num_position_embeddings=64)
 
 
 def _glm_ids() -> dict:
@@ -193,18 +197,7 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
     if model_type == "qwen2_5_vl":
         return tf.Qwen2_5_VLConfig(
             text_config=dict(txt, rope_parameters=_mrope(hidden, heads)),
-            vision_config=dict(
-                depth=1,
-                hidden_size=vision_hidden,
-                intermediate_size=2 * vision_hidden,
-                num_heads=2,
-                out_hidden_size=hidden,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                window_size=56,
-                fullatt_block_indexes=[0],
-            ),
+            vision_config=_merged_vision(hidden, vision_hidden, window_size=56, fullatt_block_indexes=[0]),
             **_qwen_ids(),
         )
     if model_type == "qwen3_vl":
@@ -274,17 +267,7 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
         text = dict(txt, rope_parameters=rope)
         if moe:
             text.update(_moe(hidden), first_k_dense_replace=1, n_group=1, topk_group=1)
-        vision = dict(
-            depth=1,
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_heads=2,
-            out_hidden_size=hidden,
-            image_size=28,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        )
+        vision = _merged_vision(hidden, vision_hidden, image_size=28)
         config = tf.Glm4vMoeConfig if moe else tf.Glm4vConfig
         return config(text_config=text, vision_config=vision, **_glm_ids())
     if model_type == "qwen3_vl_moe":
@@ -413,17 +396,7 @@ def _tiny_config(model_type, layers, hidden, heads, kv_heads, vision_hidden):
         )
     if model_type in ("glm46v", "glm_ocr"):
         rope = dict(_mrope(hidden, heads), partial_rotary_factor=1.0)
-        vision = dict(
-            depth=1,
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_heads=2,
-            out_hidden_size=hidden,
-            image_size=28,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        )
+        vision = _merged_vision(hidden, vision_hidden, image_size=28)
         config = tf.Glm46VConfig if model_type == "glm46v" else tf.GlmOcrConfig
         return config(text_config=dict(txt, rope_parameters=rope), vision_config=vision, **_glm_ids())
     if model_type == "lighton_ocr":
