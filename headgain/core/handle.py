@@ -638,6 +638,8 @@ _SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # forward 
 def _arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     """The arguments of one call of ``module`` by parameter name (positional ones and those
     caught by ``**kwargs`` included)."""
+    if not args:  # keyword arguments only (as generate() calls models): they are the answer
+        return dict(kwargs)
     forward = module.forward
     key = getattr(forward, "__func__", forward)
     known = _SIGNATURES.get(key)
