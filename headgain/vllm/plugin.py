@@ -8,8 +8,9 @@ wraps three methods, once per process:
   and attach headgain (`headgain.vllm.attachment.Attachment`);
 * ``GPUModelRunner.execute_model`` (the CPU runner inherits it): mark the engine step,
   so the attachment knows which requests its packed tokens belong to;
-* the front end's request validation: a request's ``extra_args["headgain"]`` is checked
-  (and refused when the plugin is not enabled) before it reaches the engine.
+* the front end's input processor: it reads the settings when the engine starts, and
+  checks each request's ``extra_args["headgain"]`` (refused when the plugin is not
+  enabled) before the request reaches the engine.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def register() -> None:
         if "load_model" in cls.__dict__:
             _wrap(cls, "load_model", _load_model)
     _wrap(gpu_model_runner.GPUModelRunner, "execute_model", _execute_model)
+    _wrap(input_processor.InputProcessor, "__init__", _init_processor)
     _wrap(input_processor.InputProcessor, "_validate_params", _validate_params)
 
 
@@ -115,10 +117,15 @@ def _execute_model(original, runner, scheduler_output, *args, **kwargs):
         attachment.end_step()
 
 
+def _init_processor(original, processor, *args, **kwargs):
+    original(processor, *args, **kwargs)
+    processor._headgain_settings = PluginSettings.from_env()  # as the workers read it when they load the model
+
+
 def _validate_params(original, processor, params, *args, **kwargs):
     extra = getattr(params, "extra_args", None)
     if extra and REQUEST_KEY in extra:
-        settings = PluginSettings.from_env()
+        settings = processor._headgain_settings
         if not settings.enabled and extra[REQUEST_KEY] not in (None, False):
             raise ConfigError(
                 f'this request asks for headgain (extra_args["{REQUEST_KEY}"]) but the engine runs without it; '
