@@ -19,11 +19,11 @@ import headgain
 pytest.importorskip("vllm", reason="vLLM is installed in its own venv: make test-vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
 
-from checkpoints import qwen2_checkpoint  # noqa: E402
 from conftest import ENTRY_POINT  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 import headgain.vllm as hv  # noqa: E402
+from headgain.testing.checkpoints import qwen2_checkpoint  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 32

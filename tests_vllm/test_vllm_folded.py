@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 import transformers as tf
-from checkpoints import qwen2_checkpoint
 
 import headgain
+from headgain.testing.checkpoints import qwen2_checkpoint
 
 pytest.importorskip("vllm", reason="vLLM is installed in its own venv: make test-vllm")
 

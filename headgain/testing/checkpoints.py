@@ -1,11 +1,19 @@
-"""Tiny random-weight checkpoints the vLLM tests write (nothing is downloaded)."""
+"""Tiny random-weight checkpoints written to a directory with a tokenizer, for servers that
+load models from disk (vLLM's tests and benchmark; nothing is downloaded)."""
+
+from __future__ import annotations
 
 import torch
 import transformers as tf
 
+__all__ = ["qwen2_checkpoint"]
 
-def qwen2_checkpoint(path: str, layers: int, heads: int, kv_heads: int, head_dim: int) -> tf.PreTrainedModel:
-    """A random-weight Qwen2 decoder and a word-level tokenizer saved at ``path``; returns the
+
+def qwen2_checkpoint(
+    path: str, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int = 256
+) -> tf.PreTrainedModel:
+    """A random-weight Qwen2 decoder (float32; 304 words: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2,
+    ``<unk>`` 3, then ``w0``...) and a word-level tokenizer saved at ``path``; returns the
     model (weights as saved). Head dim 32 is the smallest vLLM's CPU attention takes."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -18,11 +26,11 @@ def qwen2_checkpoint(path: str, layers: int, heads: int, kv_heads: int, head_dim
     config = tf.Qwen2Config(
         vocab_size=len(words),
         hidden_size=heads * head_dim,
-        intermediate_size=256,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=4096,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
