@@ -9,7 +9,8 @@ import tempfile
 ENTRY_POINT = "headgain = headgain.vllm:register"  # as setup.py declares it
 
 
-def _declare_entry_point() -> None:
+def _declare_entry_point() -> str:
+    """The folder (added to ``sys.path``) that holds the entry point's metadata."""
     root = tempfile.mkdtemp(prefix="headgain-entry-point-")
     info = os.path.join(root, "headgain-0.0.dist-info")
     os.makedirs(info)
@@ -18,6 +19,7 @@ def _declare_entry_point() -> None:
     with open(os.path.join(info, "entry_points.txt"), "w") as f:
         f.write(f"[vllm.general_plugins]\n{ENTRY_POINT}\n")
     sys.path.append(root)
+    return root
 
 
-_declare_entry_point()
+ENTRY_POINT_ROOT = _declare_entry_point()  # for PYTHONPATH of the vLLM processes tests start

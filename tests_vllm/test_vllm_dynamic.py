@@ -9,6 +9,8 @@ model returns, here it is recomputed from vLLM's packed queries and keys.
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ import headgain
 pytest.importorskip("vllm", reason="vLLM is installed in its own venv: make test-vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
 
-from conftest import ENTRY_POINT  # noqa: E402
+from conftest import ENTRY_POINT, ENTRY_POINT_ROOT  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 import headgain.vllm as hv  # noqa: E402
@@ -189,3 +191,30 @@ def _chain(error):
     while error is not None:
         yield error
         error = error.__cause__ or error.__context__
+
+
+def test_tensor_parallel_ranks_in_server_processes(checkpoint, tmp_path):
+    """Engine core and two tensor-parallel workers in processes of their own, the plugin loaded
+    there through its entry point: each rank reads and scales its own heads at its slice of the
+    row-parallel o_proj, and together they match transformers."""
+    spec = {"prompts": PROMPTS[:2], "configs": [CFG, None], "new_tokens": NEW}
+    (tmp_path / "requests.json").write_text(json.dumps(spec))
+    cores = sorted(os.sched_getaffinity(0))
+    # one core per rank: vLLM's automatic binding wants a NUMA node per rank
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND=f"{cores[0]}|{cores[-1]}")
+    env.update({hv.ENV_ENABLE: "1", hv.ENV_RECORD: "8", hv.ENV_ARCH_MAP: ARCH.to_json()})
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), ENTRY_POINT_ROOT])
+    out = tmp_path / "out.json"
+    script = os.path.join(HERE, "serve_dynamic.py")
+    command = [sys.executable, script, checkpoint, str(tmp_path / "requests.json"), "2", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(out.read_text())
+    model = tf.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)
+    want, ratios, gains = _transformers(model.eval(), PROMPTS[0], CFG)
+    assert got["tokens"][0] == want
+    assert len(got["ratios"][0]) == NEW
+    for r, g, ref_r, ref_g in zip(got["ratios"][0], got["gains"][0], ratios, gains):
+        torch.testing.assert_close(torch.tensor(r), ref_r, atol=1e-5, rtol=0)
+        assert torch.equal(torch.tensor(g), ref_g)
+    assert got["tokens"][1] == _transformers(model, PROMPTS[1], UNIT)[0]  # no config: vanilla

@@ -55,7 +55,8 @@ class VllmLayer:
 
 @dataclass(frozen=True, eq=False)
 class VllmDecoder:
-    """The decoder of one vLLM model as headgain reaches it (this rank's heads)."""
+    """The decoder of one vLLM model as headgain reaches it: this tensor-parallel rank's
+    heads, ``num_heads`` of them starting at head ``first_head`` of the whole model."""
 
     layers: tuple[VllmLayer, ...]
     num_heads: int
@@ -63,15 +64,17 @@ class VllmDecoder:
     head_dim: int
     head_dim_v: int
     visual_ids: tuple[int, ...]
+    first_head: int
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
 
-def resolve(model: nn.Module, hf_config, arch: ArchMap | None) -> VllmDecoder:
+def resolve(model: nn.Module, hf_config, arch: ArchMap | None, rank: int = 0) -> VllmDecoder:
     """The checked decoder of vLLM ``model`` (``hf_config``: the checkpoint's config) under
-    ``arch``, or the registry's map for ``hf_config.model_type`` when ``arch`` is None."""
+    ``arch``, or the registry's map for ``hf_config.model_type`` when ``arch`` is None;
+    ``rank``: the tensor-parallel rank holding ``model`` (its heads are the rank-th slice)."""
     model_type = getattr(hf_config, "model_type", None)
     if arch is None:
         if model_type not in VLLM_ARCHS:
@@ -125,4 +128,5 @@ def resolve(model: nn.Module, hf_config, arch: ArchMap | None) -> VllmDecoder:
         head_dim,
         head_dim_v,
         visual_token_ids(hf_config, arch, text_config),
+        rank * num_heads,
     )

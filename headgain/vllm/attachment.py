@@ -29,7 +29,7 @@ from .archs import VllmDecoder, resolve
 from .requests import RequestState, StepRecord
 from .settings import PluginSettings, request_config
 
-__all__ = ["Attachment", "attachment_of"]
+__all__ = ["Attachment", "attachment_of", "records_of"]
 
 _ATTR = "_headgain_vllm"  # attribute of the attached model
 
@@ -37,6 +37,25 @@ _ATTR = "_headgain_vllm"  # attribute of the attached model
 def attachment_of(model: nn.Module) -> Attachment | None:
     """The `Attachment` on a vLLM model (in the worker that holds it), or None."""
     return model.__dict__.get(_ATTR)
+
+
+def records_of(model: nn.Module) -> tuple[int, dict[str, list[dict]]]:
+    """What one worker kept with ``HEADGAIN_RECORD``, in plain Python (any transport sends it):
+    (first head, {request id: one dict per step with ``past`` and ``tokens`` (ints), ``ratios``
+    and ``gains`` ((L, H) nested lists of floats)}), the H heads of this tensor-parallel rank
+    starting at that head of the whole model. Made to be sent to the workers:
+    ``llm.apply_model(records_of)`` gives one pair per rank (with engine processes, set
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``)."""
+    attachment = attachment_of(model)
+    if attachment is None:
+        raise HeadGainError("headgain is not attached to this vLLM model; start vLLM with HEADGAIN_VLLM=1")
+    records = {
+        req_id: [
+            {"past": s.past, "tokens": s.tokens, "ratios": s.ratios.tolist(), "gains": s.gains.tolist()} for s in steps
+        ]
+        for req_id, steps in attachment.records.items()
+    }
+    return attachment.decoder.first_head, records
 
 
 @dataclass(eq=False)
@@ -57,15 +76,16 @@ class Attachment:
     """headgain on one vLLM model (see the module docstring).
 
     Attributes:
-        decoder: the resolved decoder (this rank's heads).
+        decoder: the resolved decoder (this tensor-parallel rank's heads: the records hold
+            heads ``decoder.first_head`` to ``decoder.first_head + decoder.num_heads - 1``).
         settings: the plugin's settings.
         records: request id -> list of `StepRecord` (the last ``settings.record`` requests).
     """
 
-    def __init__(self, model: nn.Module, hf_config, settings: PluginSettings):
+    def __init__(self, model: nn.Module, hf_config, settings: PluginSettings, rank: int = 0):
         if attachment_of(model) is not None:
             raise HeadGainError("headgain is already attached to this vLLM model")
-        self.decoder: VllmDecoder = resolve(model, hf_config, settings.arch_map)
+        self.decoder: VllmDecoder = resolve(model, hf_config, settings.arch_map, rank)
         self.settings = settings
         if settings.default is not None:
             settings.default.check_layers(self.decoder.num_layers)

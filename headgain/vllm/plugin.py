@@ -82,11 +82,10 @@ def check_engine(vllm_config) -> None:
         )
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding verifies several tokens per step (remove speculative_config)")
-    parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+    if vllm_config.parallel_config.pipeline_parallel_size != 1:
         problems.append(
-            "tensor and pipeline parallelism are not tested with headgain yet (set tensor_parallel_size=1 and "
-            "pipeline_parallel_size=1)"
+            "pipeline parallelism splits the decoder's layers between processes; headgain is tested with whole "
+            "decoders only (set pipeline_parallel_size=1; tensor parallelism is supported)"
         )
     if problems:
         raise HeadGainError(
@@ -100,8 +99,10 @@ def _load_model(original, runner, *args, **kwargs):
     settings = PluginSettings.from_env()
     model = runner.get_model()
     if settings.enabled and attachment_of(model) is None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
         check_engine(runner.vllm_config)
-        Attachment(model, runner.model_config.hf_config, settings)
+        Attachment(model, runner.model_config.hf_config, settings, get_tensor_model_parallel_rank())
     return out
 
 

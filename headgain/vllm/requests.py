@@ -25,8 +25,8 @@ class StepRecord:
     Attributes:
         past: tokens of the request computed before this step (0: the prefill).
         tokens: tokens this step computed for the request (the prompt, or 1).
-        ratios: (L, H) float32 on the CPU, S_v of every head at i* (this rank's heads).
-        gains: (L, H) float32 on the CPU, the gains applied.
+        ratios: (L, H) float32 on the CPU, S_v at i* of this tensor-parallel rank's H heads.
+        gains: (L, H) float32 on the CPU, the gains applied to them.
     """
 
     past: int
