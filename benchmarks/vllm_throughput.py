@@ -121,6 +121,7 @@ def main(argv=None) -> int:
         for arm in engines
     }
     times = {(arm, b): [] for arm in engines for b in batches(args)}
+    load_before = os.getloadavg()[0]
     for arm, llm in engines.items():  # warm-up
         _time(llm, _prompts(args, 1), params[arm])
     for r in range(args.rounds):
@@ -128,11 +129,15 @@ def main(argv=None) -> int:
         for b in batches(args):
             for arm in order:
                 times[(arm, b)].append(_time(engines[arm], _prompts(args, b), params[arm]))
-    rows = ["| requests | vanilla tok/s | headgain tok/s | change |", "|---|---|---|---|"]
+    rows = [
+        "| requests | vanilla tok/s (rounds' range) | headgain tok/s (rounds' range) | change of the medians |",
+        "|---|---|---|---|",
+    ]
     for b in batches(args):
-        rate = {arm: b * args.new_tokens / statistics.median(times[(arm, b)]) for arm in engines}
-        change = rate["headgain"] / rate["vanilla"] - 1
-        rows.append(f"| {b} | {rate['vanilla']:.1f} | {rate['headgain']:.1f} | {change:+.1%} |")
+        rates = {arm: sorted(b * args.new_tokens / t for t in times[(arm, b)]) for arm in engines}
+        median = {arm: statistics.median(r) for arm, r in rates.items()}
+        cells = [f"{median[arm]:.1f} ({rates[arm][0]:.1f}-{rates[arm][-1]:.1f})" for arm in engines]
+        rows.append(f"| {b} | {cells[0]} | {cells[1]} | {median['headgain'] / median['vanilla'] - 1:+.1%} |")
     table = "\n".join(rows)
     print(table)
     if not args.no_record:
@@ -147,6 +152,8 @@ def main(argv=None) -> int:
                 f"{info['torch']}, transformers {info['transformers']}, vLLM {vllm_version} (CPU build), python "
                 f"{info['python']}",
                 f"- headgain ops: {common.extension_status('cpu')}; revision {common.git_revision()}",
+                f"- Load average (1 min, from all jobs on the machine): {load_before:.1f} before the timed rounds, "
+                f"{os.getloadavg()[0]:.1f} after",
                 f"- Command: `{command.strip()}`",
                 f"- Model: random-weight Qwen2, {args.layers} layers, {args.heads} heads ({args.kv_heads} KV heads) "
                 f"of {args.head_dim}, float32; eager mode, no prefix caching, no chunked prefill in both arms",
