@@ -51,6 +51,10 @@ def test_request_field():
     assert request_config({"headgain": None}, default) is None
     assert request_config({"headgain": "kimi-vl-a3b-thinking"}, None) is presets["kimi-vl-a3b-thinking"]
     assert request_config({"headgain": {"g_perc": 1.1}}, default) == HeadGainConfig(g_perc=1.1)
+    assert request_config({"headgain": '{"g_perc": 1.1}'}, default) == HeadGainConfig(g_perc=1.1)  # vllm_xargs
+    assert request_config({"headgain": "off"}, default) is None
+    with pytest.raises(ConfigError, match="unknown preset '/etc/passwd'"):  # never a file path from a request
+        request_config({"headgain": "/etc/passwd"}, None)
     with pytest.raises(ConfigError, match="takes a preset name"):
         request_config({"headgain": 3}, None)
     with pytest.raises(ConfigError, match="unknown HeadGainConfig field"):

@@ -158,11 +158,12 @@ def test_unit_gains_give_vanillas_tokens_and_logprobs(served, vanilla):
 
 def test_batch_with_different_configs(served, vanilla):
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]]
-    configs = [CFG, ..., OTHER, False, {"l_perc": 3, "l_reas": 3}]
+    # OTHER as the JSON string vLLM's HTTP API carries; "off" as False
+    configs = [CFG, ..., json.dumps(OTHER), "off", {"l_perc": 3, "l_reas": 3}]
     tokens, logprobs, _ = _generate(served, prompts, configs)
     plain_tokens, plain_logprobs, _ = _generate(vanilla, prompts, [...] * len(prompts))
     alone, _, _ = _generate(served, [PROMPTS[0], PROMPTS[1]], [CFG, OTHER])
-    for i in (1, 3):  # without a config (or with False): bit-identical to vanilla
+    for i in (1, 3):  # without a config (or switched off): bit-identical to vanilla
         assert tokens[i] == plain_tokens[i] and logprobs[i] == plain_logprobs[i]
     assert [tokens[0], tokens[2]] == alone  # a request's result does not depend on its batch
     assert tokens[0] != plain_tokens[0] and tokens[2] != plain_tokens[2]

@@ -1,15 +1,16 @@
 """`register`, the ``vllm.general_plugins`` entry point, and the engine checks.
 
 vLLM calls `register` in every process it starts (front end, engine core, workers). It
-wraps three methods, once per process:
+wraps these methods, once per process:
 
-* the model runners' ``load_model``: after the model is loaded, when the plugin is
+* the (V1) model runners' ``load_model``: after the model is loaded, when the plugin is
   enabled (`headgain.vllm.settings`), check the engine's configuration (`check_engine`)
   and attach headgain (`headgain.vllm.attachment.Attachment`);
 * ``GPUModelRunner.execute_model`` (the CPU runner inherits it): mark the engine step,
   so the attachment knows which requests its packed tokens belong to;
-* the front end's input processor: it reads the settings when the engine starts, and
-  checks each request's ``extra_args["headgain"]`` (refused when the plugin is not
+* the front end's input processor: it reads the settings when the engine starts (and runs
+  `check_engine` there too, so a V2 model runner, which headgain does not wrap, is refused
+  before it starts), and checks each request's ``extra_args["headgain"]`` (refused when the plugin is not
   enabled) before the request reaches the engine.
 """
 
@@ -64,6 +65,8 @@ def check_engine(vllm_config) -> None:
     from vllm.config import CompilationMode, CUDAGraphMode
 
     problems = []
+    if vllm_config.use_v2_model_runner:
+        problems.append("headgain hooks into vLLM's V1 model runner, not the V2 one (set VLLM_USE_V2_MODEL_RUNNER=0)")
     compilation = vllm_config.compilation_config
     if compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode != CUDAGraphMode.NONE:
         problems.append(
@@ -107,8 +110,7 @@ def _load_model(original, runner, *args, **kwargs):
 
 
 def _execute_model(original, runner, scheduler_output, *args, **kwargs):
-    model = getattr(runner, "model", None)
-    attachment = attachment_of(model) if model is not None else None
+    attachment = attachment_of(runner.get_model())
     if attachment is None:
         return original(runner, scheduler_output, *args, **kwargs)
     attachment.begin_step(runner, scheduler_output)
@@ -121,13 +123,15 @@ def _execute_model(original, runner, scheduler_output, *args, **kwargs):
 def _init_processor(original, processor, *args, **kwargs):
     original(processor, *args, **kwargs)
     processor._headgain_settings = PluginSettings.from_env()  # as the workers read it when they load the model
+    if processor._headgain_settings.enabled:
+        check_engine(processor.vllm_config)
 
 
 def _validate_params(original, processor, params, *args, **kwargs):
     extra = getattr(params, "extra_args", None)
     if extra and REQUEST_KEY in extra:
         settings = processor._headgain_settings
-        if not settings.enabled and extra[REQUEST_KEY] not in (None, False):
+        if not settings.enabled and request_config(extra, None) is not None:
             raise ConfigError(
                 f'this request asks for headgain (extra_args["{REQUEST_KEY}"]) but the engine runs without it; '
                 f"start vLLM with {ENV_ENABLE}=1"

@@ -12,8 +12,10 @@ Environment of the vLLM processes (read when a worker loads the model):
   (``Attachment.records``), for inspection and tests. Unset or 0: keep nothing.
 
 Per request: ``SamplingParams(extra_args={"headgain": value})`` with ``value`` a preset
-name, a dict of `HeadGainConfig` fields, or ``False`` / ``None`` (vanilla, even under an
-engine-wide default).
+name, a dict of `HeadGainConfig` fields or the same as a JSON object string, or ``False`` /
+``None`` / ``"off"`` (vanilla, even under an engine-wide default). Over vLLM's OpenAI-style
+HTTP API the field travels in ``vllm_xargs``, which takes strings and numbers only: send a
+preset name, a JSON object string or ``"off"``.
 """
 
 from __future__ import annotations
@@ -92,17 +94,19 @@ class PluginSettings:
 def request_config(extra_args: Mapping[str, Any] | None, default: HeadGainConfig | None) -> HeadGainConfig | None:
     """The config of one request: its ``extra_args["headgain"]`` field, else ``default``.
 
-    The field takes a preset name, a dict of `HeadGainConfig` fields, or False / None
-    (vanilla). Raises `ConfigError` on anything else.
+    The field takes a preset name, a dict of `HeadGainConfig` fields or a JSON object string
+    of them, or False / None / "off" (vanilla). Raises `ConfigError` on anything else.
     """
     if not extra_args or REQUEST_KEY not in extra_args:
         return default
     value = extra_args[REQUEST_KEY]
-    if value is None or value is False:
+    if value is None or value is False or value == "off":
         return None
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        return HeadGainConfig.from_json(value)
     if isinstance(value, (str, Mapping)):
         return HeadGainConfig.coerce(value)
     raise ConfigError(
-        f'extra_args["{REQUEST_KEY}"] takes a preset name, a dict of HeadGainConfig fields, or False / None; '
-        f"got {value!r}"
+        f'extra_args["{REQUEST_KEY}"] takes a preset name, a dict of HeadGainConfig fields or a JSON object string, '
+        f'or False / None / "off"; got {value!r}'
     )
