@@ -4,10 +4,11 @@ there through its entry point (run as a script: vLLM's processes need a ``__main
 
     python tests_vllm/serve_dynamic.py CHECKPOINT REQUESTS.json TENSOR_PARALLEL OUT.json
 
-REQUESTS.json: {"prompts": [[ids]], "configs": [config or null], "new_tokens": N}. The
-plugin's settings come from the environment (HEADGAIN_VLLM, HEADGAIN_ARCH_MAP,
-HEADGAIN_RECORD). OUT.json: {"tokens": [[ids]], "ratios": [[(L, H) per step] or null], "gains": ...}
-with the heads of all tensor-parallel ranks side by side (null: a request without config).
+REQUESTS.json: {"prompts": [[ids]], "configs": [config or null], "new_tokens": N}, null:
+no headgain field. The plugin's settings come from the environment (HEADGAIN_VLLM,
+HEADGAIN_CONFIG, HEADGAIN_ARCH_MAP, HEADGAIN_RECORD). OUT.json: {"tokens": [[ids]],
+"ratios": [[(L, H) per step] or null], "gains": ...} with the heads of all tensor-parallel
+ranks side by side (null: a request served without headgain).
 """
 
 import json
@@ -47,12 +48,13 @@ def main() -> None:
     outputs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
     ranks = sorted(llm.apply_model(records_of), key=lambda r: r[0])  # one (first head, records) per rank
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outputs], "ratios": [], "gains": []}
-    for o, cfg in zip(outputs, spec["configs"]):
-        if cfg is None:  # nothing recorded
+    for o in outputs:
+        per_rank = [[v for k, v in steps.items() if k.startswith(o.request_id + "-")] for _, steps in ranks]
+        if not all(per_rank):  # a request served without headgain: nothing recorded
             result["ratios"].append(None)
             result["gains"].append(None)
             continue
-        per_rank = [next(v for k, v in steps.items() if k.startswith(o.request_id + "-")) for _, steps in ranks]
+        per_rank = [found for (found,) in per_rank]
         for what in ("ratios", "gains"):  # per step (L, H): the ranks' heads side by side
             steps = zip(*[[torch.tensor(step[what]) for step in rank] for rank in per_rank])
             result[what].append([torch.cat(parts, dim=1).tolist() for parts in steps])

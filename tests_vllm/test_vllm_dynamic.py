@@ -196,14 +196,16 @@ def _chain(error):
 
 def test_tensor_parallel_ranks_in_server_processes(checkpoint, tmp_path):
     """Engine core and two tensor-parallel workers in processes of their own, the plugin loaded
-    there through its entry point: each rank reads and scales its own heads at its slice of the
-    row-parallel o_proj, and together they match transformers."""
-    spec = {"prompts": PROMPTS[:2], "configs": [CFG, None], "new_tokens": NEW}
+    there through its entry point and enabled by an engine-wide default config: each rank reads
+    and scales its own heads at its slice of the row-parallel o_proj, and together they match
+    transformers. A request that switches headgain off stays vanilla."""
+    spec = {"prompts": PROMPTS[:2], "configs": [None, "off"], "new_tokens": NEW}  # None: the engine's default
     (tmp_path / "requests.json").write_text(json.dumps(spec))
     cores = sorted(os.sched_getaffinity(0))
     # one core per rank: vLLM's automatic binding wants a NUMA node per rank
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND=f"{cores[0]}|{cores[-1]}")
-    env.update({hv.ENV_ENABLE: "1", hv.ENV_RECORD: "8", hv.ENV_ARCH_MAP: ARCH.to_json()})
+    env.pop(hv.ENV_ENABLE, None)
+    env.update({hv.ENV_CONFIG: json.dumps(CFG), hv.ENV_RECORD: "8", hv.ENV_ARCH_MAP: ARCH.to_json()})
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), ENTRY_POINT_ROOT])
     out = tmp_path / "out.json"
     script = os.path.join(HERE, "serve_dynamic.py")
@@ -218,4 +220,4 @@ def test_tensor_parallel_ranks_in_server_processes(checkpoint, tmp_path):
     for r, g, ref_r, ref_g in zip(got["ratios"][0], got["gains"][0], ratios, gains):
         torch.testing.assert_close(torch.tensor(r), ref_r, atol=1e-5, rtol=0)
         assert torch.equal(torch.tensor(g), ref_g)
-    assert got["tokens"][1] == _transformers(model, PROMPTS[1], UNIT)[0]  # no config: vanilla
+    assert got["ratios"][1] is None and got["tokens"][1] == _transformers(model, PROMPTS[1], UNIT)[0]
