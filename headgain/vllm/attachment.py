@@ -94,10 +94,9 @@ class Attachment:
         self._step = None  # (runner, scheduler_output) while a step runs
         self._slots: list[_Slot] | None = None  # the step's plan, built at its first layer
         self._warned_no_visual = False
-        self._hooks = []
-        for position, layer in enumerate(self.decoder.layers):
-            self._hooks.append(layer.attn.register_forward_hook(self._after_attention_of(position), with_kwargs=True))
-            self._hooks.append(layer.o_proj.register_forward_pre_hook(self._before_o_proj_of(position)))
+        for position, layer in enumerate(self.decoder.layers):  # for the engine's lifetime: never removed
+            layer.attn.register_forward_hook(self._after_attention_of(position), with_kwargs=True)
+            layer.o_proj.register_forward_pre_hook(self._before_o_proj_of(position))
         model.__dict__[_ATTR] = self
 
     # ------------------------------------------------------------------ engine steps
