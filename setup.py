@@ -154,5 +154,9 @@ if __name__ == "__main__":
         extras_require={"test": ["pytest"], "eval": ["datasets>=2.14", "pyarrow>=12"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtensionChecked},
-        entry_points={"console_scripts": ["headgain=headgain.cli:main"]},
+        entry_points={
+            "console_scripts": ["headgain=headgain.cli:main"],
+            # vLLM calls it in every process it starts (headgain.vllm: the dynamic method in vLLM)
+            "vllm.general_plugins": ["headgain = headgain.vllm:register"],
+        },
     )

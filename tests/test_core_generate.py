@@ -89,6 +89,7 @@ def test_generate_without_cache_treats_each_step_as_a_full_pass():
             inputs,
             input_ids=seq[:, :-1],
             attention_mask=torch.nn.functional.pad(inputs["attention_mask"], (0, 2), value=1),
+            mm_token_type_ids=torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 2), value=0),  # 0: text
         )
         model(**full, use_cache=False)
     torch.testing.assert_close(handle.last_ratios, last_step, atol=1e-5, rtol=1e-4)

@@ -16,6 +16,7 @@ import torch
 import transformers as tf
 
 import headgain
+from headgain.testing.checkpoints import qwen2_checkpoint
 
 pytest.importorskip("vllm", reason="vLLM is installed in its own venv: make test-vllm")
 
@@ -24,40 +25,6 @@ LAYERS, HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 32  # head dim 32: the smallest vLL
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]
 NEW = 8
 ARCH = headgain.ArchMap("model.layers.*.self_attn", visual_token_ids=())
-
-
-def _checkpoint(path: str) -> tf.PreTrainedModel:
-    """A random-weight Qwen2 decoder and a word-level tokenizer saved at ``path`` (weights unchanged)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(300)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = tf.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    config = tf.Qwen2Config(
-        vocab_size=len(words),
-        hidden_size=HEADS * HEAD_DIM,
-        intermediate_size=256,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = tf.Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # peakier attention and larger activations than the default init
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
 
 
 def _hf_tokens(model, table=None) -> list[list[int]]:
@@ -102,7 +69,7 @@ def _vllm_tokens(checkpoint: str, tmp_path) -> list[list[int]]:
 def test_vllm_serves_folded_gains_like_hooks(tmp_path):
     original = str(tmp_path / "original")
     folded_dir = str(tmp_path / "folded")
-    model = _checkpoint(original)
+    model = qwen2_checkpoint(original, LAYERS, HEADS, KV_HEADS, HEAD_DIM)
     table = torch.ones(LAYERS, HEADS)
     table[0, 1], table[1, 3], table[2, 0], table[3, 2] = 1.6, 0.5, 1.8, 1.4
 

@@ -25,7 +25,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..core import ops
 from ..core.archmap import ArchMap
-from ..core.decoder import ResolvedDecoder, attribute_path, entry_paths, head_layout, match_layers
+from ..core.decoder import (
+    ResolvedDecoder,
+    attribute_path,
+    entry_paths,
+    head_layout,
+    match_layers,
+    visual_token_ids,
+)
 from ..core.errors import ArchError, HeadGainError
 from ..core.readout import layer_ratios
 
@@ -77,7 +84,7 @@ def resolve(model: nn.Module, arch: ArchMap) -> ResolvedDecoder:
         tuple(layers),
         num_heads,
         head_dim,
-        _visual_ids(config, arch, text_config),
+        visual_token_ids(config, arch, text_config),
         "transformers",
         backend,
         text_config,
@@ -125,28 +132,6 @@ def _config_int(text_config, field, what: str, required: bool) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ArchError(f"decoder config has no positive integer {field!r} (ArchMap.{what}), got {value!r}")
     return value
-
-
-def _visual_ids(config, arch: ArchMap, text_config) -> tuple[int, ...]:
-    ids = []
-    for entry in arch.visual_token_ids:
-        if isinstance(entry, int):
-            ids.append(entry)
-            continue
-        for source in (config, text_config):
-            value = attribute_path(source, entry)
-            if value is None and entry.endswith("_id"):
-                value = attribute_path(source, entry[:-3] + "_index")
-            if isinstance(value, int) and not isinstance(value, bool):
-                ids.append(value)
-                break
-    if arch.visual_token_ids and not ids:
-        raise ArchError(
-            f"none of the visual token id attributes {list(arch.visual_token_ids)} (ArchMap.visual_token_ids) is set "
-            "on model.config; name the right attributes (dotted paths such as 'vision_config.image_token_id' work), "
-            "or use visual_token_ids=() with handle.set_visual_mask"
-        )
-    return tuple(sorted(set(ids)))
 
 
 def _has_submodule(model: nn.Module, path: str) -> bool:

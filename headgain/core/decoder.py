@@ -17,7 +17,15 @@ from torch import nn
 from .archmap import ArchMap
 from .errors import ArchError
 
-__all__ = ["DecoderLayer", "ResolvedDecoder", "match_layers", "attribute_path", "head_layout", "entry_paths"]
+__all__ = [
+    "DecoderLayer",
+    "ResolvedDecoder",
+    "match_layers",
+    "attribute_path",
+    "head_layout",
+    "entry_paths",
+    "visual_token_ids",
+]
 
 _VISION_WORDS = ("vision", "visual", "image_encoder", "vit")  # module-name prefixes of vision towers
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")  # head counts attention modules keep
@@ -172,3 +180,27 @@ def entry_paths(arch: ArchMap) -> tuple[str, ...]:
     prefix = arch.attention.split("*")[0].rstrip(".")
     owner = prefix.rsplit(".", 1)[0] if "." in prefix else ""
     return ("",) if owner == "" else ("", owner)
+
+
+def visual_token_ids(config, arch: ArchMap, text_config) -> tuple[int, ...]:
+    """The sorted visual token ids ``arch.visual_token_ids`` names, read from a model's config
+    (attribute paths are tried on ``config``, then on the decoder's ``text_config``)."""
+    ids = []
+    for entry in arch.visual_token_ids:
+        if isinstance(entry, int):
+            ids.append(entry)
+            continue
+        for source in (config, text_config):
+            value = attribute_path(source, entry)
+            if value is None and entry.endswith("_id"):
+                value = attribute_path(source, entry[:-3] + "_index")
+            if isinstance(value, int) and not isinstance(value, bool):
+                ids.append(value)
+                break
+    if arch.visual_token_ids and not ids:
+        raise ArchError(
+            f"none of the visual token id attributes {list(arch.visual_token_ids)} (ArchMap.visual_token_ids) is set "
+            "on model.config; name the right attributes (dotted paths such as 'vision_config.image_token_id' work), "
+            "or use visual_token_ids=() with handle.set_visual_mask"
+        )
+    return tuple(sorted(set(ids)))

@@ -86,9 +86,11 @@ def qwen_vl_inputs(
         merge: the vision tower's spatial merge size.
 
     Returns:
-        input_ids (B, N) int64, attention_mask (B, N) int64, and pixel_values (P, C) /
-        image_grid_thw (I, 3) when there are images, pixel_values_videos /
-        video_grid_thw when there is video.
+        input_ids (B, N) int64, attention_mask (B, N) int64, mm_token_type_ids (B, N) int64
+        (as the Qwen2.5-VL processor returns it: 0 text and padding, 1 image, 2 video
+        placeholders; without it ``transformers`` >= 5.19 silently falls back to 1-D rotary
+        positions), and pixel_values (P, C) / image_grid_thw (I, 3) when there are images,
+        pixel_values_videos / video_grid_thw when there is video.
     """
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} image entries for {len(questions)} questions")
@@ -131,4 +133,5 @@ def qwen_vl_inputs(
         input_ids[i, length - len(s) :] = torch.tensor(s)
         attention_mask[i, length - len(s) :] = 1
     out["input_ids"], out["attention_mask"] = input_ids, attention_mask
+    out["mm_token_type_ids"] = (input_ids == IMAGE_ID).long() + 2 * (input_ids == VIDEO_ID).long()
     return out

@@ -1,0 +1,267 @@
+"""`Attachment`: headgain on one vLLM model in one worker, step by step.
+
+At each engine step (one ``execute_model`` call of the model runner) the packed tokens of
+the scheduled requests run through every decoder layer at once. The first decoder layer's
+attention builds the step's plan: for each request with a config, its rows in the packed
+batch (in the order of the runner's ``input_batch``), the tokens it computed before, and
+a `ForwardState` over its own sequence. Then, at every layer, a forward hook on the
+``Attention`` module reads the request's queries and keys after rotary embedding, keeps
+its new keys, computes S_v at i* (the last prompt token at the prefill, the new token at
+each decoding step, exactly as `headgain.attach` does in ``transformers``), and a
+pre-hook on ``o_proj`` scales the request's rows of the head outputs by the gains.
+Requests without a config are never touched: their rows stay bit-identical to vanilla.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core import ops
+from ..core.errors import HeadGainError
+from ..core.readout import ForwardState, layer_ratios
+from ..core.rules import layer_rules
+from .archs import VllmDecoder, resolve
+from .requests import RequestState, StepRecord
+from .settings import PluginSettings, request_config
+
+__all__ = ["Attachment", "attachment_of", "records_of"]
+
+_ATTR = "_headgain_vllm"  # attribute of the attached model
+
+
+def attachment_of(model: nn.Module) -> Attachment | None:
+    """The `Attachment` on a vLLM model (in the worker that holds it), or None."""
+    return model.__dict__.get(_ATTR)
+
+
+def records_of(model: nn.Module) -> tuple[int, dict[str, list[dict]]]:
+    """What one worker kept with ``HEADGAIN_RECORD``, in plain Python (any transport sends it):
+    (first head, {request id: one dict per step with ``past`` and ``tokens`` (ints), ``ratios``
+    and ``gains`` ((L, H) nested lists of floats)}), the H heads of this tensor-parallel rank
+    starting at that head of the whole model. Made to be sent to the workers:
+    ``llm.apply_model(records_of)`` gives one pair per rank (with engine processes, set
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``)."""
+    attachment = attachment_of(model)
+    if attachment is None:
+        raise HeadGainError("headgain is not attached to this vLLM model; start vLLM with HEADGAIN_VLLM=1")
+    records = {
+        req_id: [
+            {"past": s.past, "tokens": s.tokens, "ratios": s.ratios.tolist(), "gains": s.gains.tolist()} for s in steps
+        ]
+        for req_id, steps in attachment.records.items()
+    }
+    return attachment.decoder.first_head, records
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One configured request in one step: rows [start, end) of the packed batch."""
+
+    request: RequestState
+    start: int
+    end: int
+    past: int
+    state: ForwardState
+    gains: dict[int, torch.Tensor] = field(default_factory=dict)  # layer position -> (1, H) float32
+    ratios_record: torch.Tensor | None = None  # (L, H) float32 when recording
+    gains_record: torch.Tensor | None = None
+
+
+class Attachment:
+    """headgain on one vLLM model (see the module docstring).
+
+    Attributes:
+        decoder: the resolved decoder (this tensor-parallel rank's heads: the records hold
+            heads ``decoder.first_head`` to ``decoder.first_head + decoder.num_heads - 1``).
+        settings: the plugin's settings.
+        records: request id -> list of `StepRecord` (the last ``settings.record`` requests).
+    """
+
+    def __init__(self, model: nn.Module, hf_config, settings: PluginSettings, rank: int = 0):
+        if attachment_of(model) is not None:
+            raise HeadGainError("headgain is already attached to this vLLM model")
+        self.decoder: VllmDecoder = resolve(model, hf_config, settings.arch_map, rank)
+        self.settings = settings
+        if settings.default is not None:
+            settings.default.check_layers(self.decoder.num_layers)
+        self.records: OrderedDict[str, list[StepRecord]] = OrderedDict()
+        self._requests: dict[str, RequestState] = {}
+        self._step = None  # (runner, scheduler_output) while a step runs
+        self._slots: list[_Slot] | None = None  # the step's plan, built at its first layer
+        self._warned_no_visual = False
+        for position, layer in enumerate(self.decoder.layers):  # for the engine's lifetime: never removed
+            layer.attn.register_forward_hook(self._after_attention_of(position), with_kwargs=True)
+            layer.o_proj.register_forward_pre_hook(self._before_o_proj_of(position))
+        model.__dict__[_ATTR] = self
+
+    # ------------------------------------------------------------------ engine steps
+    def begin_step(self, runner, scheduler_output) -> None:
+        """Called by the model runner's ``execute_model`` before it runs: forget finished requests."""
+        for req_id in scheduler_output.finished_req_ids:
+            self._requests.pop(req_id, None)
+        self._step, self._slots = (runner, scheduler_output), None
+
+    def end_step(self) -> None:
+        """Called when ``execute_model`` returns or raises: keep the step's records."""
+        slots, self._step, self._slots = self._slots, None, None
+        for slot in slots or ():
+            if slot.ratios_record is not None:
+                n = slot.end - slot.start
+                slot.request.steps.append(StepRecord(slot.past, n, slot.ratios_record, slot.gains_record))
+
+    def _plan(self) -> list[_Slot]:
+        if self._slots is None:
+            self._slots = self._build_plan(*self._step)
+        return self._slots
+
+    def _build_plan(self, runner, scheduler_output) -> list[_Slot]:
+        slots, offset = [], 0
+        ids = runner.input_ids.gpu
+        visual_ids = torch.tensor(self.decoder.visual_ids, dtype=ids.dtype, device=ids.device)
+        for req_id in runner.input_batch.req_ids:
+            n = int(scheduler_output.num_scheduled_tokens[req_id])
+            start, offset = offset, offset + n
+            cached = runner.requests[req_id]
+            request = self._requests.get(req_id)
+            if request is None:
+                request = self._request(req_id, cached)
+            if request.cfg is None:
+                continue
+            past, prompt = int(cached.num_computed_tokens), int(cached.num_prompt_tokens)
+            if past == 0 and n == prompt:
+                request.reset()
+            elif not (past >= prompt and n == 1 and past == request.length):
+                raise HeadGainError(_unsupported_step(req_id, past, n, prompt, request.length))
+            flags = torch.isin(ids[start : start + n], visual_ids)
+            previous = request.visual[:past][None] if past else None
+            state = ForwardState.build(flags[None], None, previous, request.cfg.query)
+            request.add_visual(flags)
+            if past == 0 and not self._warned_no_visual and not bool(state.has_visual.all()):
+                self._warned_no_visual = True
+                warnings.warn(
+                    f"headgain found no visual tokens in request {req_id}; requests without visual tokens are left "
+                    "untouched (gain 1)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            slot = _Slot(request, start, start + n, past, state)
+            if self.settings.record:
+                shape = (self.decoder.num_layers, self.decoder.num_heads)
+                slot.ratios_record, slot.gains_record = torch.zeros(shape), torch.ones(shape)
+            slots.append(slot)
+        return slots
+
+    def _request(self, req_id: str, cached) -> RequestState:
+        params = cached.sampling_params
+        cfg = request_config(params.extra_args if params is not None else None, self.settings.default)
+        request = RequestState(req_id, cfg)
+        if cfg is not None:
+            cfg.check_layers(self.decoder.num_layers)
+            request.rules = layer_rules(cfg, [layer.index for layer in self.decoder.layers])
+            if self.settings.record:
+                self.records[req_id] = request.steps
+                while len(self.records) > self.settings.record:
+                    self.records.popitem(last=False)
+        self._requests[req_id] = request
+        return request
+
+    # ------------------------------------------------------------------ hooks
+    def _after_attention_of(self, position: int):
+        def hook(module, args, kwargs, output):
+            if self._step is not None:
+                query = args[0] if args else kwargs["query"]
+                key = args[1] if len(args) > 1 else kwargs["key"]
+                self._read(position, query, key)
+
+        return hook
+
+    def _before_o_proj_of(self, position: int):
+        def hook(module, args):
+            if self._step is not None:
+                self._scale(position, args[0])
+
+        return hook
+
+    @torch.no_grad()
+    def _read(self, position: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """S_v and gains of every configured request at one layer, from (T, H * D) queries and
+        (T, Hkv * D) keys (or their (T, H, D) / (T, Hkv, D) views)."""
+        slots = self._plan()
+        if not slots:
+            return
+        d = self.decoder
+        layer = d.layers[position]
+        q = query.reshape(query.shape[0], d.num_heads, d.head_dim)
+        k = key.reshape(key.shape[0], d.num_kv_heads, d.head_dim)
+        for slot in slots:
+            keys = slot.request.write_keys(d.num_layers, position, slot.past, k[slot.start : slot.end])
+            rows = q[slot.start : slot.end].permute(1, 0, 2).unsqueeze(0)  # (1, H, n, D)
+            num_keys = keys.shape[2]
+            ratios = layer_ratios(
+                slot.state,
+                rows,
+                keys,
+                scaling=layer.scale,
+                mask_rows=slot.state.mask_rows(None, num_keys, layer.sliding_window),
+                softcap=layer.softcap,
+            )
+            rule = slot.request.rules[position]
+            gains = ops.head_gains(
+                ratios,
+                slot.state.has_visual,
+                rule.perception_threshold,
+                rule.reasoning_threshold,
+                rule.perception_gain,
+                rule.reasoning_gain,
+                rule.neutral_gain,
+            )
+            slot.gains[position] = gains
+            if slot.ratios_record is not None:
+                slot.ratios_record[position] = ratios[0].cpu()
+                slot.gains_record[position] = gains[0].cpu()
+
+    @torch.no_grad()
+    def _scale(self, position: int, heads: torch.Tensor) -> None:
+        """Scale, in place, each configured request's rows of the (T, H * D_v) ``o_proj`` input."""
+        slots = self._plan()
+        if not slots:
+            return
+        view = heads.view(heads.shape[0], self.decoder.num_heads, self.decoder.head_dim_v)
+        for slot in slots:
+            gains = slot.gains.pop(position, None)
+            if gains is None:
+                raise HeadGainError(
+                    f"the o_proj of decoder layer {self.decoder.layers[position].index} ran before its attention was "
+                    "read; headgain's vLLM plugin expects attn, then o_proj, in each layer"
+                )
+            ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), gains)
+
+
+def _unsupported_step(req_id: str, past: int, n: int, prompt: int, held: int) -> str:
+    """Why a configured request's step cannot be served, and what to change."""
+    if past == 0 and n < prompt:
+        return (
+            f"request {req_id}: its prompt of {prompt} tokens is split across steps ({n} now); S_v at the last prompt "
+            "token needs the whole prompt in one step. Start vLLM with enable_chunked_prefill=False"
+        )
+    if past == 0:
+        return (
+            f"request {req_id} is recomputed from scratch ({n} tokens for a prompt of {prompt}: it was preempted), "
+            "which would apply the prefill's gains to tokens generated with other gains. Give vLLM more KV cache "
+            "or lower max_num_seqs"
+        )
+    if past < prompt:
+        return (
+            f"request {req_id}: vLLM skips {past} of its {prompt} prompt tokens (a prefix cache hit or a chunked "
+            "prefill), whose keys headgain never saw. Start vLLM with enable_prefix_caching=False and "
+            "enable_chunked_prefill=False"
+        )
+    return (
+        f"request {req_id}: {n} tokens in one decoding step after {past} (headgain holds {held}); speculative "
+        "decoding and skipped tokens are not supported"
+    )

@@ -1,0 +1,146 @@
+"""`register`, the ``vllm.general_plugins`` entry point, and the engine checks.
+
+vLLM calls `register` in every process it starts (front end, engine core, workers). It
+wraps these methods, once per process:
+
+* the (V1) model runners' ``load_model``: after the model is loaded, when the plugin is
+  enabled (`headgain.vllm.settings`), check the engine's configuration (`check_engine`)
+  and attach headgain (`headgain.vllm.attachment.Attachment`);
+* ``GPUModelRunner.execute_model`` (the CPU runner inherits it): mark the engine step,
+  so the attachment knows which requests its packed tokens belong to;
+* the front end's input processor: it reads the settings when the engine starts (and runs
+  `check_engine` there too, so a V2 model runner, which headgain does not wrap, is refused
+  before it starts), and checks each request's ``extra_args["headgain"]`` (refused when the plugin is not
+  enabled) before the request reaches the engine.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ..core.errors import ConfigError, HeadGainError
+from .attachment import Attachment, attachment_of
+from .settings import ENV_ENABLE, REQUEST_KEY, PluginSettings, request_config
+
+__all__ = ["register", "check_engine"]
+
+_WRAPPED = "_headgain_wrapped"
+
+
+def register() -> None:
+    """Install headgain's hooks into vLLM (idempotent)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.engine import input_processor
+    from vllm.v1.worker import gpu_model_runner
+
+    runners = [gpu_model_runner.GPUModelRunner]
+    if current_platform.is_cpu():
+        from vllm.v1.worker import cpu_model_runner
+
+        runners.append(cpu_model_runner.CPUModelRunner)
+    for cls in runners:
+        if "load_model" in cls.__dict__:
+            _wrap(cls, "load_model", _load_model)
+    _wrap(gpu_model_runner.GPUModelRunner, "execute_model", _execute_model)
+    _wrap(input_processor.InputProcessor, "__init__", _init_processor)
+    _wrap(input_processor.InputProcessor, "_validate_params", _validate_params)
+
+
+def _wrap(cls, name: str, wrapper) -> None:
+    """Replace ``cls.name`` by ``wrapper(original, self, ...)`` unless already done."""
+    original = cls.__dict__[name]
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        return wrapper(original, self, *args, **kwargs)
+
+    setattr(method, _WRAPPED, True)
+    setattr(cls, name, method)
+
+
+def check_engine(vllm_config) -> None:
+    """Raise `HeadGainError` naming every engine setting headgain cannot serve, and the fix."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    problems = []
+    if vllm_config.use_v2_model_runner:
+        problems.append("headgain hooks into vLLM's V1 model runner, not the V2 one (set VLLM_USE_V2_MODEL_RUNNER=0)")
+    compilation = vllm_config.compilation_config
+    if compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode != CUDAGraphMode.NONE:
+        problems.append(
+            "compiled graphs and CUDA graphs run the model without the Python hooks headgain reads and scales "
+            "through (set enforce_eager=True)"
+        )
+    if vllm_config.cache_config.enable_prefix_caching:
+        problems.append(
+            "prefix caching skips cached prompt tokens, whose keys headgain needs for S_v and whose values were "
+            "computed under other gains (set enable_prefix_caching=False)"
+        )
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        problems.append(
+            "chunked prefill computes a prompt's first chunks before its last token, the paper's i*, exists "
+            "(set enable_chunked_prefill=False)"
+        )
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding verifies several tokens per step (remove speculative_config)")
+    if vllm_config.parallel_config.pipeline_parallel_size != 1:
+        problems.append(
+            "pipeline parallelism splits the decoder's layers between processes; headgain is tested with whole "
+            "decoders only (set pipeline_parallel_size=1; tensor parallelism is supported)"
+        )
+    if problems:
+        raise HeadGainError(
+            f"headgain's vLLM plugin is enabled ({ENV_ENABLE}=1 or HEADGAIN_CONFIG) but cannot serve this engine: "
+            + "; ".join(problems)
+        )
+
+
+def _load_model(original, runner, *args, **kwargs):
+    out = original(runner, *args, **kwargs)
+    settings = PluginSettings.from_env()
+    model = runner.get_model()
+    if settings.enabled and attachment_of(model) is None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        check_engine(runner.vllm_config)
+        Attachment(model, runner.model_config.hf_config, settings, get_tensor_model_parallel_rank())
+    return out
+
+
+def _execute_model(original, runner, scheduler_output, *args, **kwargs):
+    attachment = attachment_of(runner.get_model())
+    if attachment is None:
+        return original(runner, scheduler_output, *args, **kwargs)
+    attachment.begin_step(runner, scheduler_output)
+    try:
+        return original(runner, scheduler_output, *args, **kwargs)
+    finally:
+        attachment.end_step()
+
+
+def _init_processor(original, processor, *args, **kwargs):
+    original(processor, *args, **kwargs)
+    processor._headgain_settings = PluginSettings.from_env()  # as the workers read it when they load the model
+    if processor._headgain_settings.enabled:
+        check_engine(processor.vllm_config)
+
+
+def _validate_params(original, processor, params, *args, **kwargs):
+    extra = getattr(params, "extra_args", None)
+    if extra and REQUEST_KEY in extra:
+        settings = processor._headgain_settings
+        if not settings.enabled and request_config(extra, None) is not None:
+            raise ConfigError(
+                f'this request asks for headgain (extra_args["{REQUEST_KEY}"]) but the engine runs without it; '
+                f"start vLLM with {ENV_ENABLE}=1"
+            )
+        cfg = request_config(extra, None)
+        if cfg is not None:
+            text = processor.model_config.hf_config
+            text = text.get_text_config() if hasattr(text, "get_text_config") else text
+            layers = getattr(text, "num_hidden_layers", None)
+            if isinstance(layers, int):
+                cfg.check_layers(layers)
+    return original(processor, params, *args, **kwargs)

@@ -1,0 +1,223 @@
+"""headgain's dynamic vLLM plugin on vLLM's CPU build (its own venv: `make test-vllm`).
+
+The engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the worker's
+`headgain.vllm.Attachment` is read directly. The reference is ``transformers`` with eager
+attention and `headgain.attach`: S_v there is read from the attention probabilities the
+model returns, here it is recomputed from vLLM's packed queries and keys.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as tf
+
+import headgain
+
+pytest.importorskip("vllm", reason="vLLM is installed in its own venv: make test-vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+
+from conftest import ENTRY_POINT, ENTRY_POINT_ROOT  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+
+import headgain.vllm as hv  # noqa: E402
+from headgain.testing.checkpoints import qwen2_checkpoint  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAYERS, HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 32
+VISUAL = 20  # the token id the arch map calls visual (a text-only decoder has none of its own)
+ARCH = headgain.ArchMap("model.layers.*.self_attn", visual_token_ids=(VISUAL,))
+PROMPTS = [[1] + [VISUAL] * 8 + [30, 31, 32], [1, 40, VISUAL, VISUAL, VISUAL, 41, 42], [1, 50, 51, VISUAL, 52]]
+NEW = 6
+CFG = {"l_perc": 1, "tau_perc": 0.3, "g_perc": 2.0, "l_reas": 2, "tau_reas": 0.2, "g_reas": 2.5}
+OTHER = {"l_perc": 0, "tau_perc": 0.1, "g_perc": 1.8, "l_reas": 3, "tau_reas": 0.05, "g_reas": 1.5}
+UNIT = {**CFG, "g_perc": 1.0, "g_reas": 1.0}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("qwen2"))
+    qwen2_checkpoint(path, LAYERS, HEADS, KV_HEADS, HEAD_DIM)
+    return path
+
+
+def _engine(checkpoint, env: dict, **overrides) -> LLM:
+    """An engine started with ``env`` set (the plugin reads it when the model loads)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    args = dict(
+        dtype="float32",
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        enable_chunked_prefill=False,
+        max_model_len=128,
+        max_num_seqs=8,
+        seed=0,
+    )
+    try:
+        return LLM(checkpoint, **{**args, **overrides})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def vanilla(checkpoint):
+    return _engine(checkpoint, {hv.ENV_ENABLE: "0"})
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    env = {hv.ENV_ENABLE: "1", hv.ENV_RECORD: "64", hv.ENV_ARCH_MAP: ARCH.to_json()}
+    return _engine(checkpoint, env)
+
+
+def _generate(llm: LLM, prompts, configs):
+    """(tokens, logprobs of the chosen tokens, request ids) of greedy generation; ``configs``
+    holds one per-request value per prompt (``...``: no headgain field)."""
+    params = [
+        SamplingParams(
+            max_tokens=NEW,
+            min_tokens=NEW,
+            temperature=0.0,
+            logprobs=0,
+            extra_args=None if cfg is ... else {hv.REQUEST_KEY: cfg},
+        )
+        for cfg in configs
+    ]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs]
+    return tokens, logprobs, [o.request_id for o in outputs]
+
+
+def _records(llm: LLM, request_id: str):
+    """The worker's per-step records of one request (engine ids extend the front end's)."""
+
+    def read(model):
+        records = hv.attachment_of(model).records
+        (key,) = [k for k in records if k == request_id or k.startswith(request_id + "-")]
+        return [(s.past, s.tokens, s.ratios, s.gains) for s in records[key]]
+
+    (found,) = llm.apply_model(read)
+    return found
+
+
+def _transformers(model, prompt, cfg):
+    """Greedy tokens, and S_v and gains of every step, from transformers (eager attention) with headgain."""
+    cache = tf.DynamicCache(config=model.config)
+    ids, tokens, ratios, gains = torch.tensor([prompt]), [], [], []
+    with headgain.attach(model, ARCH, cfg) as handle, torch.no_grad():
+        for _ in range(NEW):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            ratios.append(handle.last_ratios[:, 0])
+            gains.append(handle.last_gains[:, 0])
+            tokens.append(int(logits[0, -1].argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens, ratios, gains
+
+
+def test_setup_declares_the_entry_point_vllm_loaded():
+    with open(os.path.join(HERE, "..", "setup.py")) as f:
+        assert f'"vllm.general_plugins": ["{ENTRY_POINT}"]' in f.read()
+
+
+def test_sv_gains_and_tokens_match_transformers(checkpoint, served, vanilla):
+    # the plugin was loaded by vLLM through the entry point (nothing here called register)
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert getattr(GPUModelRunner.execute_model, "_headgain_wrapped", False)
+    tokens, _, ids = _generate(served, PROMPTS, [CFG] * len(PROMPTS))
+    plain, _, _ = _generate(vanilla, PROMPTS, [...] * len(PROMPTS))
+    assert tokens != plain, "the config must change the greedy tokens, or the comparison shows nothing"
+    model = tf.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)
+    for prompt, got, request_id in zip(PROMPTS, tokens, ids):
+        want, ratios, gains = _transformers(model.eval(), prompt, CFG)
+        assert got == want
+        steps = _records(served, request_id)
+        assert [(past, n) for past, n, _, _ in steps] == [(0, len(prompt))] + [
+            (len(prompt) + i, 1) for i in range(NEW - 1)
+        ]
+        for (_, _, r, g), ref_r, ref_g in zip(steps, ratios, gains):
+            assert r.shape == (LAYERS, HEADS)
+            torch.testing.assert_close(r, ref_r, atol=2e-6, rtol=0)
+            assert torch.equal(g, ref_g)
+        assert any(bool((g != 1).any()) for _, _, _, g in steps)
+
+
+def test_unit_gains_give_vanillas_tokens_and_logprobs(served, vanilla):
+    assert _generate(served, PROMPTS, [UNIT] * len(PROMPTS))[:2] == _generate(vanilla, PROMPTS, [...] * 3)[:2]
+
+
+def test_batch_with_different_configs(served, vanilla):
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]]
+    # OTHER as the JSON string vLLM's HTTP API carries; "off" as False
+    configs = [CFG, ..., json.dumps(OTHER), "off", {"l_perc": 3, "l_reas": 3}]
+    tokens, logprobs, _ = _generate(served, prompts, configs)
+    plain_tokens, plain_logprobs, _ = _generate(vanilla, prompts, [...] * len(prompts))
+    alone, _, _ = _generate(served, [PROMPTS[0], PROMPTS[1]], [CFG, OTHER])
+    for i in (1, 3):  # without a config (or switched off): bit-identical to vanilla
+        assert tokens[i] == plain_tokens[i] and logprobs[i] == plain_logprobs[i]
+    assert [tokens[0], tokens[2]] == alone  # a request's result does not depend on its batch
+    assert tokens[0] != plain_tokens[0] and tokens[2] != plain_tokens[2]
+
+
+def test_requests_are_checked_at_submission(served, vanilla):
+    with pytest.raises(ValueError, match=re.escape(f"{hv.ENV_ENABLE}=1")):
+        _generate(vanilla, PROMPTS[:1], [CFG])
+    with pytest.raises(ValueError, match="l_perc=9 outside the model"):
+        _generate(served, PROMPTS[:1], [{**CFG, "l_perc": 9}])
+    with pytest.raises(ValueError, match="unknown preset"):
+        _generate(served, PROMPTS[:1], ["no-such-preset"])
+    assert _generate(served, PROMPTS[:1], [CFG])[0]  # the engine still serves
+
+
+def test_unsupported_engine_is_refused_at_start(checkpoint):
+    env = {hv.ENV_ENABLE: "1", hv.ENV_ARCH_MAP: json.dumps(ARCH.to_dict())}
+    with pytest.raises(Exception) as info:
+        _engine(checkpoint, env, enforce_eager=False, enable_prefix_caching=True, enable_chunked_prefill=True)
+    text = "".join(str(e) for e in _chain(info.value))
+    for fix in ("enforce_eager=True", "enable_prefix_caching=False", "enable_chunked_prefill=False"):
+        assert fix in text
+
+
+def _chain(error):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def test_tensor_parallel_ranks_in_server_processes(checkpoint, tmp_path):
+    """Engine core and two tensor-parallel workers in processes of their own, the plugin loaded
+    there through its entry point and enabled by an engine-wide default config: each rank reads
+    and scales its own heads at its slice of the row-parallel o_proj, and together they match
+    transformers. A request that switches headgain off stays vanilla."""
+    spec = {"prompts": PROMPTS[:2], "configs": [None, "off"], "new_tokens": NEW}  # None: the engine's default
+    (tmp_path / "requests.json").write_text(json.dumps(spec))
+    cores = sorted(os.sched_getaffinity(0))
+    # one core per rank: vLLM's automatic binding wants a NUMA node per rank
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND=f"{cores[0]}|{cores[-1]}")
+    env.pop(hv.ENV_ENABLE, None)
+    env.update({hv.ENV_CONFIG: json.dumps(CFG), hv.ENV_RECORD: "8", hv.ENV_ARCH_MAP: ARCH.to_json()})
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), ENTRY_POINT_ROOT])
+    out = tmp_path / "out.json"
+    script = os.path.join(HERE, "serve_dynamic.py")
+    command = [sys.executable, script, checkpoint, str(tmp_path / "requests.json"), "2", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(out.read_text())
+    model = tf.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)
+    want, ratios, gains = _transformers(model.eval(), PROMPTS[0], CFG)
+    assert got["tokens"][0] == want
+    assert len(got["ratios"][0]) == NEW
+    for r, g, ref_r, ref_g in zip(got["ratios"][0], got["gains"][0], ratios, gains):
+        torch.testing.assert_close(torch.tensor(r), ref_r, atol=1e-5, rtol=0)
+        assert torch.equal(torch.tensor(g), ref_g)
+    assert got["ratios"][1] is None and got["tokens"][1] == _transformers(model, PROMPTS[1], UNIT)[0]
