@@ -452,3 +452,39 @@ def test_cli_eval_local_checkpoint(tmp_path, capsys):
     assert [r["prompt"][:13] for r in records] == ["user: <image>"] * 2  # the saved chat template
     assert main(["eval", "--bench", "shapes", "--model", str(tmp_path / "nothing")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_cli_eval_judge_decides_what_no_rule_reads(tmp_path, capsys, monkeypatch):
+    """--judge MODULE:FUNCTION is asked only where no rule reads an answer, and its verdict is
+    graded like a rule's; bad specs are refused with the reason."""
+    (tmp_path / "my_judges.py").write_text(
+        "import json\n"
+        "CALLS = []\n"
+        "def gold(text, sample):\n"
+        "    CALLS.append((text, sample.id))\n"
+        "    return {'yes': True, 'no': False}.get(sample.answer, sample.answer)\n"
+    )
+    monkeypatch.chdir(tmp_path)  # judges are imported from the working directory
+    out = tmp_path / "out"
+    argv = ["eval", "--bench", "shapes", "--limit", "9", "--configs", "ocean-r1-7b", "--judge", "my_judges:gold"]
+    assert main([*argv, "--max-new-tokens", "3", "--reps", "20", "--no-progress", "--out", str(out)]) == 0
+    import my_judges
+
+    records = [json.loads(line) for line in open(out / "vanilla.jsonl")]
+    judged = [r for r in records if r["rule"] == "judge"]
+    asked = {sample_id for _, sample_id in my_judges.CALLS}
+    # the random model's 3-byte replies leave most answers to the judge, which gives the gold answer
+    assert judged and all(r["correct"] for r in judged)
+    assert {r["id"] for r in judged} <= asked
+    assert all(r["rule"] != "none" for r in records)  # the judge answered every reply no rule could read
+    assert json.load(open(out / "run.json"))["judge"] == "my_judges:gold"
+    capsys.readouterr()
+
+    def error(spec):
+        assert main(["eval", "--bench", "shapes", "--judge", spec, "--out", str(tmp_path / "e")]) == 2
+        return capsys.readouterr().err
+
+    assert "expected MODULE:FUNCTION" in error("my_judges")
+    assert "cannot import module 'nowhere'" in error("nowhere:gold")
+    assert "has no attribute 'silver'" in error("my_judges:silver")
+    assert "not a callable" in error("my_judges:CALLS")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from itertools import islice
 
 __all__ = ["add_subcommands", "cmd_eval", "cmd_sweep", "BUILTIN"]
@@ -69,6 +70,12 @@ def add_subcommands(sub, model_opts, cfg_opts, positive) -> None:
         "--synonyms",
         metavar="FILE.json",
         help='CHAIR synonym table {"word or phrase": "object"} for caption samples with ground-truth "objects"',
+    )
+    ev.add_argument(
+        "--judge",
+        metavar="MODULE:FUNCTION",
+        help="a Python callable judge(text, sample) -> answer or None, asked where no rule reads an answer "
+        "(rule 'judge' in the records; none is built in and nothing is sent over the network by headgain)",
     )
     ev.add_argument("--no-progress", action="store_true", help="hide the progress line")
 
@@ -196,6 +203,16 @@ def cmd_eval(args) -> int:
     from .runner import distributed_rank, evaluate
 
     configs = _configs(args.configs)
+    judge = None
+    if args.judge:
+        from .extract import load_judge
+
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` would: judges next to the user's data
+        try:
+            judge = load_judge(args.judge)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     samples, benchmark = _samples(args, args.split)
     synonyms = None
     if args.synonyms:
@@ -221,6 +238,7 @@ def cmd_eval(args) -> int:
         batch=args.batch,
         seed=args.seed,
         reps=args.reps,
+        judge=judge,
         synonyms=synonyms,
         progress=False if args.no_progress else None,
     )

@@ -18,6 +18,7 @@ text: option letters, then option text, then the last number. Rules that fire, i
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,11 +35,32 @@ __all__ = [
     "answer",
     "parse_number",
     "Judge",
+    "load_judge",
 ]
 
 #: ``judge(text, sample) -> answer or None``: a letter, a number, a bool or text, by the
 #: sample's answer type (for instance a call to a grading LLM; none is built in).
 Judge = Callable[[str, Sample], object]
+
+
+def load_judge(spec: str) -> Judge:
+    """The judge named by ``spec``, ``"module:function"`` (``module`` importable, for example
+    from the working directory or PYTHONPATH; ``function`` a callable attribute, dotted for
+    nested ones). Raises ValueError saying what is missing."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"judge {spec!r}: expected MODULE:FUNCTION, for example my_judges:grade")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"judge {spec!r}: cannot import module {module_name!r} ({e})") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"judge {spec!r}: {module_name} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"judge {spec!r}: {attr} is a {type(target).__name__}, not a callable (text, sample)")
+    return target
 
 
 @dataclass(frozen=True)

@@ -294,6 +294,7 @@ def evaluate(
         "model": evaluator.name,
         "configs": {name: cfg.to_dict() for name, cfg in configs.items()},
         "generation": {"max_new_tokens": max_new_tokens, "do_sample": False, "batch": batch},
+        "judge": None if judge is None else f"{judge.__module__}:{getattr(judge, '__qualname__', repr(judge))}",
         "seed": seed,
         "seconds_per_sample": timing,
         "versions": _versions(),
