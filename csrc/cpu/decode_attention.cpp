@@ -59,13 +59,14 @@ HG_SIMD void exp_in_place(float* __restrict__ s, const float* __restrict__ vis, 
 // acc[i] += sum_j p[i * n + j] * value j, for the `rows` rows i with live[i], over n values
 // of width dv (key_stride elements apart, elem_stride within one). float32 values with unit
 // elem_stride are read in place; others are widened once each into vf (4 * dv floats).
-// With dv a multiple of kLanes, four values are added per pass over a row's accumulator.
+// With dv a multiple of 8, four values are added per pass over a row's accumulator, on
+// 8-lane vectors (the accumulator and the four values fit in AVX2's registers).
 template <typename T>
 HG_SIMD void accumulate_values(const float* p, const uint8_t* live, int64_t rows, int64_t n, const T* v,
                                int64_t key_stride, int64_t elem_stride, int64_t dv, float* vf, float* acc) {
   const bool in_place = std::is_same_v<T, float> && elem_stride == 1;
   int64_t j = 0;
-  if (dv % kLanes == 0) {
+  if (dv % 8 == 0) {
     for (; j + 4 <= n; j += 4) {
       const float* vt[4];
       for (int t = 0; t < 4; ++t) {
@@ -80,8 +81,8 @@ HG_SIMD void accumulate_values(const float* p, const uint8_t* live, int64_t rows
         const float* pi = p + i * n + j;
         if (!live[i] || (pi[0] == 0.f && pi[1] == 0.f && pi[2] == 0.f && pi[3] == 0.f)) continue;
         float* a = acc + i * dv;
-        for (int64_t e = 0; e < dv; e += kLanes) {
-          Lanes x, y0, y1, y2, y3;
+        for (int64_t e = 0; e < dv; e += 8) {
+          Lanes8 x, y0, y1, y2, y3;
           std::memcpy(&x, a + e, sizeof x);
           std::memcpy(&y0, vt[0] + e, sizeof y0);
           std::memcpy(&y1, vt[1] + e, sizeof y1);

@@ -20,56 +20,75 @@ namespace {
 
 // ------------------------------------------------------------------ scores
 
-// The scores of RT float query rows (row stride d) against 4 float keys (key stride ks),
-// into out[row * n + t]: RT x 4 independent accumulator chains hide the FMA latency, and
-// each vector loaded is used RT or 4 times. d is a multiple of kLanes.
+// The lane sums of four 8-lane vectors at once, into out[0..3] (lane_totals4 of 8 lanes).
+__attribute__((always_inline)) inline void lane_totals4_8(const Lanes8& a0, const Lanes8& a1, const Lanes8& a2,
+                                                          const Lanes8& a3, float* out) {
+  const Lanes8 b01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                     __builtin_shufflevector(a0, a1, 4, 5, 6, 7, 12, 13, 14, 15);
+  const Lanes8 b23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                     __builtin_shufflevector(a2, a3, 4, 5, 6, 7, 12, 13, 14, 15);
+  // lanes 2u, 2u + 1 hold partial sums of a_u
+  const Lanes8 c = __builtin_shufflevector(b01, b23, 0, 1, 4, 5, 8, 9, 12, 13) +
+                   __builtin_shufflevector(b01, b23, 2, 3, 6, 7, 10, 11, 14, 15);
+  const Lanes8 e = __builtin_shufflevector(c, c, 0, 2, 4, 6, 0, 2, 4, 6) + __builtin_shufflevector(c, c, 1, 3, 5, 7, 1, 3, 5, 7);
+  for (int u = 0; u < 4; ++u) out[u] = e[u];
+}
+
+// The scores of RT float query rows (row stride d) against 2 float keys (key stride ks),
+// into out[row * n + t], on 8-lane vectors: the RT x 2 accumulators, the 2 keys and a query
+// vector fit in the 16 registers of AVX2 (a wider tile spills there; CPUs with AVX-512 take
+// score_keys_avx512). RT is even; d is a multiple of 8.
 template <int RT>
 __attribute__((always_inline)) inline void score_tile(const float* q, int64_t d, const float* k, int64_t ks,
                                                       float* out, int64_t n) {
-  Lanes acc[RT][4] = {};
-  for (int64_t i = 0; i < d; i += kLanes) {
-    Lanes y[4];
-    for (int t = 0; t < 4; ++t) std::memcpy(&y[t], k + t * ks + i, sizeof(Lanes));
+  static_assert(RT % 2 == 0, "rows come in pairs");
+  Lanes8 acc[RT][2] = {};
+  for (int64_t i = 0; i < d; i += 8) {
+    Lanes8 y0, y1;
+    std::memcpy(&y0, k + i, sizeof y0);
+    std::memcpy(&y1, k + ks + i, sizeof y1);
     for (int r = 0; r < RT; ++r) {
-      Lanes x;
+      Lanes8 x;
       std::memcpy(&x, q + r * d + i, sizeof x);
-      for (int t = 0; t < 4; ++t) acc[r][t] += x * y[t];
+      acc[r][0] += x * y0;
+      acc[r][1] += x * y1;
     }
   }
-  for (int r = 0; r < RT; ++r) {
-    lane_totals4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], out + r * n);
+  for (int r = 0; r < RT; r += 2) {
+    float t[4];
+    lane_totals4_8(acc[r][0], acc[r][1], acc[r + 1][0], acc[r + 1][1], t);
+    out[r * n] = t[0];
+    out[r * n + 1] = t[1];
+    out[(r + 1) * n] = t[2];
+    out[(r + 1) * n + 1] = t[3];
   }
 }
 
 // out[row * n + j] = dot(q[row], key j) for n keys (element strides key_stride between keys,
-// elem_stride within one) and `rows` float query rows of width d, 4 rows x 4 keys at a
-// time. float32 keys with unit elem_stride are read in place; other keys are widened to
-// float once each, into kf (4 * d floats).
+// elem_stride within one) and `rows` float query rows of width d, 4 (or 2) rows x 2 keys at
+// a time. float32 keys with unit elem_stride are read in place; other keys are widened to
+// float once each, into kf (at least 2 * d floats).
 template <typename T>
 HG_SIMD void score_keys(const float* q, int64_t rows, const T* k, int64_t key_stride, int64_t elem_stride, int64_t n,
                         int64_t d, float* kf, float* out) {
   const bool in_place = std::is_same_v<T, float> && elem_stride == 1;
   int64_t j = 0;
-  if (d % kLanes == 0) {
-    for (; j + 4 <= n; j += 4) {
+  const int64_t paired = rows - rows % 2;
+  if (d % 8 == 0) {
+    for (; j + 2 <= n; j += 2) {
       const float* kt = kf;
       int64_t kts = d;
       if (in_place) {
         kt = reinterpret_cast<const float*>(k + j * key_stride);
         kts = key_stride;
       } else {
-        for (int t = 0; t < 4; ++t) widen_row(k + (j + t) * key_stride, elem_stride, kf + t * d, d);
+        for (int t = 0; t < 2; ++t) widen_row(k + (j + t) * key_stride, elem_stride, kf + t * d, d);
       }
       int64_t r = 0;
-      for (; r + 4 <= rows; r += 4) score_tile<4>(q + r * d, d, kt, kts, out + r * n + j, n);
-      const float* qr = q + r * d;
-      float* o = out + r * n + j;
-      switch (rows - r) {
-        case 3: score_tile<3>(qr, d, kt, kts, o, n); break;
-        case 2: score_tile<2>(qr, d, kt, kts, o, n); break;
-        case 1: score_tile<1>(qr, d, kt, kts, o, n); break;
-        default: break;
-      }
+      for (; r + 4 <= paired; r += 4) score_tile<4>(q + r * d, d, kt, kts, out + r * n + j, n);
+      if (r < paired) score_tile<2>(q + r * d, d, kt, kts, out + r * n + j, n);
+      if (paired < rows)
+        for (int t = 0; t < 2; ++t) out[paired * n + j + t] = dot(q + paired * d, kt + t * kts, d);
     }
   }
   for (; j < n; ++j) {
