@@ -56,44 +56,58 @@ HG_SIMD void exp_in_place(float* __restrict__ s, const float* __restrict__ vis, 
   *vsum = sv;
 }
 
-// acc[i] += sum_j p[i * n + j] * value j, for the `rows` rows i with live[i], over n values
-// of width dv (key_stride elements apart, elem_stride within one). float32 values with unit
-// elem_stride are read in place; others are widened once each into vf (4 * dv floats).
-// With dv a multiple of 8, four values are added per pass over a row's accumulator, on
-// 8-lane vectors (the accumulator and the four values fit in AVX2's registers).
-template <typename T>
-HG_SIMD void accumulate_values(const float* p, const uint8_t* live, int64_t rows, int64_t n, const T* v,
-                               int64_t key_stride, int64_t elem_stride, int64_t dv, float* vf, float* acc) {
+// accumulate_values (below) four values at a time, while they last: returns how many were
+// added. With dv a multiple of the vector width W (8 or 16 floats), four values are added per
+// pass over a row's accumulator: the accumulator and the four values stay in registers
+// (16-lane vectors on AVX-512, 8-lane ones where there are only AVX2's 16 registers).
+template <typename W, typename T>
+__attribute__((always_inline)) inline int64_t accumulate_values_by4(const float* p, const uint8_t* live, int64_t rows,
+                                                                    int64_t n, const T* v, int64_t key_stride,
+                                                                    int64_t elem_stride, int64_t dv, float* vf,
+                                                                    float* acc) {
+  constexpr int64_t width = sizeof(W) / sizeof(float);
   const bool in_place = std::is_same_v<T, float> && elem_stride == 1;
   int64_t j = 0;
-  if (dv % 8 == 0) {
-    for (; j + 4 <= n; j += 4) {
-      const float* vt[4];
-      for (int t = 0; t < 4; ++t) {
-        if (in_place) {
-          vt[t] = reinterpret_cast<const float*>(v + (j + t) * key_stride);
-        } else {
-          widen_row(v + (j + t) * key_stride, elem_stride, vf + t * dv, dv);
-          vt[t] = vf + t * dv;
-        }
+  if (dv % width != 0) return j;
+  for (; j + 4 <= n; j += 4) {
+    const float* vt[4];
+    for (int t = 0; t < 4; ++t) {
+      if (in_place) {
+        vt[t] = reinterpret_cast<const float*>(v + (j + t) * key_stride);
+      } else {
+        widen_row(v + (j + t) * key_stride, elem_stride, vf + t * dv, dv);
+        vt[t] = vf + t * dv;
       }
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* pi = p + i * n + j;
-        if (!live[i] || (pi[0] == 0.f && pi[1] == 0.f && pi[2] == 0.f && pi[3] == 0.f)) continue;
-        float* a = acc + i * dv;
-        for (int64_t e = 0; e < dv; e += 8) {
-          Lanes8 x, y0, y1, y2, y3;
-          std::memcpy(&x, a + e, sizeof x);
-          std::memcpy(&y0, vt[0] + e, sizeof y0);
-          std::memcpy(&y1, vt[1] + e, sizeof y1);
-          std::memcpy(&y2, vt[2] + e, sizeof y2);
-          std::memcpy(&y3, vt[3] + e, sizeof y3);
-          x += (pi[0] * y0 + pi[1] * y1) + (pi[2] * y2 + pi[3] * y3);
-          std::memcpy(a + e, &x, sizeof x);
-        }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* pi = p + i * n + j;
+      if (!live[i] || (pi[0] == 0.f && pi[1] == 0.f && pi[2] == 0.f && pi[3] == 0.f)) continue;
+      float* a = acc + i * dv;
+      for (int64_t e = 0; e < dv; e += width) {
+        W x, y0, y1, y2, y3;
+        std::memcpy(&x, a + e, sizeof x);
+        std::memcpy(&y0, vt[0] + e, sizeof y0);
+        std::memcpy(&y1, vt[1] + e, sizeof y1);
+        std::memcpy(&y2, vt[2] + e, sizeof y2);
+        std::memcpy(&y3, vt[3] + e, sizeof y3);
+        x += (pi[0] * y0 + pi[1] * y1) + (pi[2] * y2 + pi[3] * y3);
+        std::memcpy(a + e, &x, sizeof x);
       }
     }
   }
+  return j;
+}
+
+// acc[i] += sum_j p[i * n + j] * value j, for the `rows` rows i with live[i], over n values
+// of width dv (key_stride elements apart, elem_stride within one). float32 values with unit
+// elem_stride are read in place; others are widened once each into vf (4 * dv floats).
+// `wide`: 16-lane vectors (AVX-512), else 8-lane ones.
+template <typename T>
+HG_SIMD void accumulate_values(const float* p, const uint8_t* live, int64_t rows, int64_t n, const T* v,
+                               int64_t key_stride, int64_t elem_stride, int64_t dv, float* vf, float* acc, bool wide) {
+  const bool in_place = std::is_same_v<T, float> && elem_stride == 1;
+  int64_t j = wide ? accumulate_values_by4<Lanes>(p, live, rows, n, v, key_stride, elem_stride, dv, vf, acc)
+                   : accumulate_values_by4<Lanes8>(p, live, rows, n, v, key_stride, elem_stride, dv, vf, acc);
   for (; j < n; ++j) {
     const float* vj = vf;
     if (in_place) {
@@ -146,8 +160,10 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   const bool unit_d = k.stride(3) == 1;
   const bool bf16_dot = q.scalar_type() == at::kBFloat16 && unit_d && D % 32 == 0 && cpu_has_bf16_dot();
   const bool avx512 = !bf16_dot && unit_d && D % 16 == 0 && cpu_has_avx512();
+  const bool wide = cpu_has_avx512();
 #else
   constexpr bool bf16_dot = false;
+  constexpr bool wide = false;
 #endif
 
   HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "decode_attention", [&] {
@@ -207,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
           }
           if (any) {
             accumulate_values(block.data(), live.data(), G, n, vptr + b * vs[0] + g * vs[1] + j0 * vs[2], vs[2], vs[3],
-                              Dv, vf.data(), group_acc.data());
+                              Dv, vf.data(), group_acc.data(), wide);
           }
         }
         for (int64_t i = 0; i < G; ++i) std::memcpy(acc + i * spans * Dv, &group_acc[i * Dv], Dv * sizeof(float));
