@@ -56,6 +56,13 @@ class HeadGainConfig:
     )
     attenuate_classes: tuple[str, ...] = field(default=("neutral",), metadata={"help": "classes attenuated by B and D"})
     query: str = field(default="last", metadata={"help": "'last' (the paper's i*) or 'mean_text'"})
+    shuffle_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "control arm: within each layer the gains go to heads permuted at random (this seed), so as "
+            "many heads per layer and class are rescaled, but not the selected ones; None: the method"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("enhance_classes", "attenuate_classes"):
@@ -85,6 +92,9 @@ class HeadGainConfig:
                 )
         if not _is_real(self.beta) or not 0.0 < self.beta < 1.0:
             errors.append(f"beta={self.beta!r} must be a number with 0 < beta < 1")
+        seed = self.shuffle_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            errors.append(f"shuffle_seed={seed!r} must be None or a non-negative integer")
         if self.strategy not in STRATEGIES:
             errors.append(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.query not in QUERIES:
