@@ -95,6 +95,7 @@ def test_sweep_tunes_on_one_seed_and_reports_on_another(tmp_path):
     with open(out / "sweep.json") as f:
         result = json.load(f)
     assert result["held_out"]["n"] == 6 and result["chosen"] in result["configs"]
+    assert result["held_out"]["benchmark"] == "toy:exist (seed 2)"
     held = _records(out / "held_out" / "vanilla.jsonl")
     assert [r["id"] for r in held] == [f"exist-{scene_seed(2, i)}" for i in range(6)]
 

@@ -279,8 +279,10 @@ def cmd_sweep(args) -> int:
     if args.dev_split is not None:
         if args.dev_split == args.split:
             raise CLIError(f"--dev-split {args.dev_split} equals --split: tuning and reporting samples would overlap")
-        dev, benchmark = _samples(args, args.dev_split)
-        held_out, _ = _samples(args, args.split)
+        dev, dev_name = _samples(args, args.dev_split)
+        held_out, benchmark = _samples(args, args.split)  # reports name the held-out samples
+        if dev_name != benchmark:
+            print(f"tuning on {dev_name}")
     else:
         if not 0.0 < args.dev_frac < 1.0:
             raise CLIError(f"--dev-frac {args.dev_frac} must be between 0 and 1")
