@@ -238,7 +238,7 @@ def test_config_json_round_trip_presets_and_coercion(tmp_path):
     cfg.to_json(str(path))
     assert HeadGainConfig.from_json(str(path)) == cfg
     assert json.loads(path.read_text())["alpha"] == 1.3
-    assert set(headgain.presets) == {"kimi-vl-a3b-thinking", "ocean-r1-7b", "r1-onevision"}
+    assert set(headgain.presets) == {"kimi-vl-a3b-thinking", "ocean-r1-7b", "r1-onevision", "toy"}
     kimi = HeadGainConfig.from_preset("kimi-vl-a3b-thinking")
     assert (kimi.l_reas, kimi.tau_reas, kimi.g_reas, kimi.l_perc, kimi.tau_perc, kimi.g_perc) == (
         5,
