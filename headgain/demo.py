@@ -51,7 +51,7 @@ def _heads(ids: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="ocean-r1-7b", help="a preset whose layers fit 8 decoder layers")
+    parser.add_argument("--preset", default="toy", help="a preset whose layers fit 8 decoder layers")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--task", default="exist-adversarial", choices=TASKS)
     parser.add_argument("--seed", type=int, default=7, help="the scene")

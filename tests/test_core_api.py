@@ -223,6 +223,7 @@ def test_arch_map_errors_leave_the_model_untouched():
         (dict(beta=1.2), "beta=1.2 must be a number with 0 < beta < 1"),
         (dict(strategy="mixed", enhance_classes=["neutral"]), "needs disjoint"),
         (dict(enhance_classes=["heads"]), "enhance_classes holds"),
+        (dict(shuffle_seed=-2), "shuffle_seed=-2 must be None or a non-negative integer"),
     ],
 )
 def test_invalid_config_values(fields, message):
@@ -237,7 +238,7 @@ def test_config_json_round_trip_presets_and_coercion(tmp_path):
     cfg.to_json(str(path))
     assert HeadGainConfig.from_json(str(path)) == cfg
     assert json.loads(path.read_text())["alpha"] == 1.3
-    assert set(headgain.presets) == {"kimi-vl-a3b-thinking", "ocean-r1-7b", "r1-onevision"}
+    assert set(headgain.presets) == {"kimi-vl-a3b-thinking", "ocean-r1-7b", "r1-onevision", "toy"}
     kimi = HeadGainConfig.from_preset("kimi-vl-a3b-thinking")
     assert (kimi.l_reas, kimi.tau_reas, kimi.g_reas, kimi.l_perc, kimi.tau_perc, kimi.g_perc) == (
         5,
@@ -283,6 +284,38 @@ def test_strategy_gains_reach_the_heads():
     reas = (layers >= 2) & (ratios <= 0.29) & ~perc
     expected = torch.where(perc, 1.5, torch.where(reas, 1.7, 0.5))
     assert torch.equal(gains, expected)
+
+
+def _rule_gains(ratios, cfg):
+    """(L, B, H) enhance-strategy gains of ``ratios`` (L, B, H), written from method.md."""
+    layers = torch.arange(ratios.shape[0])[:, None, None]
+    perc = (layers <= cfg.l_perc) & (ratios >= cfg.tau_perc)
+    reas = (layers >= cfg.l_reas) & (ratios <= cfg.tau_reas) & ~perc
+    return torch.where(perc, cfg.g_perc, torch.where(reas, cfg.g_reas, 1.0))
+
+
+def test_shuffled_control_rescales_as_many_heads_elsewhere():
+    model = tiny_model("qwen2_5_vl", "sdpa")
+    # thresholds inside the tiny model's S_v (0.35-0.36 on sample 0): some heads of a layer are selected
+    cfg = HeadGainConfig(**dict(CFG, tau_perc=0.357, tau_reas=0.356, shuffle_seed=3))
+    handle = headgain.attach(model, cfg=cfg)
+    inputs = token_inputs()
+    control = _logits(model, inputs)
+    ratios, gains = handle.last_ratios, handle.last_gains
+    method = _rule_gains(ratios, cfg)  # what the method would give these S_v
+    picked = (method[:, 0] != 1).sum(-1)  # per layer, sample 0: some heads, not all
+    assert ((picked > 0) & (picked < handle.num_heads)).all(), picked
+    for layer in range(handle.num_layers):
+        order = list(headgain.core.rules.head_order(3, layer, handle.num_heads))
+        assert sorted(order) == list(range(handle.num_heads))
+        assert torch.equal(gains[layer], method[layer][:, order])
+    assert torch.equal((gains != 1).sum(-1), (method != 1).sum(-1)) and not torch.equal(gains, method)
+    handle.cfg = cfg.replace(shuffle_seed=None)
+    assert not torch.equal(_logits(model, inputs), control)
+    assert torch.equal(handle.last_gains, _rule_gains(handle.last_ratios, cfg))
+    classes = headgain.core.rules.classify(ratios.transpose(0, 1), cfg)
+    assert ((classes != 0) == (gains.transpose(0, 1) != 1).numpy()).all()
+    assert HeadGainConfig.from_json(cfg.to_json()) == cfg
 
 
 def test_flash_attention_where_installed():

@@ -262,7 +262,7 @@ def test_cli_eval_tsv_configs_and_errors(tmp_path, capsys):
         assert main(argv) == 2
         return capsys.readouterr().err
 
-    assert "not a built-in benchmark (shapes)" in error(["eval", "--bench", str(tmp_path / "nope.tsv")])
+    assert "not a built-in benchmark (shapes, toy:exist," in error(["eval", "--bench", str(tmp_path / "nope.tsv")])
     (tmp_path / "vanilla.json").write_text(presets["ocean-r1-7b"].to_json())
     assert "named 'vanilla'" in error(["eval", "--bench", "shapes", "--configs", str(tmp_path / "vanilla.json")])
     assert "unknown preset 'nope'" in error(["eval", "--bench", "shapes", "--configs", "nope"])

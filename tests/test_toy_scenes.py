@@ -3,13 +3,23 @@ with what is drawn."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
-from headgain.toy.bench import BENCHMARKS, ToySample, samples
-from headgain.toy.scenes import COLOURS, HELDOUT, IMAGE_SIZE, KINDS, TASKS, make_qa, make_scene, reasoning_text
+from headgain.eval.sample import Sample
+from headgain.toy.bench import BENCHMARKS, samples
+from headgain.toy.scenes import (
+    _RGB,
+    COLOURS,
+    GRID,
+    HELDOUT,
+    IMAGE_SIZE,
+    KINDS,
+    TASKS,
+    make_qa,
+    make_scene,
+    reasoning_text,
+)
 
 SEEDS = range(40)
 
@@ -32,6 +42,23 @@ def test_pictures_are_square_rgb_and_show_their_objects():
         x, y = obj.centre
         if obj.kind != "triangle":  # a triangle's centre lies on its edge region only for small radii
             assert tuple(pixels[y, x]) != tuple(pixels[0, 0]), obj
+
+
+@pytest.mark.parametrize("task", ["exist", "count"])
+def test_each_object_lies_inside_its_cell_of_one_visual_token(task):
+    cell = IMAGE_SIZE // GRID
+    assert cell == 28  # 2 x 2 patches of 14 pixels: one merged visual token per cell
+    for seed in range(12):
+        scene = make_scene(seed, task)
+        pixels = np.asarray(scene.image).astype(int)
+        for obj in scene.objects:
+            ink = (pixels == np.array(_RGB[obj.colour])).all(-1)
+            own = np.zeros_like(ink)  # the cells of the objects of this colour
+            for r, c in (o.cell for o in scene.objects if o.colour == obj.colour):
+                own[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = True
+            row, col = obj.cell
+            assert ink[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell].sum() >= 30, (seed, obj)
+            assert not ink[~own].any(), (seed, obj)
 
 
 def test_existence_answers_follow_the_objects_and_the_sampling():
@@ -80,15 +107,7 @@ def test_reasoning_text_has_the_asked_length():
 def test_benchmarks_give_eval_samples(name):
     first, again = samples(name, seed=2, limit=6), samples(name, seed=2, limit=6)
     assert [s.id for s in first] == [s.id for s in again] and len({s.id for s in first}) == 6
-    assert [f.name for f in dataclasses.fields(ToySample)] == [
-        "id",
-        "images",
-        "question",
-        "options",
-        "answer",
-        "answer_type",
-        "meta",
-    ]
+    assert all(isinstance(s, Sample) for s in first)
     for s in first:
         assert s.answer_type in {"choice", "number", "yes_no", "text"}
         assert len(s.images) == 1 and s.meta["seed"] >= HELDOUT and s.meta["benchmark"] == name

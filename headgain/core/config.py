@@ -56,6 +56,13 @@ class HeadGainConfig:
     )
     attenuate_classes: tuple[str, ...] = field(default=("neutral",), metadata={"help": "classes attenuated by B and D"})
     query: str = field(default="last", metadata={"help": "'last' (the paper's i*) or 'mean_text'"})
+    shuffle_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "control arm: within each layer the gains go to heads permuted at random (this seed), so as "
+            "many heads per layer and class are rescaled, but not the selected ones; None: the method"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("enhance_classes", "attenuate_classes"):
@@ -85,6 +92,9 @@ class HeadGainConfig:
                 )
         if not _is_real(self.beta) or not 0.0 < self.beta < 1.0:
             errors.append(f"beta={self.beta!r} must be a number with 0 < beta < 1")
+        seed = self.shuffle_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            errors.append(f"shuffle_seed={seed!r} must be None or a non-negative integer")
         if self.strategy not in STRATEGIES:
             errors.append(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.query not in QUERIES:
@@ -188,4 +198,6 @@ presets: dict[str, HeadGainConfig] = {
     "kimi-vl-a3b-thinking": HeadGainConfig(l_reas=5, tau_reas=0.01, g_reas=1.40, l_perc=10, tau_perc=0.27, g_perc=1.20),
     "ocean-r1-7b": HeadGainConfig(l_reas=3, tau_reas=0.01, g_reas=1.30, l_perc=7, tau_perc=0.22, g_perc=1.16),
     "r1-onevision": HeadGainConfig(l_reas=3, tau_reas=0.01, g_reas=1.30, l_perc=7, tau_perc=0.30, g_perc=1.20),
+    # the toy model of headgain.toy (8 x 8 heads): tuned by benchmarks/toy_effect.py, about 4% of heads
+    "toy": HeadGainConfig(l_reas=0, tau_reas=0.0021, g_reas=1.15, l_perc=0, tau_perc=0.687, g_perc=1.08),
 }

@@ -210,7 +210,7 @@ class Handle:
         self.model = model
         self.decoder = decoder
         self._cfg = cfg
-        self._rules = layer_rules(cfg, [layer.index for layer in decoder.layers])
+        self._rules = layer_rules(cfg, [layer.index for layer in decoder.layers], decoder.num_heads)
         self._enabled = True
         self._fused = True
         self._gates: list[torch.Tensor] | None = None
@@ -255,7 +255,7 @@ class Handle:
     def cfg(self, value) -> None:
         cfg = HeadGainConfig.coerce(value)
         cfg.check_layers(self.num_layers)
-        self._rules = layer_rules(cfg, [layer.index for layer in self.decoder.layers])
+        self._rules = layer_rules(cfg, [layer.index for layer in self.decoder.layers], self.num_heads)
         self._cfg = cfg
 
     @property
@@ -596,6 +596,8 @@ class Handle:
                     rule.reasoning_gain,
                     rule.neutral_gain,
                 )
+                if rule.order is not None:  # the random-heads control
+                    gains = gains[:, list(rule.order)].contiguous()
             if module.training:
                 self._records.add(local.pass_id, position, _fingerprint(query, key), gains)
         local.ratios[position] = ratios

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,7 +28,16 @@ import torch
 if TYPE_CHECKING:
     from .config import HeadGainConfig
 
-__all__ = ["HeadClass", "CLASS_NAMES", "LayerRule", "layer_rules", "classify", "classify_tensor", "selected_heads"]
+__all__ = [
+    "HeadClass",
+    "CLASS_NAMES",
+    "LayerRule",
+    "head_order",
+    "layer_rules",
+    "classify",
+    "classify_tensor",
+    "selected_heads",
+]
 
 
 class HeadClass(enum.IntEnum):
@@ -59,6 +69,9 @@ class LayerRule:
             lies below ``l_reas``.
         perception_gain, reasoning_gain, neutral_gain: the gain each class receives
             (from the config's strategy).
+        order: None for the method; for the random-heads control (``shuffle_seed``) a
+            permutation of the layer's heads: head h receives the gain the rule gives head
+            ``order[h]``.
     """
 
     layer: int
@@ -67,6 +80,7 @@ class LayerRule:
     perception_gain: float
     reasoning_gain: float
     neutral_gain: float
+    order: tuple[int, ...] | None = None
 
     @property
     def gain_of(self) -> dict[HeadClass, float]:
@@ -77,9 +91,20 @@ class LayerRule:
         }
 
 
-def layer_rules(cfg: HeadGainConfig, layer_indices: Sequence[int]) -> tuple[LayerRule, ...]:
-    """One `LayerRule` per decoder layer in ``layer_indices`` (0-based decoder layer indices)."""
+def head_order(seed: int, layer: int, num_heads: int) -> tuple[int, ...]:
+    """The random-heads control's permutation of the ``num_heads`` heads of decoder layer
+    ``layer`` under ``shuffle_seed`` ``seed`` (deterministic)."""
+    return tuple(random.Random(f"headgain-shuffle-{seed}-{layer}").sample(range(num_heads), num_heads))
+
+
+def layer_rules(
+    cfg: HeadGainConfig, layer_indices: Sequence[int], num_heads: int | None = None
+) -> tuple[LayerRule, ...]:
+    """One `LayerRule` per decoder layer in ``layer_indices`` (0-based decoder layer indices);
+    ``num_heads`` is needed for a config with ``shuffle_seed`` (see `head_order`)."""
     gains = cfg.class_gains()
+    if cfg.shuffle_seed is not None and num_heads is None:
+        raise ValueError("a config with shuffle_seed needs num_heads to permute the heads")
     return tuple(
         LayerRule(
             layer=int(layer),
@@ -88,6 +113,7 @@ def layer_rules(cfg: HeadGainConfig, layer_indices: Sequence[int]) -> tuple[Laye
             perception_gain=gains["perception"],
             reasoning_gain=gains["reasoning"],
             neutral_gain=gains["neutral"],
+            order=None if cfg.shuffle_seed is None else head_order(cfg.shuffle_seed, int(layer), num_heads),
         )
         for layer in layer_indices
     )
@@ -119,10 +145,14 @@ def classify(ratios, cfg: HeadGainConfig, layer_indices: Sequence[int] | None = 
     """
     r = torch.as_tensor(np.asarray(ratios, dtype=np.float64))
     layers = range(r.shape[-2]) if layer_indices is None else layer_indices
-    rules = layer_rules(cfg, layers)
+    rules = layer_rules(cfg, layers, r.shape[-1])
     perc = torch.tensor([rule.perception_threshold for rule in rules], dtype=torch.float64)[:, None]
     reas = torch.tensor([rule.reasoning_threshold for rule in rules], dtype=torch.float64)[:, None]
-    return classify_tensor(r, perc, reas).numpy()
+    out = classify_tensor(r, perc, reas)
+    if cfg.shuffle_seed is not None:  # the random-heads control: the classes of the heads rescaled
+        index = torch.tensor([rule.order for rule in rules]).expand(out.shape)
+        out = out.gather(-1, index)
+    return out.numpy()
 
 
 def selected_heads(classes) -> list[tuple[list[int], list[int]]]:

@@ -12,9 +12,12 @@ from itertools import islice
 
 __all__ = ["add_subcommands", "cmd_eval", "cmd_sweep", "BUILTIN"]
 
-#: Benchmarks built in (no files needed), by ``--bench`` name.
-BUILTIN = ("shapes",)
+#: Benchmarks built in (no files needed), by ``--bench`` name: random shapes for the
+#: embedded random model, and the toy model's drawn scenes (`headgain.toy.bench`).
+BUILTIN = ("shapes", "toy:exist", "toy:exist-popular", "toy:exist-adversarial", "toy:colour", "toy:count")
+BUILTIN += ("toy:position", "toy:caption")
 SHAPES_DEFAULT_N = 30
+TOY_DEFAULT_N = 200
 
 
 def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
@@ -29,13 +32,23 @@ def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
         f"built-in benchmark: {', '.join(BUILTIN)}",
     )
     d.add_argument("--format", choices=("tsv", "hf", "parquet", "jsonl"), help="file format (default: from the path)")
-    d.add_argument("--split", metavar="NAME", help="split to read (default: the only one)")
+    d.add_argument(
+        "--split",
+        metavar="NAME",
+        help="split to read (default: the only one); for a toy: benchmark, the scene seed (default --seed)",
+    )
     d.add_argument(
         "--adapter",
         choices=tuple(ADAPTERS),
         help="which benchmark's fields to expect (default: detected from the columns and file name)",
     )
-    d.add_argument("--limit", type=positive, metavar="N", help="use only the first N samples")
+    d.add_argument(
+        "--limit",
+        type=positive,
+        metavar="N",
+        help=f"use only the first N samples (built-in benchmarks: generate N; default {SHAPES_DEFAULT_N} shapes, "
+        f"{TOY_DEFAULT_N} toy scenes)",
+    )
     d.add_argument("--batch", type=positive, default=4, metavar="B", help="samples per generate call (default 4)")
     d.add_argument(
         "--max-new-tokens", type=positive, default=64, metavar="N", help="tokens generated per answer (default 64)"
@@ -126,8 +139,20 @@ def _samples(args, split):
             raise CLIError(f"{args.bench} holds no samples")
         name = os.path.basename(os.path.normpath(args.bench))
         return samples, f"{samples[0].meta.get('benchmark', 'generic')} ({name})"
-    if args.bench in BUILTIN:
+    if args.bench == "shapes":
         return shapes(args.limit or SHAPES_DEFAULT_N, seed=args.seed), args.bench
+    if args.bench in BUILTIN:
+        from ..toy.bench import samples as toy_samples
+
+        try:
+            seed = args.seed if split is None else int(split)
+        except ValueError:
+            raise CLIError(f"--bench {args.bench}: a split is a scene seed (an integer), not {split!r}") from None
+        try:
+            samples = toy_samples(args.bench, seed=seed, limit=args.limit or TOY_DEFAULT_N)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        return samples, f"{args.bench} (seed {seed})"
     raise CLIError(f"--bench {args.bench}: no such file or folder, and not a built-in benchmark ({', '.join(BUILTIN)})")
 
 
@@ -135,7 +160,7 @@ def _evaluator(args):
     import torch
 
     from ..cli import _device, load_arch_map
-    from .model import checkpoint_source, embedded_source
+    from .model import checkpoint_source, embedded_source, toy_source
     from .runner import Evaluator
 
     local_rank = os.environ.get("LOCAL_RANK")
@@ -144,9 +169,11 @@ def _evaluator(args):
     device = _device(args.device)
     if args.model is None:
         if device.type == "cpu":
-            torch.set_num_threads(1)  # the tiny model's matrices are too small to gain from threads
+            torch.set_num_threads(1)  # the tiny models' matrices are too small to gain from threads
         dtype = "float32" if args.dtype == "auto" else args.dtype
-        source = embedded_source(args.attn, dtype, str(device))
+        source = (toy_source if args.bench.startswith("toy:") else embedded_source)(args.attn, dtype, str(device))
+    elif args.bench.startswith("toy:"):  # a toy model trained elsewhere: toy prompts
+        source = toy_source(args.attn, "float32" if args.dtype == "auto" else args.dtype, str(device), args.model)
     else:
         source = checkpoint_source(args.model, args.attn, args.dtype, str(device))
     try:
@@ -270,8 +297,10 @@ def cmd_sweep(args) -> int:
     if args.dev_split is not None:
         if args.dev_split == args.split:
             raise CLIError(f"--dev-split {args.dev_split} equals --split: tuning and reporting samples would overlap")
-        dev, benchmark = _samples(args, args.dev_split)
-        held_out, _ = _samples(args, args.split)
+        dev, dev_name = _samples(args, args.dev_split)
+        held_out, benchmark = _samples(args, args.split)  # reports name the held-out samples
+        if dev_name != benchmark:
+            print(f"tuning on {dev_name}")
     else:
         if not 0.0 < args.dev_frac < 1.0:
             raise CLIError(f"--dev-frac {args.dev_frac} must be between 0 and 1")

@@ -1,9 +1,11 @@
 """Where the evaluated model comes from, and how samples become its inputs.
 
 A *model source* is any callable returning ``(model, processor_or_None)``: the embedded
-tiny model (`embedded_source`), a local checkpoint (`checkpoint_source`), or your own.
-With a processor, prompts go through its chat template; without one (the embedded
-model has no tokenizer) they are built with `headgain.testing.synthetic.qwen_vl_inputs`
+tiny model (`embedded_source`), the trained toy model (`toy_source`), a local checkpoint
+(`checkpoint_source`), or your own. With a processor, prompts go through its chat
+template, or through the source's ``prompt`` attribute when it has one (the toy model's
+prompts open the assistant turn with a reasoning text); without one (the embedded model
+has no tokenizer) they are built with `headgain.testing.synthetic.qwen_vl_inputs`
 (byte-level text ids and the Qwen2-VL image processor).
 """
 
@@ -17,11 +19,14 @@ import torch
 from .prompt import prompt_text
 from .sample import Sample
 
-__all__ = ["ModelSource", "embedded_source", "checkpoint_source", "Prompter"]
+__all__ = ["ModelSource", "PromptFn", "embedded_source", "toy_source", "checkpoint_source", "Prompter"]
 
 #: ``() -> (model, processor or None)``; a ``name`` attribute, when set, names the model in
-#: records and ``run.json`` (and is part of every record's resume key).
+#: records and ``run.json`` (and is part of every record's resume key); a ``prompt``
+#: attribute (a `PromptFn`), when set, builds the prompt texts.
 ModelSource = Callable[[], tuple[torch.nn.Module, object]]
+#: ``(processor, sample) -> prompt text`` (images as the processor's placeholders).
+PromptFn = Callable[[object, Sample], str]
 
 
 def embedded_source(attn_implementation: str = "sdpa", dtype: str = "float32", device: str = "cpu") -> ModelSource:
@@ -33,6 +38,26 @@ def embedded_source(attn_implementation: str = "sdpa", dtype: str = "float32", d
         return byte_model(attn_implementation, getattr(torch, dtype)).to(device), None
 
     load.name = "embedded tiny Qwen2.5-VL (random weights)"
+    return load
+
+
+def toy_source(
+    attn_implementation: str = "sdpa", dtype: str = "float32", device: str = "cpu", path: str | None = None
+) -> ModelSource:
+    """The trained toy model (the default for ``toy:`` benchmarks): the weights shipped in
+    `headgain.toy`, or those trained into ``path``, with its processor and prompts
+    (`headgain.toy.bench.prompt`)."""
+    from ..toy import WEIGHTS
+    from ..toy.bench import prompt
+
+    def load():
+        from ..toy import load as load_toy
+
+        model, processor = load_toy(attn_implementation, getattr(torch, dtype), path or WEIGHTS)
+        return model.to(device), processor
+
+    load.name = f"toy Qwen2.5-VL ({path})" if path else "toy Qwen2.5-VL (headgain.toy, trained)"
+    load.prompt = prompt
     return load
 
 
@@ -68,10 +93,14 @@ class Prompter:
         processor: a ``transformers`` processor with a chat template, or None for the
             embedded model's byte-level prompts.
         max_pixels: image resize bound when ``processor`` is None.
+        prompt: builds each prompt text from the processor and the sample (None: the
+            question, options and instruction of `prompt_text` in the chat template).
     """
 
-    def __init__(self, model: torch.nn.Module, processor=None, max_pixels: int = 112 * 112):
-        self.processor, self.max_pixels = processor, max_pixels
+    def __init__(
+        self, model: torch.nn.Module, processor=None, max_pixels: int = 112 * 112, prompt: PromptFn | None = None
+    ):
+        self.processor, self.max_pixels, self.prompt = processor, max_pixels, prompt
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         if processor is None:
@@ -89,6 +118,8 @@ class Prompter:
         is a processor)."""
         if self.processor is None:
             return [prompt_text(s) for s in samples]
+        if self.prompt is not None:
+            return [self.prompt(self.processor, s) for s in samples]
         return [
             self.processor.apply_chat_template(
                 [

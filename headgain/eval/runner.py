@@ -20,7 +20,7 @@ import torch
 from ..core.config import HeadGainConfig
 from . import extract
 from .grade import is_correct
-from .model import ModelSource, Prompter
+from .model import ModelSource, Prompter, PromptFn
 from .sample import Sample
 from .store import ArmStore, record_key
 from .summary import plot_summary, save_json, summarize, write_markdown
@@ -38,17 +38,21 @@ class Evaluator:
         processor: its processor (chat template), or None for the embedded model.
         name: how the model is named in records and ``run.json``.
         arch_map: passed to `headgain.attach` (None: looked up by model type).
+        prompt: builds the prompt texts (see `headgain.eval.model.Prompter`).
     """
 
-    def __init__(self, model: torch.nn.Module, processor=None, name: str = "model", arch_map=None):
+    def __init__(
+        self, model: torch.nn.Module, processor=None, name: str = "model", arch_map=None, prompt: PromptFn | None = None
+    ):
         self.model, self.name, self.arch_map = model.eval(), name, arch_map
-        self.prompter = Prompter(model, processor)
+        self.prompter = Prompter(model, processor, prompt=prompt)
         self.handle = None
 
     @classmethod
     def from_source(cls, source: ModelSource, arch_map=None) -> Evaluator:
         model, processor = source()
-        return cls(model, processor, getattr(source, "name", type(model).__name__), arch_map)
+        name = getattr(source, "name", type(model).__name__)
+        return cls(model, processor, name, arch_map, getattr(source, "prompt", None))
 
     def check(self, configs: Sequence[HeadGainConfig | None]) -> None:
         """Attach headgain (with the first config) and validate every config against the

@@ -48,7 +48,8 @@ def metric_functions(
     Always ``accuracy``; ``weighted_f1`` over the multiple-choice samples; ``f1``,
     ``precision``, ``recall``, ``yes_ratio`` over the yes/no samples; ``aAcc``, ``fAcc``,
     ``qAcc`` for HallusionBench; ``chair_s``, ``chair_i`` over samples whose meta holds
-    ground-truth ``objects``. A metric whose samples are absent from a resample is NaN.
+    ground-truth ``objects`` (object names are those of ``objects``, of the optional
+    ``meta["vocabulary"]`` and of ``synonyms``). A metric whose samples are absent from a resample is NaN.
     """
     n = len(samples)
     correct = np.array([bool(r["correct"]) for r in records])
@@ -86,8 +87,8 @@ def metric_functions(
     captioned = np.array([s.meta.get("objects") is not None for s in samples])
     if captioned.any():
         table = dict(synonyms or {})
-        for s in samples:
-            for o in s.meta.get("objects") or ():
+        for s in samples:  # the objects of the images, and those a caption could name
+            for o in [*(s.meta.get("objects") or ()), *(s.meta.get("vocabulary") or ())]:
                 table.setdefault(str(o).lower(), str(o))
 
         def chair(name):

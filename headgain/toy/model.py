@@ -1,7 +1,9 @@
 """The toy model (a small Qwen2.5-VL), its prompts, batches and held-out accuracy.
 
 Prompts follow the chat template of `headgain.toy.processor`: the user turn holds the
-picture and the question; the assistant turn starts with a reasoning text between
+question, then the picture (so that the picture's tokens can attend to the question: a
+model this small and this briefly trained does not learn to bind "red" and "circle" to one
+object when the question comes after the picture); the assistant turn starts with a reasoning text between
 ``<think>`` and ``</think>`` (given, of a settable length: `headgain.toy.scenes.reasoning_text`)
 and the model writes the answer after it.
 """
@@ -99,7 +101,7 @@ def messages(turns: list[tuple[QA, int, int]]) -> list[dict]:
     for i, (qa, words, seed) in enumerate(turns):
         content = [{"type": "text", "text": qa.question}]
         if i == 0:
-            content.insert(0, {"type": "image"})
+            content.append({"type": "image"})  # the question first, then the picture
         out.append({"role": "user", "content": content})
         out.append({"role": "assistant", "content": f"{_think(qa, words, seed)} {qa.answer}"})
     return out
@@ -109,7 +111,7 @@ def chat_prompt(processor, question: str, reasoning: str = "") -> str:
     """The prompt text for one picture and one question, the assistant turn opened with
     ``reasoning`` (words) between ``<think>`` and ``</think>``; the answer is left to the model."""
     msgs = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]},
         {"role": "assistant", "content": f"<think> {reasoning} </think>" if reasoning else "<think> </think>"},
     ]
     return processor.apply_chat_template(msgs, continue_final_message=True)

@@ -1,8 +1,9 @@
 """Drawn scenes and the questions asked about them (deterministic per seed).
 
-A scene is a square picture split into a 3 x 3 grid of cells; each object (a shape of
-one kind and one colour) sits in its own cell with some jitter, on a plain or textured
-light background. Kinds and colours are drawn with skewed frequencies, so some objects
+A scene is a square picture split into a 4 x 4 grid of cells, one cell per visual token
+of the toy model (28 x 28 pixels: 2 x 2 patches of 14 pixels, merged); each object (a
+shape of one kind and one colour) sits inside its own cell with some jitter, on a plain
+or textured light background. Kinds and colours are drawn with skewed frequencies, so some objects
 are "popular" (POPE's popular negatives ask about them).
 
 Questions (``TASKS``):
@@ -34,6 +35,7 @@ __all__ = [
     "KINDS",
     "TASKS",
     "IMAGE_SIZE",
+    "GRID",
     "DEFAULT_REASONING",
     "HELDOUT",
     "Obj",
@@ -69,7 +71,8 @@ _RGB = {
 }
 _DIGITS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
 TASKS = ("exist", "exist-popular", "exist-adversarial", "colour", "count", "position", "caption")
-_GRID = 3
+#: Cells per side: one cell per merged visual token (``IMAGE_SIZE / 28``).
+GRID = 4
 
 # filler of the reasoning text; {obj} is the object the question is about
 _FILLER = (
@@ -185,19 +188,15 @@ def draw_scene(objects: list[Obj], seed: int, size: int = IMAGE_SIZE) -> tuple[I
     return img, style
 
 
-def _place(rng: random.Random, specs: list[tuple[str, str]], size: int, zoom: float = 1.0) -> list[Obj]:
-    cells = rng.sample([(r, c) for r in range(_GRID) for c in range(_GRID)], len(specs))
-    step = size / _GRID
+def _place(rng: random.Random, specs: list[tuple[str, str]], size: int) -> list[Obj]:
+    cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], len(specs))
+    step = size / GRID
     objects = []
     for (kind, colour), (row, col) in zip(specs, cells):
-        radius = int(rng.randint(int(step * 0.28), int(step * 0.4)) * zoom)
-        if zoom > 1:  # one large object anywhere inside the picture; its cell follows its centre
-            cx, cy = (rng.randint(radius + 1, size - radius - 2) for _ in range(2))
-            row, col = min(_GRID - 1, int(cy // step)), min(_GRID - 1, int(cx // step))
-        else:
-            slack = max(0, int(step / 2 - radius) - 1)
-            cx = int((col + 0.5) * step) + rng.randint(-slack, slack)
-            cy = int((row + 0.5) * step) + rng.randint(-slack, slack)
+        radius = rng.randint(int(step * 0.28), int(step * 0.4))
+        slack = max(0, int(step / 2 - radius) - 1)  # the object stays inside its cell
+        cx = int((col + 0.5) * step) + rng.randint(-slack, slack)
+        cy = int((row + 0.5) * step) + rng.randint(-slack, slack)
         objects.append(Obj(kind, colour, (row, col), (cx, cy), radius))
     return sorted(objects, key=lambda o: o.cell)
 
@@ -206,15 +205,12 @@ def _random_spec(rng: random.Random) -> tuple[str, str]:
     return _weighted(rng, KINDS, _KIND_WEIGHTS), _weighted(rng, COLOURS, _COLOUR_WEIGHTS)
 
 
-def make_scene(
-    seed: int, task: str = "exist", size: int = IMAGE_SIZE, max_objects: int = 9, zoom: float = 1.0
-) -> Scene:
+def make_scene(seed: int, task: str = "exist", size: int = IMAGE_SIZE, max_objects: int = 9) -> Scene:
     """A scene for ``task`` (counting scenes hold more objects), deterministic per (seed, task).
 
     Objects of a scene are distinct as (kind, colour) pairs except in counting scenes; in
     ``colour`` scenes each kind occurs once. ``max_objects`` caps their number (the training
-    curriculum starts with one object; ``position`` needs two); ``zoom`` > 1 enlarges a
-    single object and places it anywhere.
+    curriculum starts with few objects; ``position`` needs two).
     """
     rng = random.Random(f"scene-{task}-{seed}")
     if task == "count":
@@ -234,7 +230,7 @@ def make_scene(
             # colour questions name a kind: their scenes hold each kind once
             if spec not in specs and not (task == "colour" and spec[0] in {k for k, _ in specs}):
                 specs.append(spec)
-    objects = _place(rng, specs, size, zoom if len(specs) == 1 else 1.0)
+    objects = _place(rng, specs, size)
     image, style = draw_scene(objects, seed, size)
     return Scene(seed, objects, style, image)
 
