@@ -46,7 +46,7 @@ from .archmap import ArchMap
 from .config import HeadGainConfig
 from .decoder import ResolvedDecoder
 from .errors import HeadGainError
-from .readout import ForwardState
+from .readout import ForwardState, layer_gains
 from .registry import resolve
 from .rules import LayerRule, layer_rules
 
@@ -586,18 +586,7 @@ class Handle:
             ratios = read(state)
             gains = None
             if local.enabled:
-                rule = local.rules[position]
-                gains = ops.head_gains(
-                    ratios,
-                    state.has_visual,
-                    rule.perception_threshold,
-                    rule.reasoning_threshold,
-                    rule.perception_gain,
-                    rule.reasoning_gain,
-                    rule.neutral_gain,
-                )
-                if rule.order is not None:  # the random-heads control
-                    gains = gains[:, list(rule.order)].contiguous()
+                gains = layer_gains(ratios, state.has_visual, local.rules[position])
             if module.training:
                 self._records.add(local.pass_id, position, _fingerprint(query, key), gains)
         local.ratios[position] = ratios

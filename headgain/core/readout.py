@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
+from .rules import LayerRule
 
-__all__ = ["ForwardState", "layer_ratios"]
+__all__ = ["ForwardState", "layer_ratios", "layer_gains"]
 
 
 @dataclass
@@ -199,3 +200,21 @@ def _per_head_mask_ratios(rows, key, mask_rows, visual, row_weights, scaling, so
         float(softcap),
     )
     return ratios.view(b, h)
+
+
+def layer_gains(ratios: torch.Tensor, has_visual: torch.Tensor, rule: LayerRule) -> torch.Tensor:
+    """(B, H) float32 gains of one layer from its (B, H) float32 ratios and (B,) bool
+    ``has_visual``, by ``rule`` (for the random-heads control, head h gets the gain the rule
+    gives head ``rule.order[h]``)."""
+    gains = ops.head_gains(
+        ratios,
+        has_visual,
+        rule.perception_threshold,
+        rule.reasoning_threshold,
+        rule.perception_gain,
+        rule.reasoning_gain,
+        rule.neutral_gain,
+    )
+    if rule.order is not None:
+        gains = gains[:, list(rule.order)].contiguous()
+    return gains

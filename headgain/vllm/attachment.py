@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core import ops
 from ..core.errors import HeadGainError
-from ..core.readout import ForwardState, layer_ratios
+from ..core.readout import ForwardState, layer_gains, layer_ratios
 from ..core.rules import layer_rules
 from .archs import VllmDecoder, resolve
 from .requests import RequestState, StepRecord
@@ -162,7 +162,7 @@ class Attachment:
         request = RequestState(req_id, cfg)
         if cfg is not None:
             cfg.check_layers(self.decoder.num_layers)
-            request.rules = layer_rules(cfg, [layer.index for layer in self.decoder.layers])
+            request.rules = layer_rules(cfg, [layer.index for layer in self.decoder.layers], self.decoder.num_heads)
             if self.settings.record:
                 self.records[req_id] = request.steps
                 while len(self.records) > self.settings.record:
@@ -210,16 +210,7 @@ class Attachment:
                 mask_rows=slot.state.mask_rows(None, num_keys, layer.sliding_window),
                 softcap=layer.softcap,
             )
-            rule = slot.request.rules[position]
-            gains = ops.head_gains(
-                ratios,
-                slot.state.has_visual,
-                rule.perception_threshold,
-                rule.reasoning_threshold,
-                rule.perception_gain,
-                rule.reasoning_gain,
-                rule.neutral_gain,
-            )
+            gains = layer_gains(ratios, slot.state.has_visual, slot.request.rules[position])
             slot.gains[position] = gains
             if slot.ratios_record is not None:
                 slot.ratios_record[position] = ratios[0].cpu()
