@@ -488,3 +488,25 @@ def test_cli_eval_judge_decides_what_no_rule_reads(tmp_path, capsys, monkeypatch
     assert "cannot import module 'nowhere'" in error("nowhere:gold")
     assert "has no attribute 'silver'" in error("my_judges:silver")
     assert "not a callable" in error("my_judges:CALLS")
+
+
+def test_cli_sweep_asks_the_judge_on_dev_and_held_out(tmp_path, capsys, monkeypatch):
+    """headgain sweep takes --judge as eval does: the dev rungs and the held-out run both ask it
+    where no rule reads an answer, so the config is chosen and reported on the same grading."""
+    (tmp_path / "sweep_judges.py").write_text(
+        "def gold(text, sample):\n    return {'yes': True, 'no': False}.get(sample.answer, sample.answer)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--bench", "shapes", "--limit", "8", "--dev-frac", "0.5", "--search", "random"]
+    argv += ["--trials", "2", "--min-samples", "2", "--max-new-tokens", "3", "--reps", "20"]
+    assert main([*argv, "--judge", "sweep_judges:gold", "--out", str(out)]) == 0
+    for part in ("dev", "held_out"):
+        records = [json.loads(line) for line in open(out / part / "vanilla.jsonl")]
+        judged = [r for r in records if r["rule"] == "judge"]
+        # the random model's 3-byte replies leave answers to the judge, which gives the gold answer
+        assert judged and all(r["correct"] for r in judged), part
+    assert json.load(open(out / "held_out" / "run.json"))["judge"] == "sweep_judges:gold"
+    capsys.readouterr()
+    assert main([*argv, "--judge", "sweep_judges", "--out", str(tmp_path / "e")]) == 2
+    assert "expected MODULE:FUNCTION" in capsys.readouterr().err

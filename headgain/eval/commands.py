@@ -58,6 +58,12 @@ def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
     )
     d.add_argument("--seed", type=int, default=0, metavar="S", help="seeds torch, the bootstrap and splits (default 0)")
     d.add_argument("--reps", type=positive, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    d.add_argument(
+        "--judge",
+        metavar="MODULE:FUNCTION",
+        help="a Python callable judge(text, sample) -> answer or None, asked where no rule reads an answer "
+        "(rule 'judge' in the records; none is built in and nothing is sent over the network by headgain)",
+    )
 
 
 def add_subcommands(sub, model_opts, cfg_opts, positive) -> None:
@@ -83,12 +89,6 @@ def add_subcommands(sub, model_opts, cfg_opts, positive) -> None:
         "--synonyms",
         metavar="FILE.json",
         help='CHAIR synonym table {"word or phrase": "object"} for caption samples with ground-truth "objects"',
-    )
-    ev.add_argument(
-        "--judge",
-        metavar="MODULE:FUNCTION",
-        help="a Python callable judge(text, sample) -> answer or None, asked where no rule reads an answer "
-        "(rule 'judge' in the records; none is built in and nothing is sent over the network by headgain)",
     )
     ev.add_argument("--no-progress", action="store_true", help="hide the progress line")
 
@@ -222,6 +222,22 @@ def _print_summary(summary) -> None:
         )
 
 
+def _judge(args):
+    """The ``--judge`` callable, or None."""
+    from ..cli import CLIError
+
+    if not args.judge:
+        return None
+    from .extract import load_judge
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: judges next to the user's data
+    try:
+        return load_judge(args.judge)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 # ---------------------------------------------------------------------- handlers
 def cmd_eval(args) -> int:
     import json
@@ -230,16 +246,7 @@ def cmd_eval(args) -> int:
     from .runner import distributed_rank, evaluate
 
     configs = _configs(args.configs)
-    judge = None
-    if args.judge:
-        from .extract import load_judge
-
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())  # as `python -m` would: judges next to the user's data
-        try:
-            judge = load_judge(args.judge)
-        except ValueError as e:
-            raise CLIError(str(e)) from None
+    judge = _judge(args)
     samples, benchmark = _samples(args, args.split)
     synonyms = None
     if args.synonyms:
@@ -294,6 +301,7 @@ def cmd_sweep(args) -> int:
     if args.eta < 2:
         raise CLIError(f"--eta {args.eta} must be at least 2")
     base = load_config(args)
+    judge = _judge(args)
     if args.dev_split is not None:
         if args.dev_split == args.split:
             raise CLIError(f"--dev-split {args.dev_split} equals --split: tuning and reporting samples would overlap")
@@ -331,6 +339,7 @@ def cmd_sweep(args) -> int:
             batch=args.batch,
             seed=args.seed,
             reps=args.reps,
+            judge=judge,
             log=print,
         )
     except ValueError as e:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from ..core.config import HeadGainConfig
+from .extract import Judge
 from .runner import VANILLA, Evaluator, evaluate
 from .sample import Sample
 from .summary import metric_functions, save_json
@@ -121,6 +122,7 @@ def sweep(
     batch: int = 4,
     seed: int = 0,
     reps: int = 1000,
+    judge: Judge | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Choose the best of ``configs`` on ``dev`` by ``metric`` and report it on ``held_out``.
@@ -129,9 +131,10 @@ def sweep(
     ``max(min_samples, len(dev) / eta**k)`` dev samples (in a seeded random order), where
     k makes the last rung use all of dev; each rung keeps the best ``ceil(len / eta)``
     configs (ties: the earlier name in ``configs``) and grows the sample count eta times.
-    Records go to ``out/dev`` (resumable; a config's records on a smaller rung are reused
-    on larger ones); the held-out run (vanilla and the winner) goes to ``out/held_out``
-    with its summary.
+    ``judge`` (``judge(text, sample) -> answer or None``) reads what no extraction rule
+    can, on dev and held-out samples alike. Records go to ``out/dev`` (resumable; a
+    config's records on a smaller rung are reused on larger ones); the held-out run
+    (vanilla and the winner) goes to ``out/held_out`` with its summary.
 
     Returns the ``sweep.json`` object (also written to ``out``): the dev and held-out
     sample counts, the rung sizes, vanilla's dev score per rung, every config with its
@@ -161,7 +164,13 @@ def sweep(
         subset = list(dev[:size])
         arms = {VANILLA: None, **{name: configs[name] for name in alive}}
         records = evaluator.run(
-            subset, arms, os.path.join(out, "dev"), benchmark, max_new_tokens=max_new_tokens, batch=batch
+            subset,
+            arms,
+            os.path.join(out, "dev"),
+            benchmark,
+            max_new_tokens=max_new_tokens,
+            batch=batch,
+            judge=judge,
         )
         everything = np.arange(size)
         for arm in arms:
@@ -188,6 +197,7 @@ def sweep(
         batch=batch,
         seed=seed,
         reps=reps,
+        judge=judge,
         progress=False,
     )
     result = {
