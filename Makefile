@@ -5,6 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.headgain-installed
 RUFF_VERSION := 0.17.6
 
+# lmms-eval (tests/test_lmms_eval.py, --model headgain): installed without its requirements, which
+# pull torchvision (PyPI's wheels are CUDA builds that fail to load on the CPU torch), timm and
+# ~50 more; LMMS_EVAL_DEPS is what it imports to run an evaluation (filelock < 4.3: lmms-eval
+# patches filelock._api, which 4.3 removed).
+LMMS_EVAL_VERSION := 0.7.3
+LMMS_EVAL_DEPS := accelerate evaluate loguru sacrebleu pytablewriter pytz tenacity "filelock<4.3"
+
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.headgain-vllm-installed
@@ -21,6 +28,8 @@ $(STAMP): $(PY) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install setuptools wheel ninja pytest "ruff==$(RUFF_VERSION)"
 	$(PY) -m pip install --no-build-isolation -e ".[eval]"
+	$(PY) -m pip install --no-deps "lmms-eval==$(LMMS_EVAL_VERSION)"
+	$(PY) -m pip install $(LMMS_EVAL_DEPS)
 	$(PY) -c "import headgain, sys; ok = headgain.extension_available(); print('headgain extension:', ('built, CUDA kernels ' + ('included' if headgain.extension_available('cuda') else 'not built')) if ok else headgain.core.ops.extension_error()); sys.exit(0 if ok else 1)"
 	touch $(STAMP)
 

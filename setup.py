@@ -158,5 +158,8 @@ if __name__ == "__main__":
             "console_scripts": ["headgain=headgain.cli:main"],
             # vLLM calls it in every process it starts (headgain.vllm: the dynamic method in vLLM)
             "vllm.general_plugins": ["headgain = headgain.vllm:register"],
+            # lmms-eval reads it to find `--model headgain` (headgain.eval.lmms); lmms-eval is not a
+            # dependency: the README says how to install it without torchvision
+            "lmms_eval.models": ["headgain = headgain.eval.lmms:manifest"],
         },
     )
