@@ -44,7 +44,6 @@ import torch
 
 import headgain
 from benchmarks import common
-from headgain.core.readout import ForwardState
 from headgain.testing.tiny import IMAGE_ID
 
 ARMS = ("vanilla-sdpa", "headgain-fused", "headgain-unfused")
@@ -144,8 +143,7 @@ def decode_time(model, point: Point, arm: str, preset: str) -> float:
     handle = None
     if arm != "vanilla-sdpa":
         handle = headgain.attach(model, cfg=preset, fused=arm == "headgain-fused")
-        # the visual positions headgain's prefill would have recorded
-        handle._local.state = ForwardState.build(point.visual, None, None, handle.cfg.query)
+        handle.set_visual_mask(point.visual)  # the cached context's visual positions (it was filled before attaching)
     try:
         _sync(point.visual.device)
         start = time.perf_counter()

@@ -1,6 +1,7 @@
 """Identity, detach, errors, config, dtypes and query modes of the core API."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -110,6 +111,48 @@ def test_set_visual_mask_for_inputs_embeds():
         handle.set_visual_mask(visual[0])
     with pytest.raises(headgain.HeadGainError, match="bool or hold only 0 and 1"):
         handle.set_visual_mask(visual.float() * 0.5)
+
+
+def test_decoding_continues_a_cache_filled_before_attaching():
+    """A cache prefilled without headgain is continued once the mask of its tokens is given:
+    the decoding step equals the one of a handle that saw the prefill with its gains off;
+    without the mask the step is refused (before any layer runs) with the call that fixes it."""
+    from transformers import DynamicCache
+
+    model = tiny_model("qwen2_5_vl", "sdpa")
+    inputs = token_inputs()
+    visual = visual_of(inputs["input_ids"], inputs["attention_mask"])
+    step = {
+        "input_ids": torch.full((2, 1), 7),
+        "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
+        "use_cache": True,
+    }
+
+    def prefill():
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(**inputs, past_key_values=cache, use_cache=True)
+        return cache
+
+    with headgain.attach(model, cfg=CFG) as handle:
+        handle.enabled = False  # the prefill stays vanilla: its cache is the one below
+        cache = prefill()
+        handle.enabled = True
+        with torch.no_grad():
+            want = model(**step, past_key_values=cache).logits
+        want_ratios = handle.last_ratios
+    cache = prefill()
+    with headgain.attach(model, cfg=CFG) as handle, torch.no_grad():
+        with pytest.raises(headgain.HeadGainError, match=re.escape("set_visual_mask(mask of shape (2, 14))")):
+            model(**step, past_key_values=cache)
+        assert cache.get_seq_length() == 14
+        handle.set_visual_mask(visual)
+        got = model(**step, past_key_values=cache).logits
+        torch.testing.assert_close(handle.last_ratios, want_ratios, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        vanilla = model(**step, past_key_values=prefill()).logits
+    assert bool((want_ratios > 0).any()) and not torch.allclose(got, vanilla, atol=1e-4)  # the gains acted
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -312,6 +312,9 @@ class Handle:
             mask: (B, N) bool (or 0/1 integers) over the prompt of the next forward pass that
                 starts a new prompt in this thread; it must match that prompt's batch size and
                 length. Tokens added while decoding are text unless their ids are visual ids.
+                A pass that continues a cache which no pass of this attachment filled (a
+                prefill run before attaching, a cache kept from elsewhere) takes a mask of
+                shape (B, tokens in the cache) as the cached tokens' visual positions.
                 None clears it and goes back to token ids.
             keep: False (default): the mask serves the next prompt only and is then dropped,
                 so it cannot silently apply to a later input. True: it serves every following
@@ -450,10 +453,14 @@ class Handle:
         if not new_prompt:
             previous = local.state.visual if local.state is not None else None
             if previous is None or previous.shape != (batch, past):
+                previous = self._cached_mask(batch, past, device)
+            if previous is None or previous.shape != (batch, past):
                 seen = "nothing" if previous is None else f"{tuple(previous.shape)} (batch, tokens)"
                 raise HeadGainError(
                     f"the cache holds {past} tokens for a batch of {batch}, but headgain saw {seen} for this prompt in "
-                    "this thread; run the whole prompt through the attached model (attach before the prefill)"
+                    "this thread; run the whole prompt through the attached model (attach before the prefill), or "
+                    f"give the cached tokens' visual positions with handle.set_visual_mask(mask of shape ({batch}, "
+                    f"{past}))"
                 )
         current, local.visual_known = self._visual_of_prompt(new_prompt, input_ids, embeds, (batch, length), device)
         local.visual_known = local.visual_known or not new_prompt
@@ -477,6 +484,18 @@ class Handle:
         local.gains = [None] * self.num_layers
         local.pending = {}
         local.owner = entry
+
+    def _cached_mask(self, batch: int, past: int, device: torch.device) -> torch.Tensor | None:
+        """The user's mask when it covers the ``past`` cached tokens of a cache this thread's
+        passes did not fill ((B, past) bool on ``device``), else None; a mask set without
+        ``keep`` is used up."""
+        local = self._local
+        if local.user_mask is None or tuple(local.user_mask[0].shape) != (batch, past):
+            return None
+        mask, keep = local.user_mask
+        if not keep:
+            local.user_mask = None
+        return mask.to(device)
 
     def _visual_of_prompt(self, new_prompt, input_ids, embeds, shape, device) -> tuple[torch.Tensor, bool]:
         """(B, N) bool visual flags of this pass's positions, and whether a mask or token ids gave them."""
