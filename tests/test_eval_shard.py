@@ -12,9 +12,11 @@ import json
 import multiprocessing
 import os
 import socket
+import subprocess
 import sys
 
 import matplotlib.pyplot  # noqa: F401  (imported once, before the fork: the ranks inherit it)
+import pytest
 import torch
 import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401  (as above)
 
@@ -82,5 +84,36 @@ def test_two_process_shards_merge_to_the_single_process_result(tmp_path, capsys)
     assert files == ["ocean-r1-7b.rank0.jsonl", "ocean-r1-7b.rank1.jsonl", "vanilla.rank0.jsonl", "vanilla.rank1.jsonl"]
     with open(sharded / "vanilla.rank1.jsonl") as f:
         assert [json.loads(line)["id"] for line in f] == ["shapes-1", "shapes-3"]  # rank 1 takes every second sample
+    assert json.load(open(sharded / "summary.json")) == json.load(open(single / "summary.json"))
+    assert _outputs(sharded) == _outputs(single) and len(_outputs(single)) == 10
+
+
+def test_accelerate_launch_shards_like_torchrun(tmp_path, capsys):
+    """`accelerate launch` (its torchrun launcher: --multi_gpu, which on a machine without GPUs
+    starts CPU processes; headgain joins them with gloo) gives the same merged result as one
+    process."""
+    pytest.importorskip("accelerate", reason="accelerate is installed by make install (lmms-eval's requirements)")
+    sharded = tmp_path / "sharded"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port()), "-m", "headgain", *ARGS, "--out", str(sharded)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 4  # rank 0 reports once
+    assert sorted(n for n in os.listdir(sharded) if n.endswith(".jsonl")) == [
+        "ocean-r1-7b.rank0.jsonl",
+        "ocean-r1-7b.rank1.jsonl",
+        "vanilla.rank0.jsonl",
+        "vanilla.rank1.jsonl",
+    ]
+    single = tmp_path / "single"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*ARGS, "--out", str(single)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
     assert json.load(open(sharded / "summary.json")) == json.load(open(single / "summary.json"))
     assert _outputs(sharded) == _outputs(single) and len(_outputs(single)) == 10
