@@ -21,8 +21,8 @@ import headgain
 pytest.importorskip("vllm", reason="vLLM is installed in its own venv: make test-vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
 
-from conftest import ENTRY_POINT, ENTRY_POINT_ROOT  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402
+from conftest import ENTRY_POINT, ENTRY_POINT_ROOT, generate, start_engine, step_records  # noqa: E402
+from vllm import LLM  # noqa: E402
 
 import headgain.vllm as hv  # noqa: E402
 from headgain.testing.checkpoints import qwen2_checkpoint  # noqa: E402
@@ -45,69 +45,20 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def _engine(checkpoint, env: dict, **overrides) -> LLM:
-    """An engine started with ``env`` set (the plugin reads it when the model loads)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    args = dict(
-        dtype="float32",
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        enable_chunked_prefill=False,
-        max_model_len=128,
-        max_num_seqs=8,
-        seed=0,
-    )
-    try:
-        return LLM(checkpoint, **{**args, **overrides})
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture(scope="module")
 def vanilla(checkpoint):
-    return _engine(checkpoint, {hv.ENV_ENABLE: "0"})
+    return start_engine(checkpoint, {hv.ENV_ENABLE: "0"})
 
 
 @pytest.fixture(scope="module")
 def served(checkpoint):
     env = {hv.ENV_ENABLE: "1", hv.ENV_RECORD: "64", hv.ENV_ARCH_MAP: ARCH.to_json()}
-    return _engine(checkpoint, env)
+    return start_engine(checkpoint, env)
 
 
 def _generate(llm: LLM, prompts, configs):
-    """(tokens, logprobs of the chosen tokens, request ids) of greedy generation; ``configs``
-    holds one per-request value per prompt (``...``: no headgain field)."""
-    params = [
-        SamplingParams(
-            max_tokens=NEW,
-            min_tokens=NEW,
-            temperature=0.0,
-            logprobs=0,
-            extra_args=None if cfg is ... else {hv.REQUEST_KEY: cfg},
-        )
-        for cfg in configs
-    ]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs]
-    return tokens, logprobs, [o.request_id for o in outputs]
-
-
-def _records(llm: LLM, request_id: str):
-    """The worker's per-step records of one request (engine ids extend the front end's)."""
-
-    def read(model):
-        records = hv.attachment_of(model).records
-        (key,) = [k for k in records if k == request_id or k.startswith(request_id + "-")]
-        return [(s.past, s.tokens, s.ratios, s.gains) for s in records[key]]
-
-    (found,) = llm.apply_model(read)
-    return found
+    """`generate` of token-id prompts, `NEW` tokens each."""
+    return generate(llm, [{"prompt_token_ids": p} for p in prompts], configs, NEW)
 
 
 def _transformers(model, prompt, cfg):
@@ -141,7 +92,7 @@ def test_sv_gains_and_tokens_match_transformers(checkpoint, served, vanilla):
     for prompt, got, request_id in zip(PROMPTS, tokens, ids):
         want, ratios, gains = _transformers(model.eval(), prompt, CFG)
         assert got == want
-        steps = _records(served, request_id)
+        steps = step_records(served, request_id)
         assert [(past, n) for past, n, _, _ in steps] == [(0, len(prompt))] + [
             (len(prompt) + i, 1) for i in range(NEW - 1)
         ]
@@ -182,7 +133,7 @@ def test_requests_are_checked_at_submission(served, vanilla):
 def test_unsupported_engine_is_refused_at_start(checkpoint):
     env = {hv.ENV_ENABLE: "1", hv.ENV_ARCH_MAP: json.dumps(ARCH.to_dict())}
     with pytest.raises(Exception) as info:
-        _engine(checkpoint, env, enforce_eager=False, enable_prefix_caching=True, enable_chunked_prefill=True)
+        start_engine(checkpoint, env, enforce_eager=False, enable_prefix_caching=True, enable_chunked_prefill=True)
     text = "".join(str(e) for e in _chain(info.value))
     for fix in ("enforce_eager=True", "enable_prefix_caching=False", "enable_chunked_prefill=False"):
         assert fix in text

@@ -20,6 +20,7 @@ from ..core.errors import ArchError
 __all__ = ["VLLM_ARCHS", "VllmLayer", "VllmDecoder", "resolve"]
 
 _VL = "language_model.model.layers.*.self_attn"
+_IDEFICS3 = ArchMap("model.text_model.layers.*.self_attn", visual_token_ids=("image_token_id",))
 
 #: vLLM module paths by Hugging Face ``model_type``. Text-only decoders have no visual
 #: token ids: give them with ``HEADGAIN_ARCH_MAP`` (integer ``visual_token_ids``).
@@ -27,6 +28,8 @@ VLLM_ARCHS: dict[str, ArchMap] = {
     "qwen2": ArchMap("model.layers.*.self_attn", visual_token_ids=()),
     "qwen2_vl": ArchMap(_VL),
     "qwen2_5_vl": ArchMap(_VL),
+    "idefics3": _IDEFICS3,
+    "smolvlm": _IDEFICS3,  # vLLM's SmolVLM is its Idefics3 model with SmolVLM's processor
 }
 
 
