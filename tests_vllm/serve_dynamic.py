@@ -27,17 +27,9 @@ def main() -> None:
 
     with open(requests_file) as f:
         spec = json.load(f)
-    llm = LLM(
-        checkpoint,
-        dtype="float32",
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        enable_chunked_prefill=False,
-        tensor_parallel_size=tensor_parallel,
-        max_model_len=128,
-        max_num_seqs=4,
-        seed=0,
-    )
+    from conftest import ENGINE_ARGS  # this script's folder: the tests' engine settings
+
+    llm = LLM(checkpoint, **{**ENGINE_ARGS, "tensor_parallel_size": tensor_parallel, "max_num_seqs": 4})
     new = spec["new_tokens"]
     params = [
         SamplingParams(
