@@ -79,9 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=500, help="held-out samples per benchmark (seed 3)")
     p.add_argument("--caption-limit", type=int, default=200, help="held-out caption samples (seed 3)")
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the control's random heads")
+    p.add_argument(
+        "--reasoning", type=int, default=16, help="words of reasoning text before the answers (sweep and eval)"
+    )
     args = p.parse_args(argv)
     model = [] if args.weights == WEIGHTS else ["--model", args.weights]
     common = [*model, "--device", "cpu", "--batch", "16", "--max-new-tokens", "40", "--no-progress"]
+    common += ["--reasoning", str(args.reasoning)]
     census_dir = os.path.join(args.out, "census")
     toy_census.main(["--weights", args.weights, "--seed", "1", "--limit", str(args.census_limit), "--out", census_dir])
     sweep_dir = os.path.join(args.out, "sweep")

@@ -106,3 +106,23 @@ def _toy_config(tmp_path):
     path = tmp_path / "toy.json"
     HeadGainConfig(l_perc=2, l_reas=5, tau_perc=0.3, tau_reas=0.05).to_json(str(path))
     return path
+
+
+def test_reasoning_length_of_toy_benchmarks(tmp_path, capsys):
+    """--reasoning sets the words of reasoning text each toy prompt gives before the answer;
+    it names the benchmark (resumed records of another length are not reused), and other
+    benchmarks refuse it."""
+    from headgain.toy.scenes import reasoning_text
+
+    out = tmp_path / "r"
+    argv = ["eval", "--bench", "toy:count", "--limit", "2", "--max-new-tokens", "2", "--reps", "20", "--no-progress"]
+    assert main([*argv, "--reasoning", "40", "--configs", "toy", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in open(out / "vanilla.jsonl")]
+    for record in records:
+        seed = int(record["id"].split("-")[-1])
+        about = record["prompt"].split("how many ")[1].split()[0]
+        assert f"<think> {reasoning_text(40, about, seed)} </think>" in record["prompt"]
+    assert json.load(open(out / "summary.json"))["benchmark"] == "toy:count (seed 0) (40 words)"
+    capsys.readouterr()
+    assert main(["eval", "--bench", "shapes", "--reasoning", "4", "--out", str(tmp_path / "e")]) == 2
+    assert "--reasoning applies to the toy benchmarks only" in capsys.readouterr().err

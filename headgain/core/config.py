@@ -199,5 +199,5 @@ presets: dict[str, HeadGainConfig] = {
     "ocean-r1-7b": HeadGainConfig(l_reas=3, tau_reas=0.01, g_reas=1.30, l_perc=7, tau_perc=0.22, g_perc=1.16),
     "r1-onevision": HeadGainConfig(l_reas=3, tau_reas=0.01, g_reas=1.30, l_perc=7, tau_perc=0.30, g_perc=1.20),
     # the toy model of headgain.toy (8 x 8 heads): tuned by benchmarks/toy_effect.py, about 4% of heads
-    "toy": HeadGainConfig(l_reas=0, tau_reas=0.0021, g_reas=1.15, l_perc=0, tau_perc=0.687, g_perc=1.08),
+    "toy": HeadGainConfig(l_reas=0, tau_reas=0.0001, g_reas=1.15, l_perc=0, tau_perc=0.402, g_perc=1.08),
 }

@@ -49,6 +49,12 @@ def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
         help=f"use only the first N samples (built-in benchmarks: generate N; default {SHAPES_DEFAULT_N} shapes, "
         f"{TOY_DEFAULT_N} toy scenes)",
     )
+    d.add_argument(
+        "--reasoning",
+        type=int,
+        metavar="WORDS",
+        help="toy benchmarks: words of reasoning text given before the answer (default 16, as in training)",
+    )
     d.add_argument("--batch", type=positive, default=4, metavar="B", help="samples per generate call (default 4)")
     d.add_argument(
         "--max-new-tokens", type=positive, default=64, metavar="N", help="tokens generated per answer (default 64)"
@@ -130,6 +136,8 @@ def _samples(args, split):
     from .datasets import DataError, load
     from .shapes import shapes
 
+    if args.reasoning is not None and not args.bench.startswith("toy:"):
+        raise CLIError(f"--reasoning applies to the toy benchmarks only, not to --bench {args.bench}")
     if os.path.exists(args.bench):
         try:
             samples = list(islice(load(args.bench, args.format, split, args.adapter), args.limit))
@@ -143,16 +151,21 @@ def _samples(args, split):
         return shapes(args.limit or SHAPES_DEFAULT_N, seed=args.seed), args.bench
     if args.bench in BUILTIN:
         from ..toy.bench import samples as toy_samples
+        from ..toy.scenes import DEFAULT_REASONING
 
         try:
             seed = args.seed if split is None else int(split)
         except ValueError:
             raise CLIError(f"--bench {args.bench}: a split is a scene seed (an integer), not {split!r}") from None
+        if args.reasoning is not None and args.reasoning < 0:
+            raise CLIError(f"--reasoning {args.reasoning}: give 0 or more words")
+        words = DEFAULT_REASONING if args.reasoning is None else args.reasoning
         try:
-            samples = toy_samples(args.bench, seed=seed, limit=args.limit or TOY_DEFAULT_N)
+            samples = toy_samples(args.bench, seed=seed, limit=args.limit or TOY_DEFAULT_N, reasoning=words)
         except ValueError as e:
             raise CLIError(str(e)) from None
-        return samples, f"{args.bench} (seed {seed})"
+        # the benchmark name keys resumed records: other reasoning lengths are other benchmarks
+        return samples, f"{args.bench} (seed {seed})" + ("" if words == DEFAULT_REASONING else f" ({words} words)")
     raise CLIError(f"--bench {args.bench}: no such file or folder, and not a built-in benchmark ({', '.join(BUILTIN)})")
 
 
