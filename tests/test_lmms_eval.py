@@ -31,8 +31,8 @@ from headgain.toy.scenes import make_qa, make_scene  # noqa: E402
 QUESTIONS = [(1, "exist"), (2, "exist-adversarial"), (3, "colour"), (4, "count"), (5, "exist"), (6, "exist-popular")]
 MAX_NEW_TOKENS = 4
 BATCH = 2
-#: most heads x3: the answers of the toy model change
-STRONG = HeadGainConfig(l_perc=7, tau_perc=0.3, g_perc=3.0, l_reas=0, tau_reas=0.1, g_reas=3.0)
+#: most heads x5: some answers of the toy model change (x3 leaves the trained model's answers as they are)
+STRONG = HeadGainConfig(l_perc=7, tau_perc=0.3, g_perc=5.0, l_reas=0, tau_reas=0.1, g_reas=5.0)
 
 GENERATE_YAML = """task: hg_qa
 dataset_path: {data}
