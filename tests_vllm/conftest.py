@@ -24,7 +24,9 @@ def _declare_entry_point() -> str:
 
 ENTRY_POINT_ROOT = _declare_entry_point()  # for PYTHONPATH of the vLLM processes tests start
 
-ENGINE_ARGS = dict(  # the engine settings headgain's plugin serves, small enough for a CPU test
+# the engine settings headgain's plugin serves, small enough for a CPU test; chunked prefill
+# off: every prompt in one pass (the paper's prefill), as the transformers references run it
+ENGINE_ARGS = dict(
     dtype="float32",
     enforce_eager=True,
     enable_prefix_caching=False,

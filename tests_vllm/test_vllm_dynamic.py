@@ -56,20 +56,35 @@ def served(checkpoint):
     return start_engine(checkpoint, env)
 
 
+@pytest.fixture(scope="module")
+def chunked(checkpoint):
+    """The plugin on an engine that splits prompts: chunked prefill with 8 tokens per step (an
+    engine of the module's lifetime: vLLM's shutdown of one engine tears down the process-wide
+    parallel groups the others use)."""
+    env = {hv.ENV_ENABLE: "1", hv.ENV_RECORD: "8", hv.ENV_ARCH_MAP: ARCH.to_json()}
+    return start_engine(checkpoint, env, enable_chunked_prefill=True, max_num_batched_tokens=8, max_num_seqs=2)
+
+
 def _generate(llm: LLM, prompts, configs):
     """`generate` of token-id prompts, `NEW` tokens each."""
     return generate(llm, [{"prompt_token_ids": p} for p in prompts], configs, NEW)
 
 
-def _transformers(model, prompt, cfg):
-    """Greedy tokens, and S_v and gains of every step, from transformers (eager attention) with headgain."""
+def _transformers(model, prompt, cfg, chunks=None):
+    """Greedy tokens, and S_v and gains of every step, from transformers (eager attention) with
+    headgain; the prompt in one pass, or in passes of ``chunks`` tokens through the cache."""
     cache = tf.DynamicCache(config=model.config)
-    ids, tokens, ratios, gains = torch.tensor([prompt]), [], [], []
+    chunks = chunks or [len(prompt)]
+    passes = [prompt[sum(chunks[:i]) : sum(chunks[: i + 1])] for i in range(len(chunks))]
+    ids, tokens, ratios, gains = torch.tensor([passes[0]]), [], [], []
     with headgain.attach(model, ARCH, cfg) as handle, torch.no_grad():
-        for _ in range(NEW):
+        for step in range(len(passes) - 1 + NEW):
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
             ratios.append(handle.last_ratios[:, 0])
             gains.append(handle.last_gains[:, 0])
+            if step < len(passes) - 1:  # the prompt's next chunk
+                ids = torch.tensor([passes[step + 1]])
+                continue
             tokens.append(int(logits[0, -1].argmax()))
             ids = torch.tensor([[tokens[-1]]])
     return tokens, ratios, gains
@@ -103,6 +118,30 @@ def test_sv_gains_and_tokens_match_transformers(checkpoint, served, vanilla):
         assert any(bool((g != 1).any()) for _, _, _, g in steps)
 
 
+def test_chunked_prefill_matches_transformers_fed_the_same_chunks(checkpoint, chunked):
+    """With chunked prefill each chunk is a pass of its own (i*: its last token), as in
+    transformers when the prompt goes through the cache in the same pieces."""
+    long_prompt = [1, 41, 42, 43, 44] + [VISUAL] * 8 + [30, 31, 32, 33, 34, 35]  # 19 tokens
+    prompts = [long_prompt, PROMPTS[1]]
+    llm = chunked
+    with pytest.warns(RuntimeWarning, match="in chunks"):
+        tokens, _, ids = _generate(llm, prompts, [CFG] * len(prompts))
+    model = tf.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)
+    for prompt, got, request_id in zip(prompts, tokens, ids):
+        steps = step_records(llm, request_id)
+        chunks = [n for past, n, _, _ in steps if past < len(prompt)]
+        assert sum(chunks) == len(prompt)
+        want, ratios, gains = _transformers(model.eval(), prompt, CFG, chunks)
+        assert got == want
+        assert len(steps) == len(ratios) == len(chunks) + NEW - 1
+        for (_, _, r, g), ref_r, ref_g in zip(steps, ratios, gains):
+            torch.testing.assert_close(r, ref_r, atol=2e-6, rtol=0)
+            assert torch.equal(g, ref_g)
+    first = [n for past, n, _, _ in step_records(llm, ids[0]) if past < len(long_prompt)]
+    assert len(first) >= 3, f"the 19-token prompt must be split by the 8-token budget, got chunks {first}"
+    assert tokens[0] != _transformers(model, long_prompt, UNIT)[0], "the config must change the greedy tokens"
+
+
 def test_unit_gains_give_vanillas_tokens_and_logprobs(served, vanilla):
     assert _generate(served, PROMPTS, [UNIT] * len(PROMPTS))[:2] == _generate(vanilla, PROMPTS, [...] * 3)[:2]
 
@@ -133,9 +172,9 @@ def test_requests_are_checked_at_submission(served, vanilla):
 def test_unsupported_engine_is_refused_at_start(checkpoint):
     env = {hv.ENV_ENABLE: "1", hv.ENV_ARCH_MAP: json.dumps(ARCH.to_dict())}
     with pytest.raises(Exception) as info:
-        start_engine(checkpoint, env, enforce_eager=False, enable_prefix_caching=True, enable_chunked_prefill=True)
+        start_engine(checkpoint, env, enforce_eager=False, enable_prefix_caching=True)
     text = "".join(str(e) for e in _chain(info.value))
-    for fix in ("enforce_eager=True", "enable_prefix_caching=False", "enable_chunked_prefill=False"):
+    for fix in ("enforce_eager=True", "enable_prefix_caching=False"):
         assert fix in text
 
 

@@ -94,6 +94,7 @@ class Attachment:
         self._step = None  # (runner, scheduler_output) while a step runs
         self._slots: list[_Slot] | None = None  # the step's plan, built at its first layer
         self._warned_no_visual = False
+        self._warned_chunked = False
         for position, layer in enumerate(self.decoder.layers):  # for the engine's lifetime: never removed
             layer.attn.register_forward_hook(self._after_attention_of(position), with_kwargs=True)
             layer.o_proj.register_forward_pre_hook(self._before_o_proj_of(position))
@@ -133,15 +134,18 @@ class Attachment:
             if request.cfg is None:
                 continue
             past, prompt = int(cached.num_computed_tokens), int(cached.num_prompt_tokens)
-            if past == 0 and n == prompt:
-                request.reset()
-            elif not (past >= prompt and n == 1 and past == request.length):
+            if past == 0 and request.length <= prompt and n <= prompt:  # a prefill (again, if preempted before
+                request.reset()  # its first output token: the same tokens, the same gains)
+            elif not (past == request.length and (n == 1 or past + n <= prompt)):
                 raise HeadGainError(_unsupported_step(req_id, past, n, prompt, request.length))
+            if past < prompt and n < prompt - past and not self._warned_chunked:
+                self._warned_chunked = True
+                warnings.warn(_CHUNKED.format(req_id=req_id, prompt=prompt, n=n), RuntimeWarning, stacklevel=2)
             flags = torch.isin(ids[start : start + n], visual_ids)
             previous = request.visual[:past][None] if past else None
             state = ForwardState.build(flags[None], None, previous, request.cfg.query)
             request.add_visual(flags)
-            if past == 0 and not self._warned_no_visual and not bool(state.has_visual.all()):
+            if past + n >= prompt > past and not self._warned_no_visual and not bool(state.has_visual.all()):
                 self._warned_no_visual = True
                 warnings.warn(
                     f"headgain found no visual tokens in request {req_id}; requests without visual tokens are left "
@@ -233,24 +237,28 @@ class Attachment:
             ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), gains)
 
 
+_CHUNKED = (
+    "vLLM computes the prompt of request {req_id} ({prompt} tokens) in chunks ({n} tokens first): headgain "
+    "treats each chunk as a forward pass of its own, whose i* is its last token and whose gains scale its rows "
+    "(as headgain.attach does when a prompt is fed to transformers in pieces through the cache). For one i* at "
+    "the last prompt token, the paper's prefill, give vLLM max_num_batched_tokens of at least the longest prompt "
+    "or enable_chunked_prefill=False"
+)
+
+
 def _unsupported_step(req_id: str, past: int, n: int, prompt: int, held: int) -> str:
     """Why a configured request's step cannot be served, and what to change."""
-    if past == 0 and n < prompt:
-        return (
-            f"request {req_id}: its prompt of {prompt} tokens is split across steps ({n} now); S_v at the last prompt "
-            "token needs the whole prompt in one step. Start vLLM with enable_chunked_prefill=False"
-        )
     if past == 0:
         return (
-            f"request {req_id} is recomputed from scratch ({n} tokens for a prompt of {prompt}: it was preempted), "
-            "which would apply the prefill's gains to tokens generated with other gains. Give vLLM more KV cache "
-            "or lower max_num_seqs"
+            f"request {req_id} is computed again from its first token ({n} tokens now; headgain held {held} of a "
+            f"{prompt}-token prompt and its output): it was preempted after generating, and the new pass would "
+            "apply other gains to tokens generated with the first ones. Give vLLM more KV cache or lower max_num_seqs"
         )
-    if past < prompt:
+    if past != held:
         return (
-            f"request {req_id}: vLLM skips {past} of its {prompt} prompt tokens (a prefix cache hit or a chunked "
-            "prefill), whose keys headgain never saw. Start vLLM with enable_prefix_caching=False and "
-            "enable_chunked_prefill=False"
+            f"request {req_id}: vLLM computes its tokens from position {past} on while headgain holds {held} (a "
+            "prefix cache hit skips tokens whose keys headgain never saw and whose values were computed under other "
+            "gains). Start vLLM with enable_prefix_caching=False"
         )
     return (
         f"request {req_id}: {n} tokens in one decoding step after {past} (headgain holds {held}); speculative "

@@ -78,11 +78,6 @@ def check_engine(vllm_config) -> None:
             "prefix caching skips cached prompt tokens, whose keys headgain needs for S_v and whose values were "
             "computed under other gains (set enable_prefix_caching=False)"
         )
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        problems.append(
-            "chunked prefill computes a prompt's first chunks before its last token, the paper's i*, exists "
-            "(set enable_chunked_prefill=False)"
-        )
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding verifies several tokens per step (remove speculative_config)")
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
