@@ -1,11 +1,11 @@
 """Throughput of vLLM with headgain's dynamic plugin against vanilla vLLM (generated tokens/s).
 
 Two engines in this process over the same random-weight Qwen2 checkpoint (written here;
-nothing is downloaded), both in eager mode without prefix caching (which the plugin requires)
-or chunked prefill (so that every prompt is one pass), alike in both arms: "vanilla" (plugin off) and "headgain"
-(plugin on, every request with a config). Each prompt holds ``--visual`` tokens the arch
-map calls visual. Batch sizes and arms are interleaved round by round; the median over
-rounds is reported. Run it in the vLLM venv (`make test-vllm` makes one):
+nothing is downloaded), both in eager mode without prefix caching (the prompts differ;
+configured requests never use it) or chunked prefill (every prompt in one pass):
+"vanilla" (plugin off) and "headgain" (plugin on, every request with a config). Each prompt
+holds ``--visual`` tokens the arch map calls visual. Batch sizes and arms are interleaved
+round by round; the median over rounds is reported. Run it in the vLLM venv (`make test-vllm` makes one):
 
     VLLM_CPU_KVCACHE_SPACE=1 PYTHONPATH=. .venv-vllm/bin/python benchmarks/vllm_throughput.py
     ... benchmarks/vllm_throughput.py --batches 1,8,32 --new-tokens 64 --rounds 5

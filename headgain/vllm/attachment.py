@@ -256,9 +256,9 @@ def _unsupported_step(req_id: str, past: int, n: int, prompt: int, held: int) ->
         )
     if past != held:
         return (
-            f"request {req_id}: vLLM computes its tokens from position {past} on while headgain holds {held} (a "
-            "prefix cache hit skips tokens whose keys headgain never saw and whose values were computed under other "
-            "gains). Start vLLM with enable_prefix_caching=False"
+            f"request {req_id}: vLLM computes its tokens from position {past} on while headgain holds {held}: tokens "
+            "skipped the hooks (headgain keeps requests with a config out of vLLM's prefix cache, so this is a path "
+            "it does not know)"
         )
     return (
         f"request {req_id}: {n} tokens in one decoding step after {past} (headgain holds {held}); speculative "

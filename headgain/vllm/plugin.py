@@ -10,13 +10,17 @@ wraps these methods, once per process:
   so the attachment knows which requests its packed tokens belong to;
 * the front end's input processor: it reads the settings when the engine starts (and runs
   `check_engine` there too, so a V2 model runner, which headgain does not wrap, is refused
-  before it starts), and checks each request's ``extra_args["headgain"]`` (refused when the plugin is not
-  enabled) before the request reaches the engine.
+  before it starts), checks each request's ``extra_args["headgain"]`` (refused when the plugin
+  is not enabled) before the request reaches the engine, and keeps each request that has a
+  config out of vLLM's prefix cache: it reads no cached blocks (``skip_reading_prefix_cache``),
+  and a salt of its own (``cache_salt``) keeps the blocks it writes, computed under its gains,
+  from ever serving another request. Requests without a config use the prefix cache as usual.
 """
 
 from __future__ import annotations
 
 import functools
+import uuid
 
 from ..core.errors import ConfigError, HeadGainError
 from .attachment import Attachment, attachment_of
@@ -43,7 +47,7 @@ def register() -> None:
             _wrap(cls, "load_model", _load_model)
     _wrap(gpu_model_runner.GPUModelRunner, "execute_model", _execute_model)
     _wrap(input_processor.InputProcessor, "__init__", _init_processor)
-    _wrap(input_processor.InputProcessor, "_validate_params", _validate_params)
+    _wrap(input_processor.InputProcessor, "process_inputs", _process_inputs)
 
 
 def _wrap(cls, name: str, wrapper) -> None:
@@ -73,10 +77,10 @@ def check_engine(vllm_config) -> None:
             "compiled graphs and CUDA graphs run the model without the Python hooks headgain reads and scales "
             "through (set enforce_eager=True)"
         )
-    if vllm_config.cache_config.enable_prefix_caching:
+    if vllm_config.kv_transfer_config is not None:
         problems.append(
-            "prefix caching skips cached prompt tokens, whose keys headgain needs for S_v and whose values were "
-            "computed under other gains (set enable_prefix_caching=False)"
+            "KV transfer and offloading load blocks computed elsewhere, under gains headgain cannot know "
+            "(remove kv_transfer_config)"
         )
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding verifies several tokens per step (remove speculative_config)")
@@ -122,20 +126,27 @@ def _init_processor(original, processor, *args, **kwargs):
         check_engine(processor.vllm_config)
 
 
-def _validate_params(original, processor, params, *args, **kwargs):
+def _process_inputs(original, processor, *args, **kwargs):
+    params = kwargs["params"] if "params" in kwargs else args[2]  # (request_id, prompt, params, ...)
     extra = getattr(params, "extra_args", None)
+    settings = processor._headgain_settings
     if extra and REQUEST_KEY in extra:
-        settings = processor._headgain_settings
-        if not settings.enabled and request_config(extra, None) is not None:
+        cfg = request_config(extra, None)
+        if cfg is not None and not settings.enabled:
             raise ConfigError(
                 f'this request asks for headgain (extra_args["{REQUEST_KEY}"]) but the engine runs without it; '
                 f"start vLLM with {ENV_ENABLE}=1"
             )
-        cfg = request_config(extra, None)
         if cfg is not None:
             text = processor.model_config.hf_config
             text = text.get_text_config() if hasattr(text, "get_text_config") else text
             layers = getattr(text, "num_hidden_layers", None)
             if isinstance(layers, int):
                 cfg.check_layers(layers)
-    return original(processor, params, *args, **kwargs)
+    request = original(processor, *args, **kwargs)
+    sampling = request.sampling_params
+    if settings.enabled and sampling is not None and request_config(sampling.extra_args, settings.default) is not None:
+        sampling.skip_reading_prefix_cache = True  # on the request's copy of the caller's params
+        salt = f"headgain-{uuid.uuid4().hex}"
+        request.cache_salt = salt if request.cache_salt is None else f"{salt}:{request.cache_salt}"
+    return request
