@@ -73,29 +73,46 @@ def cached(checkpoint):
     return start_engine(checkpoint, env, enable_prefix_caching=True, block_size=32, max_num_seqs=1)
 
 
+@pytest.fixture(scope="module")
+def preempting(checkpoint):
+    """The plugin on an engine whose KV cache (6 blocks of 32 tokens) holds four 20-token
+    prompts but not their growth: vLLM preempts requests and computes them again later."""
+    env = {hv.ENV_ENABLE: "1", hv.ENV_RECORD: "8", hv.ENV_ARCH_MAP: ARCH.to_json()}
+    return start_engine(checkpoint, env, block_size=32, num_gpu_blocks_override=6, max_model_len=96, max_num_seqs=4)
+
+
 def _generate(llm: LLM, prompts, configs):
     """`generate` of token-id prompts, `NEW` tokens each."""
     return generate(llm, [{"prompt_token_ids": p} for p in prompts], configs, NEW)
 
 
-def _transformers(model, prompt, cfg, chunks=None):
-    """Greedy tokens, and S_v and gains of every step, from transformers (eager attention) with
-    headgain; the prompt in one pass, or in passes of ``chunks`` tokens through the cache."""
-    cache = tf.DynamicCache(config=model.config)
-    chunks = chunks or [len(prompt)]
-    passes = [prompt[sum(chunks[:i]) : sum(chunks[: i + 1])] for i in range(len(chunks))]
-    ids, tokens, ratios, gains = torch.tensor([passes[0]]), [], [], []
+def _transformers(model, prompt, cfg, passes=None):
+    """Greedy tokens, and S_v and gains of every pass, from transformers (eager attention) with
+    headgain. ``passes``: vLLM's steps of one request, (tokens computed before, tokens computed)
+    each, replayed through the cache (0 before: a fresh cache, over the tokens so far); default:
+    the prompt in one pass, then `NEW` - 1 decoding steps."""
+    passes = passes or [(0, len(prompt))] + [(len(prompt) + i, 1) for i in range(NEW - 1)]
+    tokens, ratios, gains, cache = list(prompt), [], [], None
     with headgain.attach(model, ARCH, cfg) as handle, torch.no_grad():
-        for step in range(len(passes) - 1 + NEW):
+        for past, n in passes:
+            if past == 0:
+                cache = tf.DynamicCache(config=model.config)
+            ids = torch.tensor([tokens[past : past + n]])
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
             ratios.append(handle.last_ratios[:, 0])
             gains.append(handle.last_gains[:, 0])
-            if step < len(passes) - 1:  # the prompt's next chunk
-                ids = torch.tensor([passes[step + 1]])
-                continue
-            tokens.append(int(logits[0, -1].argmax()))
-            ids = torch.tensor([[tokens[-1]]])
-    return tokens, ratios, gains
+            if past + n == len(tokens):  # a pass up to the last token: its last row gives the next one
+                tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt) :], ratios, gains
+
+
+def _check_steps(steps, ratios, gains) -> None:
+    """The plugin's records of one request against `_transformers`' S_v and gains, pass by pass."""
+    assert len(steps) == len(ratios)
+    for (_, _, r, g), ref_r, ref_g in zip(steps, ratios, gains):
+        assert r.shape == (LAYERS, HEADS)
+        torch.testing.assert_close(r, ref_r, atol=2e-6, rtol=0)
+        assert torch.equal(g, ref_g)
 
 
 def test_setup_declares_the_entry_point_vllm_loaded():
@@ -119,10 +136,7 @@ def test_sv_gains_and_tokens_match_transformers(checkpoint, served, vanilla):
         assert [(past, n) for past, n, _, _ in steps] == [(0, len(prompt))] + [
             (len(prompt) + i, 1) for i in range(NEW - 1)
         ]
-        for (_, _, r, g), ref_r, ref_g in zip(steps, ratios, gains):
-            assert r.shape == (LAYERS, HEADS)
-            torch.testing.assert_close(r, ref_r, atol=2e-6, rtol=0)
-            assert torch.equal(g, ref_g)
+        _check_steps(steps, ratios, gains)
         assert any(bool((g != 1).any()) for _, _, _, g in steps)
 
 
@@ -137,14 +151,11 @@ def test_chunked_prefill_matches_transformers_fed_the_same_chunks(checkpoint, ch
     model = tf.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)
     for prompt, got, request_id in zip(prompts, tokens, ids):
         steps = step_records(llm, request_id)
-        chunks = [n for past, n, _, _ in steps if past < len(prompt)]
-        assert sum(chunks) == len(prompt)
-        want, ratios, gains = _transformers(model.eval(), prompt, CFG, chunks)
+        passes = [(past, n) for past, n, _, _ in steps]
+        assert sum(n for past, n in passes if past < len(prompt)) == len(prompt)
+        want, ratios, gains = _transformers(model.eval(), prompt, CFG, passes)
         assert got == want
-        assert len(steps) == len(ratios) == len(chunks) + NEW - 1
-        for (_, _, r, g), ref_r, ref_g in zip(steps, ratios, gains):
-            torch.testing.assert_close(r, ref_r, atol=2e-6, rtol=0)
-            assert torch.equal(g, ref_g)
+        _check_steps(steps, ratios, gains)
     first = [n for past, n, _, _ in step_records(llm, ids[0]) if past < len(long_prompt)]
     assert len(first) >= 3, f"the 19-token prompt must be split by the 8-token budget, got chunks {first}"
     assert tokens[0] != _transformers(model, long_prompt, UNIT)[0], "the config must change the greedy tokens"
@@ -163,6 +174,25 @@ def _cached_tokens(llm: LLM, prompt: list[int], cfg, n: int = 1) -> tuple[list[i
     return tokens[0] if n == 1 else tokens, out.num_cached_tokens, out.request_id
 
 
+def test_preempted_request_is_computed_again_as_one_pass(checkpoint, preempting):
+    """A preempted request's recomputation (prompt and output so far) is a new pass, i* at its
+    last token, as transformers fed the same tokens afresh; the engine keeps serving."""
+    prompts = [[1, 41 + i] + [VISUAL] * 8 + list(range(60 + 3 * i, 70 + 3 * i)) for i in range(4)]
+    new = 60
+    with pytest.warns(RuntimeWarning, match="preempted"):
+        tokens, _, ids = generate(preempting, [{"prompt_token_ids": p} for p in prompts], [CFG] * 4, new)
+    model = tf.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)
+    recomputed = 0
+    for prompt, got, request_id in zip(prompts, tokens, ids):
+        steps = step_records(preempting, request_id)
+        passes = [(past, n) for past, n, _, _ in steps]
+        recomputed += sum(past == 0 for past, _ in passes[1:])
+        want, ratios, gains = _transformers(model.eval(), prompt, CFG, passes)
+        assert len(got) == new and got == want
+        _check_steps(steps, ratios, gains)
+    assert recomputed, "the cache was meant to be too small for the four requests: nothing was preempted"
+
+
 def test_prefix_cache_serves_vanilla_requests_never_configured_ones(checkpoint, cached, vanilla):
     """Requests with a config read no cached blocks and share none of theirs; vanilla ones keep
     the prefix cache."""
@@ -178,9 +208,7 @@ def test_prefix_cache_serves_vanilla_requests_never_configured_ones(checkpoint, 
     assert (tokens, hits) == (want, 0) and tokens != plain[0]
     steps = step_records(cached, request_id)
     assert [(past, n) for past, n, _, _ in steps][0] == (0, len(first))
-    for (_, _, r, g), ref_r, ref_g in zip(steps, ratios, gains):
-        torch.testing.assert_close(r, ref_r, atol=2e-6, rtol=0)
-        assert torch.equal(g, ref_g)
+    _check_steps(steps, ratios, gains)
     # a vanilla request after a configured one: the blocks it computed under its gains serve nobody
     assert _cached_tokens(cached, second, CFG)[:2] == (_transformers(model, second, CFG)[0], 0)
     assert _cached_tokens(cached, second, ...)[:2] == (plain[1], 0)

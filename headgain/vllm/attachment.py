@@ -95,6 +95,7 @@ class Attachment:
         self._slots: list[_Slot] | None = None  # the step's plan, built at its first layer
         self._warned_no_visual = False
         self._warned_chunked = False
+        self._warned_preempted = False
         for position, layer in enumerate(self.decoder.layers):  # for the engine's lifetime: never removed
             layer.attn.register_forward_hook(self._after_attention_of(position), with_kwargs=True)
             layer.o_proj.register_forward_pre_hook(self._before_o_proj_of(position))
@@ -134,11 +135,14 @@ class Attachment:
             if request.cfg is None:
                 continue
             past, prompt = int(cached.num_computed_tokens), int(cached.num_prompt_tokens)
-            if past == 0 and request.length <= prompt and n <= prompt:  # a prefill (again, if preempted before
-                request.reset()  # its first output token: the same tokens, the same gains)
-            elif not (past == request.length and (n == 1 or past + n <= prompt)):
-                raise HeadGainError(_unsupported_step(req_id, past, n, prompt, request.length))
-            if past < prompt and n < prompt - past and not self._warned_chunked:
+            if past == 0:  # a prefill, or the recomputation of a preempted request
+                if request.length > prompt and not self._warned_preempted:
+                    self._warned_preempted = True
+                    warnings.warn(_PREEMPTED.format(req_id=req_id, n=n), RuntimeWarning, stacklevel=2)
+                request.reset()
+            elif not (past == request.length and (n == 1 or past + n <= cached.num_tokens)):
+                raise HeadGainError(_unsupported_step(req_id, past, n, request.length))
+            if past + n < prompt and not self._warned_chunked:
                 self._warned_chunked = True
                 warnings.warn(_CHUNKED.format(req_id=req_id, prompt=prompt, n=n), RuntimeWarning, stacklevel=2)
             flags = torch.isin(ids[start : start + n], visual_ids)
@@ -246,21 +250,21 @@ _CHUNKED = (
 )
 
 
-def _unsupported_step(req_id: str, past: int, n: int, prompt: int, held: int) -> str:
-    """Why a configured request's step cannot be served, and what to change."""
-    if past == 0:
-        return (
-            f"request {req_id} is computed again from its first token ({n} tokens now; headgain held {held} of a "
-            f"{prompt}-token prompt and its output): it was preempted after generating, and the new pass would "
-            "apply other gains to tokens generated with the first ones. Give vLLM more KV cache or lower max_num_seqs"
-        )
+_PREEMPTED = (
+    "vLLM preempted request {req_id} and computes it again ({n} tokens, its prompt and output so far): headgain "
+    "treats the recomputation as a new forward pass whose i* is its last token and whose gains scale all of its "
+    "rows (as headgain.attach does when transformers is fed the same tokens afresh), so the tokens generated "
+    "before keep the gains they had and the recomputed cache gets one gain vector. Give vLLM more KV cache or a "
+    "lower max_num_seqs to avoid preemption"
+)
+
+
+def _unsupported_step(req_id: str, past: int, n: int, held: int) -> str:
+    """Why a configured request's step cannot be served."""
     if past != held:
         return (
             f"request {req_id}: vLLM computes its tokens from position {past} on while headgain holds {held}: tokens "
             "skipped the hooks (headgain keeps requests with a config out of vLLM's prefix cache, so this is a path "
             "it does not know)"
         )
-    return (
-        f"request {req_id}: {n} tokens in one decoding step after {past} (headgain holds {held}); speculative "
-        "decoding and skipped tokens are not supported"
-    )
+    return f"request {req_id}: {n} tokens in one decoding step after {past}; speculative decoding is not supported"

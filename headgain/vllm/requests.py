@@ -59,9 +59,8 @@ class RequestState:
     steps: list[StepRecord] = field(default_factory=list)
 
     def reset(self) -> None:
-        """Forget every token (a new prefill)."""
+        """Forget every token (a new prefill, or a preempted request computed again); the records stay."""
         self.length = 0
-        self.steps.clear()
 
     def add_visual(self, flags: torch.Tensor) -> None:
         """Append (n,) bool visual flags of this step's tokens; ``length`` grows by n."""
