@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from headgain import ArchMap, ConfigError, HeadGainConfig, presets
-from headgain.vllm import ENV_ARCH_MAP, ENV_CONFIG, ENV_ENABLE, ENV_RECORD, PluginSettings, request_config
+from headgain.vllm import ENV_ARCH_MAP, ENV_CONFIG, ENV_ENABLE, ENV_KEYS, ENV_RECORD, PluginSettings, request_config
 
 
 def test_unset_environment_leaves_the_plugin_off():
@@ -26,6 +26,8 @@ def test_environment_gives_default_config_arch_map_and_recording(tmp_path):
     inline = PluginSettings.from_env({ENV_CONFIG: json.dumps({"g_reas": 1.2})})
     assert inline.default == HeadGainConfig(g_reas=1.2)
     assert PluginSettings.from_env({ENV_ENABLE: "1"}) == PluginSettings(enabled=True)
+    assert PluginSettings.from_env({ENV_ENABLE: "1"}).keys == "auto"
+    assert PluginSettings.from_env({ENV_ENABLE: "1", ENV_KEYS: "Copy"}).keys == "copy"
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,7 @@ def test_environment_gives_default_config_arch_map_and_recording(tmp_path):
         ({ENV_CONFIG: '{"g_perc": 50}'}, "g_perc=50"),
         ({ENV_CONFIG: "no-such-preset"}, "cannot read config file 'no-such-preset'"),
         ({ENV_RECORD: "3"}, "needs enabled=True"),
+        ({ENV_ENABLE: "1", ENV_KEYS: "paged"}, "HEADGAIN_KEYS='paged': use auto"),
     ],
 )
 def test_bad_environment_is_refused(env, message):

@@ -8,6 +8,7 @@ model returns, here it is recomputed from vLLM's packed queries and keys.
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -53,6 +54,13 @@ def vanilla(checkpoint):
 @pytest.fixture(scope="module")
 def served(checkpoint):
     env = {hv.ENV_ENABLE: "1", hv.ENV_RECORD: "64", hv.ENV_ARCH_MAP: ARCH.to_json()}
+    return start_engine(checkpoint, env)
+
+
+@pytest.fixture(scope="module")
+def copying(checkpoint):
+    """The plugin reading earlier keys from its own copy, never from vLLM's cache."""
+    env = {hv.ENV_ENABLE: "1", hv.ENV_RECORD: "64", hv.ENV_ARCH_MAP: ARCH.to_json(), hv.ENV_KEYS: "copy"}
     return start_engine(checkpoint, env)
 
 
@@ -120,12 +128,21 @@ def test_setup_declares_the_entry_point_vllm_loaded():
         assert f'"vllm.general_plugins": ["{ENTRY_POINT}"]' in f.read()
 
 
-def test_sv_gains_and_tokens_match_transformers(checkpoint, served, vanilla):
+@pytest.mark.parametrize("keys", ["auto", "copy"])
+def test_sv_gains_and_tokens_match_transformers(checkpoint, served, copying, vanilla, keys):
+    """Earlier keys read from vLLM's paged cache (auto: where headgain knows its layout, as on
+    x86 CPUs) or from headgain's own copy: the same S_v, gains and tokens as transformers."""
     # the plugin was loaded by vLLM through the entry point (nothing here called register)
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     assert getattr(GPUModelRunner.execute_model, "_headgain_wrapped", False)
+    served = served if keys == "auto" else copying
     tokens, _, ids = _generate(served, PROMPTS, [CFG] * len(PROMPTS))
+    (source,) = served.apply_model(lambda model: hv.attachment_of(model).key_source)
+    if keys == "copy":
+        assert source == "copy"
+    elif platform.machine() == "x86_64":  # vLLM's portable CPU kernels store keys in the layout "cpu"
+        assert source == "paged cpu"
     plain, _, _ = _generate(vanilla, PROMPTS, [...] * len(PROMPTS))
     assert tokens != plain, "the config must change the greedy tokens, or the comparison shows nothing"
     model = tf.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)

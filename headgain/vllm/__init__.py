@@ -15,7 +15,16 @@ Importing this package does not import vLLM.
 from .attachment import Attachment, attachment_of, records_of
 from .plugin import check_engine, register
 from .requests import StepRecord
-from .settings import ENV_ARCH_MAP, ENV_CONFIG, ENV_ENABLE, ENV_RECORD, REQUEST_KEY, PluginSettings, request_config
+from .settings import (
+    ENV_ARCH_MAP,
+    ENV_CONFIG,
+    ENV_ENABLE,
+    ENV_KEYS,
+    ENV_RECORD,
+    REQUEST_KEY,
+    PluginSettings,
+    request_config,
+)
 
 __all__ = [
     "register",
@@ -31,4 +40,5 @@ __all__ = [
     "ENV_CONFIG",
     "ENV_ARCH_MAP",
     "ENV_RECORD",
+    "ENV_KEYS",
 ]

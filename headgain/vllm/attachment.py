@@ -5,10 +5,12 @@ the scheduled requests run through every decoder layer at once. The first decode
 attention builds the step's plan: for each request with a config, its rows in the packed
 batch (in the order of the runner's ``input_batch``), the tokens it computed before, and
 a `ForwardState` over its own sequence. Then, at every layer, a forward hook on the
-``Attention`` module reads the request's queries and keys after rotary embedding, keeps
-its new keys, computes S_v at i* (the last prompt token at the prefill, the new token at
-each decoding step, exactly as `headgain.attach` does in ``transformers``), and a
-pre-hook on ``o_proj`` scales the request's rows of the head outputs by the gains.
+``Attention`` module reads the request's queries after rotary embedding and all its keys
+so far (from vLLM's paged KV cache, `headgain.vllm.paged`, once the first step with a
+config has shown that headgain reads that cache's layout exactly; else from a copy headgain
+keeps), computes S_v at i* (the last prompt token at the prefill, the new token at each
+decoding step, exactly as `headgain.attach` does in ``transformers``), and a pre-hook on
+``o_proj`` scales the request's rows of the head outputs by the gains.
 Requests without a config are never touched: their rows stay bit-identical to vanilla.
 """
 
@@ -26,6 +28,7 @@ from ..core.errors import HeadGainError
 from ..core.readout import ForwardState, layer_gains, layer_ratios
 from ..core.rules import layer_rules
 from .archs import VllmDecoder, resolve
+from .paged import Layout, block_rows, find_layout
 from .requests import RequestState, StepRecord
 from .settings import PluginSettings, request_config
 
@@ -60,9 +63,11 @@ def records_of(model: nn.Module) -> tuple[int, dict[str, list[dict]]]:
 
 @dataclass(eq=False)
 class _Slot:
-    """One configured request in one step: rows [start, end) of the packed batch."""
+    """One configured request in one step: rows [start, end) of the packed batch, row ``row``
+    of the step's block table."""
 
     request: RequestState
+    row: int
     start: int
     end: int
     past: int
@@ -80,6 +85,9 @@ class Attachment:
             heads ``decoder.first_head`` to ``decoder.first_head + decoder.num_heads - 1``).
         settings: the plugin's settings.
         records: request id -> list of `StepRecord` (the last ``settings.record`` requests).
+        key_source: where S_v reads earlier keys: "paged cpu" / "paged nhd" (vLLM's KV
+            cache, in that `headgain.vllm.paged` layout), "copy" (headgain's own copy), or
+            None until the first step with a config has checked the layout.
     """
 
     def __init__(self, model: nn.Module, hf_config, settings: PluginSettings, rank: int = 0):
@@ -96,6 +104,9 @@ class Attachment:
         self._warned_no_visual = False
         self._warned_chunked = False
         self._warned_preempted = False
+        self.key_source: str | None = "copy" if settings.keys == "copy" else None
+        self._layout: Layout | None = None
+        self._checked: dict[int, Layout | None] = {}  # layer position -> layout found, while checking
         for position, layer in enumerate(self.decoder.layers):  # for the engine's lifetime: never removed
             layer.attn.register_forward_hook(self._after_attention_of(position), with_kwargs=True)
             layer.o_proj.register_forward_pre_hook(self._before_o_proj_of(position))
@@ -115,6 +126,29 @@ class Attachment:
             if slot.ratios_record is not None:
                 n = slot.end - slot.start
                 slot.request.steps.append(StepRecord(slot.past, n, slot.ratios_record, slot.gains_record))
+        if self.key_source is None and len(self._checked) == self.decoder.num_layers:
+            self._settle_key_source()
+        self._checked.clear()
+
+    def _settle_key_source(self) -> None:
+        """After the first step with a config has run through every layer: read keys from the
+        paged cache if one layout gave back every layer's new keys exactly, else keep copies."""
+        found = set(self._checked.values())
+        if len(found) == 1 and None not in found:
+            (self._layout,) = found
+            self.key_source = f"paged {self._layout.name}"
+            for request in self._requests.values():  # the copies made while checking
+                request.keys = None
+            return
+        self.key_source = "copy"
+        missing = sorted(self.decoder.layers[p].index for p, layout in self._checked.items() if layout is None)
+        warnings.warn(
+            "headgain cannot read this attention backend's paged KV cache"
+            + (f" (no known layout gave back the keys of decoder layers {missing})" if missing else "")
+            + "; it keeps its own copy of the keys of requests with a config (the K half of their KV cache again)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _plan(self) -> list[_Slot]:
         if self._slots is None:
@@ -125,7 +159,7 @@ class Attachment:
         slots, offset = [], 0
         ids = runner.input_ids.gpu
         visual_ids = torch.tensor(self.decoder.visual_ids, dtype=ids.dtype, device=ids.device)
-        for req_id in runner.input_batch.req_ids:
+        for row, req_id in enumerate(runner.input_batch.req_ids):
             n = int(scheduler_output.num_scheduled_tokens[req_id])
             start, offset = offset, offset + n
             cached = runner.requests[req_id]
@@ -157,7 +191,7 @@ class Attachment:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            slot = _Slot(request, start, start + n, past, state)
+            slot = _Slot(request, row, start, start + n, past, state)
             if self.settings.record:
                 shape = (self.decoder.num_layers, self.decoder.num_heads)
                 slot.ratios_record, slot.gains_record = torch.zeros(shape), torch.ones(shape)
@@ -184,7 +218,7 @@ class Attachment:
             if self._step is not None:
                 query = args[0] if args else kwargs["query"]
                 key = args[1] if len(args) > 1 else kwargs["key"]
-                self._read(position, query, key)
+                self._read(position, module, query, key)
 
         return hook
 
@@ -196,9 +230,10 @@ class Attachment:
         return hook
 
     @torch.no_grad()
-    def _read(self, position: int, query: torch.Tensor, key: torch.Tensor) -> None:
+    def _read(self, position: int, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
         """S_v and gains of every configured request at one layer, from (T, H * D) queries and
-        (T, Hkv * D) keys (or their (T, H, D) / (T, Hkv, D) views)."""
+        (T, Hkv * D) keys (or their (T, H, D) / (T, Hkv, D) views) of the layer's ``Attention``
+        ``module``, which has just stored the keys in its paged cache."""
         slots = self._plan()
         if not slots:
             return
@@ -206,8 +241,24 @@ class Attachment:
         layer = d.layers[position]
         q = query.reshape(query.shape[0], d.num_heads, d.head_dim)
         k = key.reshape(key.shape[0], d.num_kv_heads, d.head_dim)
+        paged = None if self.key_source == "copy" else block_rows(module)
+        if self._layout is not None and paged is None:
+            raise HeadGainError(
+                f"decoder layer {layer.index}: the step's attention metadata or KV cache is missing; headgain reads "
+                "earlier keys from vLLM's paged cache (set HEADGAIN_KEYS=copy to keep its own copy instead)"
+            )
         for slot in slots:
-            keys = slot.request.write_keys(d.num_layers, position, slot.past, k[slot.start : slot.end])
+            new, end = k[slot.start : slot.end], slot.end - slot.start + slot.past
+            if self._layout is not None:
+                cache, table = paged
+                keys = self._layout.keys(cache, table[slot.row], end, d.num_kv_heads, d.head_dim)
+            else:
+                keys = slot.request.write_keys(d.num_layers, position, slot.past, new)
+                if self.key_source is None:  # the first step with a config: which layout gives these keys back?
+                    found = None if paged is None else find_layout(paged[0], paged[1][slot.row], slot.past, new)
+                    if self._checked.get(position, found) != found:
+                        found = None  # two requests disagree: no layout
+                    self._checked[position] = found
             rows = q[slot.start : slot.end].permute(1, 0, 2).unsqueeze(0)  # (1, H, n, D)
             num_keys = keys.shape[2]
             ratios = layer_ratios(

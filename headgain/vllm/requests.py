@@ -1,9 +1,7 @@
-"""What one worker keeps per request: its config, the keys it has seen, its visual flags.
-
-vLLM's paged KV cache stores keys in a layout private to each attention backend (the CPU
-backend's depends on the instruction set: vec, AMX, NEON), so headgain keeps its own copy
-of the keys of the requests that have a config, per layer, and reads S_v of a decoding
-step from it. Requests without a config cost nothing.
+"""What one worker keeps per request: its config, its visual flags, and, where headgain
+cannot read vLLM's paged KV cache (`headgain.vllm.paged`: a backend whose layout it does not
+know, or ``HEADGAIN_KEYS=copy``), a copy of its keys per layer, from which S_v of later steps
+is read. Requests without a config cost nothing.
 """
 
 from __future__ import annotations

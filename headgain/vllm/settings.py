@@ -10,6 +10,10 @@ Environment of the vLLM processes (read when a worker loads the model):
   ``model_type`` is not in `headgain.vllm.archs.VLLM_ARCHS`, or to override its entry.
 * ``HEADGAIN_RECORD``: keep S_v and the gains of every step of the last N requests
   (``Attachment.records``), for inspection and tests. Unset or 0: keep nothing.
+* ``HEADGAIN_KEYS``: where S_v reads the keys of earlier tokens: ``auto`` (default: from
+  vLLM's paged KV cache where headgain knows its layout, `headgain.vllm.paged`, else from
+  a copy of its own) or ``copy`` (always the copy: the K half of the configured requests'
+  KV cache again, in memory).
 
 Per request: ``SamplingParams(extra_args={"headgain": value})`` with ``value`` a preset
 name, a dict of `HeadGainConfig` fields or the same as a JSON object string, or ``False`` /
@@ -29,13 +33,24 @@ from ..core.archmap import ArchMap
 from ..core.config import HeadGainConfig, presets
 from ..core.errors import ConfigError
 
-__all__ = ["REQUEST_KEY", "ENV_ENABLE", "ENV_CONFIG", "ENV_ARCH_MAP", "ENV_RECORD", "PluginSettings", "request_config"]
+__all__ = [
+    "REQUEST_KEY",
+    "ENV_ENABLE",
+    "ENV_CONFIG",
+    "ENV_ARCH_MAP",
+    "ENV_RECORD",
+    "ENV_KEYS",
+    "PluginSettings",
+    "request_config",
+]
 
 REQUEST_KEY = "headgain"
 ENV_ENABLE = "HEADGAIN_VLLM"
 ENV_CONFIG = "HEADGAIN_CONFIG"
 ENV_ARCH_MAP = "HEADGAIN_ARCH_MAP"
 ENV_RECORD = "HEADGAIN_RECORD"
+ENV_KEYS = "HEADGAIN_KEYS"
+KEY_SOURCES = ("auto", "copy")
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 
@@ -49,12 +64,15 @@ class PluginSettings:
         default: the config of requests without the per-request field (None: vanilla).
         arch_map: an `ArchMap` that replaces the registry's entry (None: the registry's).
         record: how many requests' per-step S_v and gains to keep (0: none).
+        keys: "auto" (keys from vLLM's paged cache where its layout is known, else a copy)
+            or "copy" (always headgain's own copy).
     """
 
     enabled: bool = False
     default: HeadGainConfig | None = None
     arch_map: ArchMap | None = None
     record: int = 0
+    keys: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -65,6 +83,8 @@ class PluginSettings:
             raise ConfigError(f"arch_map must be an ArchMap or None, got {type(self.arch_map).__name__}")
         if isinstance(self.record, bool) or not isinstance(self.record, int) or self.record < 0:
             raise ConfigError(f"record must be a non-negative integer (requests kept), got {self.record!r}")
+        if self.keys not in KEY_SOURCES:
+            raise ConfigError(f"keys must be one of {', '.join(KEY_SOURCES)}, got {self.keys!r}")
         if (self.default is not None or self.arch_map is not None or self.record) and not self.enabled:
             raise ConfigError("a default config, an arch map or recording needs enabled=True")
 
@@ -83,11 +103,15 @@ class PluginSettings:
         record_text = env.get(ENV_RECORD, "").strip() or "0"
         if not record_text.isdigit():
             raise ConfigError(f"{ENV_RECORD}={record_text!r}: give the number of requests to keep (0: none)")
+        keys = env.get(ENV_KEYS, "").strip().lower() or "auto"
+        if keys not in KEY_SOURCES:
+            raise ConfigError(f"{ENV_KEYS}={env[ENV_KEYS]!r}: use auto (vLLM's paged cache where possible) or copy")
         return cls(
             enabled=flag in _TRUE or default is not None,
             default=default,
             arch_map=ArchMap.from_json(arch_text) if arch_text else None,
             record=int(record_text),
+            keys=keys,
         )
 
 

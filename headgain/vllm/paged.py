@@ -1,0 +1,112 @@
+"""Keys of one request read from vLLM's paged KV cache, in the layouts headgain knows.
+
+vLLM stores each layer's keys and values in blocks of ``block_size`` tokens; a request's
+blocks are listed, in token order, by its row of the step's block table (attention
+metadata, in the model runner's batch order). The layout inside the cache belongs to the
+attention backend, so headgain never assumes one: `find_layout` tries each layout below on
+keys the attention layer has just written and keeps the first that gives them back exactly.
+Where none does (another backend, a quantised cache), headgain keeps its own copy of the
+keys instead (`headgain.vllm.requests.RequestState.write_keys`).
+
+Layouts (the key half of one layer's cache tensor):
+
+* ``cpu``: vLLM's CPU attention with its portable kernels: ``(num_blocks, Hkv, block_size,
+  2 * D)`` holding, per block and KV head, the keys as a (D, block_size) array (element
+  (d, t) at d * block_size + t), then the values.
+* ``nhd``: the layout of vLLM's FlashAttention backend: ``(2, num_blocks, block_size, Hkv,
+  D)``, keys first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Layout", "LAYOUTS", "find_layout", "block_rows"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to read keys from one layer's cache tensor.
+
+    Attributes:
+        name: for messages ("cpu", "nhd").
+        read: ``read(cache, blocks, length, num_kv_heads, head_dim) -> (Hkv, length, D)``
+            keys of the tokens stored in ``blocks`` ((nblocks,) int64, in token order), or
+            None when ``cache`` does not have this layout's shape.
+    """
+
+    name: str
+    read: Callable[[torch.Tensor, torch.Tensor, int, int, int], torch.Tensor | None]
+
+    def keys(self, cache: torch.Tensor, row: torch.Tensor, length: int, num_kv_heads: int, head_dim: int):
+        """(1, Hkv, length, D) keys of the request whose block-table row is ``row``, or None."""
+        block_size = _block_size(self.name, cache)
+        if block_size is None:
+            return None
+        blocks = row[: -(-length // block_size)].long()
+        keys = self.read(cache, blocks, length, num_kv_heads, head_dim)
+        return None if keys is None else keys.unsqueeze(0)
+
+
+def _block_size(name: str, cache: torch.Tensor) -> int | None:
+    if name == "cpu" and cache.dim() == 4:
+        return cache.shape[2]
+    if name == "nhd" and cache.dim() == 5 and cache.shape[0] == 2:
+        return cache.shape[2]
+    return None
+
+
+def _read_cpu(cache, blocks, length, num_kv_heads, head_dim):
+    num_blocks, hkv, block_size, width = cache.shape
+    if hkv != num_kv_heads or width != 2 * head_dim:
+        return None
+    keys = cache.view(num_blocks, hkv, 2, head_dim, block_size)[blocks, :, 0]  # (nblocks, Hkv, D, block)
+    return keys.permute(1, 0, 3, 2).reshape(hkv, -1, head_dim)[:, :length]
+
+
+def _read_nhd(cache, blocks, length, num_kv_heads, head_dim):
+    _, _, block_size, hkv, d = cache.shape
+    if hkv != num_kv_heads or d != head_dim:
+        return None
+    keys = cache[0, blocks]  # (nblocks, block, Hkv, D)
+    return keys.permute(2, 0, 1, 3).reshape(hkv, -1, head_dim)[:, :length]
+
+
+LAYOUTS = (Layout("cpu", _read_cpu), Layout("nhd", _read_nhd))
+
+
+def find_layout(cache: torch.Tensor, row: torch.Tensor, start: int, written: torch.Tensor) -> Layout | None:
+    """The layout in `LAYOUTS` whose read gives back exactly ``written``, the (n, Hkv, D) keys
+    of tokens [start, start + n) the layer has just stored for the request at block-table row
+    ``row``; None when no layout does."""
+    n, hkv, d = written.shape
+    for layout in LAYOUTS:
+        try:
+            keys = layout.keys(cache, row, start + n, hkv, d)
+        except (RuntimeError, IndexError):  # a view or an index this cache's shape does not allow
+            continue
+        if keys is None or keys.dtype != written.dtype:
+            continue
+        if torch.equal(keys[0, :, start:].transpose(0, 1), written):
+            return layout
+    return None
+
+
+def block_rows(module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(cache tensor, (num_requests, max_blocks) block table) of a vLLM ``Attention`` module
+    at the current step, or None when the step's metadata or the cache is not there."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, dict):
+        metadata = metadata.get(module.layer_name)
+    table = getattr(metadata, "block_table", None)
+    cache = module.kv_cache[0] if isinstance(module.kv_cache, list) else module.kv_cache
+    if table is None or not isinstance(table, torch.Tensor) or cache.numel() == 0:
+        return None
+    return cache, table

@@ -1,0 +1,50 @@
+"""Reading keys from vLLM-style paged caches (no vLLM needed: the caches are written here,
+token by token, at the slots a block table gives; tests_vllm/ checks the layout against
+vLLM's own CPU cache)."""
+
+import pytest
+import torch
+
+from headgain.vllm.paged import LAYOUTS, find_layout
+
+HKV, D, BLOCK, BLOCKS = 2, 8, 4, 6
+TABLE = torch.tensor([[3, 0, 5, 0], [1, 4, 0, 0]], dtype=torch.int32)  # request 0: blocks 3, 0, 5
+
+
+def _cache(layout: str, keys: torch.Tensor, row: int) -> torch.Tensor:
+    """A cache of ``layout`` holding (T, Hkv, D) ``keys`` for request ``row`` of `TABLE`; every
+    other slot random."""
+    g = torch.Generator().manual_seed(1)
+    if layout == "cpu":
+        cache = torch.randn(BLOCKS, HKV, BLOCK, 2 * D, generator=g)
+        flat = cache.view(BLOCKS, HKV, 2 * BLOCK * D)
+    else:
+        cache = torch.randn(2, BLOCKS, BLOCK, HKV, D, generator=g)
+    for t in range(keys.shape[0]):
+        block, offset = int(TABLE[row, t // BLOCK]), t % BLOCK
+        for h in range(HKV):
+            for d in range(D):
+                if layout == "cpu":  # keys of a block and head as a (D, BLOCK) array
+                    flat[block, h, d * BLOCK + offset] = keys[t, h, d]
+                else:
+                    cache[0, block, offset, h, d] = keys[t, h, d]
+    return cache
+
+
+@pytest.mark.parametrize("name", [layout.name for layout in LAYOUTS])
+def test_each_layout_gives_back_the_keys_written_at_the_block_tables_slots(name):
+    keys = torch.randn(10, HKV, D)  # 10 tokens: blocks 3, 0 and half of 5
+    cache = _cache(name, keys, row=0)
+    layout = find_layout(cache, TABLE[0], 7, keys[7:])  # the last 3 tokens, as a step writes them
+    assert layout is not None and layout.name == name
+    got = layout.keys(cache, TABLE[0], 10, HKV, D)
+    assert got.shape == (1, HKV, 10, D)
+    assert torch.equal(got[0].transpose(0, 1), keys)
+
+
+def test_no_layout_when_the_cache_does_not_hold_the_keys():
+    keys = torch.randn(5, HKV, D)
+    cache = _cache("cpu", keys, row=1)
+    assert find_layout(cache, TABLE[0], 0, keys) is None  # another request's blocks
+    assert find_layout(cache, TABLE[1], 0, keys + 1) is None  # other values
+    assert find_layout(torch.zeros(3, 3), TABLE[1], 0, keys) is None  # a shape no layout has
