@@ -2,8 +2,9 @@
 the scaling mode of the overhead benchmark (`python benchmarks/overhead.py --scaling`).
 
 Arms, interleaved call by call (each timed call of one arm is followed by one of each other
-arm, the starting arm rotating), so that drifts of the machine hit every arm alike; medians
-are reported:
+arm, the starting arm rotating), so that drifts of the machine hit every arm alike. Each
+change against vanilla is the median over rounds of the round's ratio (the arms' times in the
+same round), with a 95% bootstrap interval over rounds:
 
     vanilla-sdpa        the model as loaded
     headgain-fused      headgain attached (default): decoding steps compute the attention
@@ -40,10 +41,12 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np
 import torch
 
 import headgain
 from benchmarks import common
+from headgain.eval.stats import paired_bootstrap
 from headgain.testing.tiny import IMAGE_ID
 
 ARMS = ("vanilla-sdpa", "headgain-fused", "headgain-unfused")
@@ -180,6 +183,14 @@ def _rotated(rnd: int) -> tuple[str, ...]:
     return ARMS[rnd % len(ARMS) :] + ARMS[: rnd % len(ARMS)]
 
 
+def paired_change(arm: list[float], vanilla: list[float]) -> tuple[float, tuple[float, float]]:
+    """Median over rounds of the round's time of ``arm`` over vanilla's, minus 1, and a 95%
+    bootstrap interval of that median (rounds resampled; one round: the interval is the point)."""
+    ratios = np.array(arm) / np.array(vanilla)
+    lo, hi = paired_bootstrap(lambda idx: float(np.median(ratios[idx])), len(ratios))
+    return float(np.median(ratios)) - 1, (lo - 1, hi - 1)
+
+
 def measure(args, model) -> list[dict]:
     device, dtype = model.device, model.dtype
     results = []
@@ -211,8 +222,10 @@ def measure(args, model) -> list[dict]:
         base = entry["arms"]["vanilla-sdpa"]
         for arm in ARMS[1:]:
             a = entry["arms"][arm]
-            a["decode_change"] = a["decode_ms"] / base["decode_ms"] - 1
-            a["prefill_change"] = a["prefill_ms"] / base["prefill_ms"] - 1 if do_prefill else None
+            a["decode_change"], a["decode_ci"] = paired_change(decode[arm], decode["vanilla-sdpa"])
+            a["prefill_change"], a["prefill_ci"] = (
+                paired_change(prefill[arm], prefill["vanilla-sdpa"]) if do_prefill else (None, None)
+            )
         results.append(entry)
         del point
         fused, unfused = entry["arms"]["headgain-fused"], entry["arms"]["headgain-unfused"]
@@ -226,8 +239,10 @@ def measure(args, model) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    def pct(x):
-        return "-" if x is None else f"{x:+.1%}"
+    def pct(x, ci=None):
+        if x is None:
+            return "-"
+        return f"{x:+.1%}" if ci is None else f"{x:+.1%} [{ci[0]:+.1%}, {ci[1]:+.1%}]"
 
     lines = [
         "| batch | visual | reasoning | context | vanilla ms/step | fused | unfused "
@@ -237,11 +252,13 @@ def table(results: list[dict]) -> str:
     for e in results:
         a = e["arms"]
         pre = a["vanilla-sdpa"]["prefill_ms"]
+        fused, unfused = a["headgain-fused"], a["headgain-unfused"]
         lines.append(
             f"| {e['batch']} | {e['visual_tokens']} | {e['reasoning']} | {e['context']} | "
-            f"{a['vanilla-sdpa']['decode_ms']:.1f} | {pct(a['headgain-fused']['decode_change'])} | "
-            f"{pct(a['headgain-unfused']['decode_change'])} | {'-' if pre is None else f'{pre:.0f}'} | "
-            f"{pct(a['headgain-fused']['prefill_change'])} | {pct(a['headgain-unfused']['prefill_change'])} |"
+            f"{a['vanilla-sdpa']['decode_ms']:.1f} | {pct(fused['decode_change'], fused['decode_ci'])} | "
+            f"{pct(unfused['decode_change'], unfused['decode_ci'])} | {'-' if pre is None else f'{pre:.0f}'} | "
+            f"{pct(fused['prefill_change'], fused['prefill_ci'])} | "
+            f"{pct(unfused['prefill_change'], unfused['prefill_ci'])} |"
         )
     return "\n".join(lines)
 
@@ -295,9 +312,10 @@ def main(argv=None) -> int:
                 f"- Machine: {hw}; torch {info['torch']}, transformers {info['transformers']}",
                 f"- headgain ops: {common.extension_status(model.device.type)}; revision {common.git_revision()}",
                 f"- Command: `{command}`",
-                f"- Decoding step ({args.cache} cache): median over {args.rounds} rounds of the median of "
-                f"{args.steps} calls per arm, arms alternating call by call; "
-                f"preset {args.preset}; change against vanilla sdpa",
+                f"- Decoding step ({args.cache} cache): per round, the median of {args.steps} calls per arm, "
+                "arms alternating call by call; prefill: one call per arm and round. Change against vanilla "
+                f"sdpa: median over {args.rounds} rounds of the round's ratio, with a 95% bootstrap interval "
+                f"over rounds; preset {args.preset}",
                 "",
                 text,
                 "",
