@@ -40,6 +40,9 @@ def test_each_layout_gives_back_the_keys_written_at_the_block_tables_slots(name)
     got = layout.keys(cache, TABLE[0], 10, HKV, D)
     assert got.shape == (1, HKV, 10, D)
     assert torch.equal(got[0].transpose(0, 1), keys)
+    for start in (3, 4, 9):  # from inside the first block, at the second, inside the last
+        got = layout.keys(cache, TABLE[0], 10, HKV, D, start)
+        assert torch.equal(got[0].transpose(0, 1), keys[start:])
 
 
 def test_no_layout_when_the_cache_does_not_hold_the_keys():

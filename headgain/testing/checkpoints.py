@@ -52,13 +52,29 @@ def _text_config(tokenizer, layers: int, heads: int, kv_heads: int, head_dim: in
 
 
 def qwen2_checkpoint(
-    path: str, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int = 256
+    path: str,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    intermediate: int = 256,
+    sliding_window: int | None = None,
 ) -> tf.PreTrainedModel:
     """A random-weight Qwen2 decoder (float32; 304 words: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2,
     ``<unk>`` 3, then ``w0``...) and a word-level tokenizer saved at ``path``; returns the
-    model (weights as saved). Head dim 32 is the smallest vLLM's CPU attention takes."""
+    model (weights as saved). Head dim 32 is the smallest vLLM's CPU attention takes.
+    ``sliding_window``: every layer attends to that many tokens (vLLM's Qwen2 takes a window
+    on all layers or none)."""
     tokenizer = _word_tokenizer()
-    config = tf.Qwen2Config(**_text_config(tokenizer, layers, heads, kv_heads, head_dim, intermediate))
+    text = _text_config(tokenizer, layers, heads, kv_heads, head_dim, intermediate)
+    if sliding_window is not None:
+        text.update(
+            use_sliding_window=True,
+            sliding_window=sliding_window,
+            max_window_layers=layers,
+            layer_types=["sliding_attention"] * layers,
+        )
+    config = tf.Qwen2Config(**text)
     torch.manual_seed(0)
     model = tf.Qwen2ForCausalLM(config).eval()
     _sharpen(model)

@@ -251,7 +251,9 @@ class Attachment:
             new, end = k[slot.start : slot.end], slot.end - slot.start + slot.past
             if self._layout is not None:
                 cache, table = paged
-                keys = self._layout.keys(cache, table[slot.row], end, d.num_kv_heads, d.head_dim)
+                window = layer.sliding_window  # the keys the pass's first row sees, and all after them
+                start = max(0, slot.past + 1 - window) if window else 0
+                keys = self._layout.keys(cache, table[slot.row], end, d.num_kv_heads, d.head_dim, start)
             else:
                 keys = slot.request.write_keys(d.num_layers, position, slot.past, new)
                 if self.key_source is None:  # the first step with a config: which layout gives these keys back?

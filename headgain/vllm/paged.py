@@ -33,22 +33,30 @@ class Layout:
 
     Attributes:
         name: for messages ("cpu", "nhd").
-        read: ``read(cache, blocks, length, num_kv_heads, head_dim) -> (Hkv, length, D)``
-            keys of the tokens stored in ``blocks`` ((nblocks,) int64, in token order), or
+        read: ``read(cache, blocks, num_kv_heads, head_dim) -> (Hkv, nblocks * block_size, D)``
+            keys of the token slots of ``blocks`` ((nblocks,) int64, in token order), or
             None when ``cache`` does not have this layout's shape.
     """
 
     name: str
-    read: Callable[[torch.Tensor, torch.Tensor, int, int, int], torch.Tensor | None]
+    read: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor | None]
 
-    def keys(self, cache: torch.Tensor, row: torch.Tensor, length: int, num_kv_heads: int, head_dim: int):
-        """(1, Hkv, length, D) keys of the request whose block-table row is ``row``, or None."""
+    def keys(
+        self, cache: torch.Tensor, row: torch.Tensor, length: int, num_kv_heads: int, head_dim: int, start: int = 0
+    ) -> torch.Tensor | None:
+        """(1, Hkv, length - start, D) keys of tokens [start, length) of the request whose
+        block-table row is ``row``, or None when ``cache`` does not have this layout's shape.
+        (A sliding-window layer reads from the window's start: vLLM may have freed the
+        blocks before it.)"""
         block_size = _block_size(self.name, cache)
         if block_size is None:
             return None
-        blocks = row[: -(-length // block_size)].long()
-        keys = self.read(cache, blocks, length, num_kv_heads, head_dim)
-        return None if keys is None else keys.unsqueeze(0)
+        first = start // block_size
+        blocks = row[first : -(-length // block_size)].long()
+        keys = self.read(cache, blocks, num_kv_heads, head_dim)
+        if keys is None:
+            return None
+        return keys[:, start - first * block_size : length - first * block_size].unsqueeze(0)
 
 
 def _block_size(name: str, cache: torch.Tensor) -> int | None:
@@ -59,20 +67,20 @@ def _block_size(name: str, cache: torch.Tensor) -> int | None:
     return None
 
 
-def _read_cpu(cache, blocks, length, num_kv_heads, head_dim):
+def _read_cpu(cache, blocks, num_kv_heads, head_dim):
     num_blocks, hkv, block_size, width = cache.shape
     if hkv != num_kv_heads or width != 2 * head_dim:
         return None
     keys = cache.view(num_blocks, hkv, 2, head_dim, block_size)[blocks, :, 0]  # (nblocks, Hkv, D, block)
-    return keys.permute(1, 0, 3, 2).reshape(hkv, -1, head_dim)[:, :length]
+    return keys.permute(1, 0, 3, 2).reshape(hkv, -1, head_dim)
 
 
-def _read_nhd(cache, blocks, length, num_kv_heads, head_dim):
+def _read_nhd(cache, blocks, num_kv_heads, head_dim):
     _, _, block_size, hkv, d = cache.shape
     if hkv != num_kv_heads or d != head_dim:
         return None
     keys = cache[0, blocks]  # (nblocks, block, Hkv, D)
-    return keys.permute(2, 0, 1, 3).reshape(hkv, -1, head_dim)[:, :length]
+    return keys.permute(2, 0, 1, 3).reshape(hkv, -1, head_dim)
 
 
 LAYOUTS = (Layout("cpu", _read_cpu), Layout("nhd", _read_nhd))
@@ -85,12 +93,10 @@ def find_layout(cache: torch.Tensor, row: torch.Tensor, start: int, written: tor
     n, hkv, d = written.shape
     for layout in LAYOUTS:
         try:
-            keys = layout.keys(cache, row, start + n, hkv, d)
+            keys = layout.keys(cache, row, start + n, hkv, d, start)
         except (RuntimeError, IndexError):  # a view or an index this cache's shape does not allow
             continue
-        if keys is None or keys.dtype != written.dtype:
-            continue
-        if torch.equal(keys[0, :, start:].transpose(0, 1), written):
+        if keys is not None and keys.dtype == written.dtype and torch.equal(keys[0].transpose(0, 1), written):
             return layout
     return None
 
