@@ -38,6 +38,7 @@ from headgain.testing.checkpoints import idefics3_checkpoint  # noqa: E402
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, IMAGE_SIZE = 4, 4, 2, 32, 56  # 4 <image> tokens per picture
 NEW = 6
 CFG = {"l_perc": 1, "tau_perc": 0.3, "g_perc": 2.0, "l_reas": 2, "tau_reas": 0.2, "g_reas": 2.5}
+OTHER = {"l_perc": 0, "tau_perc": 0.1, "g_perc": 1.8, "l_reas": 3, "tau_reas": 0.05, "g_reas": 1.5}
 
 
 def _picture(seed: int, width: int, height: int) -> Image.Image:
@@ -66,6 +67,15 @@ def checkpoint(tmp_path_factory):
 def served(checkpoint):
     """One engine with the plugin (requests without a config are vanilla, bit for bit)."""
     env = {hv.ENV_ENABLE: "1", hv.ENV_RECORD: "16"}
+    return start_engine(checkpoint, env, max_model_len=256, max_num_seqs=4, limit_mm_per_prompt={"image": 1})
+
+
+@pytest.fixture(scope="module")
+def by_placeholders(checkpoint):
+    """The plugin with an arch map that names no visual token id: visual positions can only
+    come from the requests' multimodal placeholders."""
+    arch = headgain.ArchMap("model.text_model.layers.*.self_attn", visual_token_ids=())
+    env = {hv.ENV_ENABLE: "1", hv.ENV_RECORD: "16", hv.ENV_ARCH_MAP: arch.to_json()}
     return start_engine(checkpoint, env, max_model_len=256, max_num_seqs=4, limit_mm_per_prompt={"image": 1})
 
 
@@ -140,3 +150,19 @@ def test_request_without_image_is_left_vanilla_with_a_warning(served):
     steps = step_records(served, request_id)
     assert len(steps) == NEW
     assert all(bool((r == 0).all()) and bool((g == 1).all()) for _, _, r, g in steps)
+
+
+def test_visual_positions_come_from_the_requests_placeholders(by_placeholders, reference):
+    """Two configs in one batch, visual positions from vLLM's placeholders alone: the same S_v,
+    gains and tokens as transformers, whose reference flags the image token id."""
+    configs = [CFG, OTHER, CFG]
+    tokens, _, ids = generate(by_placeholders, [_request(*p) for p in PROMPTS], configs, NEW)
+    for (prompt, picture), cfg, got, request_id in zip(PROMPTS, configs, tokens, ids):
+        want, length, ratios, gains = _transformers(reference, prompt, picture, cfg)
+        assert got == want
+        steps = step_records(by_placeholders, request_id)
+        assert len(steps) == len(ratios) == NEW
+        for (_, _, r, g), ref_r, ref_g in zip(steps, ratios, gains):
+            torch.testing.assert_close(r, ref_r, atol=2e-6, rtol=0)
+            assert torch.equal(g, ref_g)
+        assert all(bool(((r > 0.01) & (r < 0.99)).any()) for _, _, r, _ in steps)

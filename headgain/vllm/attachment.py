@@ -3,8 +3,10 @@
 At each engine step (one ``execute_model`` call of the model runner) the packed tokens of
 the scheduled requests run through every decoder layer at once. The first decoder layer's
 attention builds the step's plan: for each request with a config, its rows in the packed
-batch (in the order of the runner's ``input_batch``), the tokens it computed before, and
-a `ForwardState` over its own sequence. Then, at every layer, a forward hook on the
+batch (in the order of the runner's ``input_batch``), the tokens it computed before, its
+visual positions (vLLM's multimodal placeholders of its images and videos; for a request
+without them, the tokens whose id the arch map calls visual) and a `ForwardState` over its
+own sequence. Then, at every layer, a forward hook on the
 ``Attention`` module reads the request's queries after rotary embedding and all its keys
 so far (from vLLM's paged KV cache, `headgain.vllm.paged`, once the first step with a
 config has shown that headgain reads that cache's layout exactly; else from a copy headgain
@@ -179,7 +181,11 @@ class Attachment:
             if past + n < prompt and not self._warned_chunked:
                 self._warned_chunked = True
                 warnings.warn(_CHUNKED.format(req_id=req_id, prompt=prompt, n=n), RuntimeWarning, stacklevel=2)
-            flags = torch.isin(ids[start : start + n], visual_ids)
+            if request.placeholders is not None:  # the request's image and video positions
+                flags = request.placeholders[past : past + n]
+                flags = torch.cat([flags, flags.new_zeros(n - flags.shape[0])]).to(ids.device)
+            else:
+                flags = torch.isin(ids[start : start + n], visual_ids)
             previous = request.visual[:past][None] if past else None
             state = ForwardState.build(flags[None], None, previous, request.cfg.query)
             request.add_visual(flags)
@@ -201,7 +207,7 @@ class Attachment:
     def _request(self, req_id: str, cached) -> RequestState:
         params = cached.sampling_params
         cfg = request_config(params.extra_args if params is not None else None, self.settings.default)
-        request = RequestState(req_id, cfg)
+        request = RequestState(req_id, cfg, placeholders=_placeholders(cached))
         if cfg is not None:
             cfg.check_layers(self.decoder.num_layers)
             request.rules = layer_rules(cfg, [layer.index for layer in self.decoder.layers], self.decoder.num_heads)
@@ -292,6 +298,23 @@ class Attachment:
                     "read; headgain's vLLM plugin expects attn, then o_proj, in each layer"
                 )
             ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), gains)
+
+
+_VISUAL_MODALITIES = ("image", "video")
+
+
+def _placeholders(cached) -> torch.Tensor | None:
+    """(prompt length,) bool: the prompt positions vLLM fills with image or video embeddings
+    (its multimodal placeholders), or None for a request without images or videos."""
+    features = [f for f in getattr(cached, "mm_features", None) or () if f.modality in _VISUAL_MODALITIES]
+    if not features:
+        return None
+    flags = torch.zeros(int(cached.num_prompt_tokens), dtype=torch.bool)
+    for feature in features:
+        place = feature.mm_position
+        span = flags[place.offset : place.offset + place.length]
+        span |= True if place.is_embed is None else place.is_embed.to(torch.bool).cpu()
+    return flags
 
 
 _CHUNKED = (

@@ -40,6 +40,9 @@ class RequestState:
     Attributes:
         req_id: vLLM's request id inside the engine.
         cfg: the request's config (None: vanilla, nothing kept).
+        placeholders: (prompt length,) bool, the prompt positions vLLM fills with image or
+            video embeddings, from the request's multimodal placeholders (None without
+            images or videos: visual positions then come from the arch map's token ids).
         rules: the config's rule per decoder layer.
         length: tokens whose keys and visual flags are held.
         keys: (L, capacity, Hkv, D) keys after rotary embedding, in the model's dtype (None
@@ -50,6 +53,7 @@ class RequestState:
 
     req_id: str
     cfg: HeadGainConfig | None
+    placeholders: torch.Tensor | None = None
     rules: tuple[LayerRule, ...] = ()
     length: int = 0
     keys: torch.Tensor | None = None
