@@ -6,6 +6,7 @@ attention and `headgain.attach`: S_v there is read from the attention probabilit
 model returns, here it is recomputed from vLLM's packed queries and keys.
 """
 
+import copy
 import json
 import os
 import platform
@@ -62,6 +63,15 @@ def copying(checkpoint):
     """The plugin reading earlier keys from its own copy, never from vLLM's cache."""
     env = {hv.ENV_ENABLE: "1", hv.ENV_RECORD: "64", hv.ENV_ARCH_MAP: ARCH.to_json(), hv.ENV_KEYS: "copy"}
     return start_engine(checkpoint, env)
+
+
+@pytest.fixture(scope="module")
+def compiled(checkpoint):
+    """The plugin in vLLM's compiled mode (torch.compile; vLLM's CPU build runs no CUDA graphs)."""
+    env = {hv.ENV_ENABLE: "1", hv.ENV_RECORD: "8", hv.ENV_ARCH_MAP: ARCH.to_json()}
+    llm = start_engine(checkpoint, env, enforce_eager=False)
+    assert llm.llm_engine.vllm_config.compilation_config.mode != 0, "the engine must compile the model"
+    return llm
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +165,18 @@ def test_sv_gains_and_tokens_match_transformers(checkpoint, served, copying, van
         ]
         _check_steps(steps, ratios, gains)
         assert any(bool((g != 1).any()) for _, _, _, g in steps)
+
+
+def test_compiled_graphs_run_headgain_at_every_step(checkpoint, compiled):
+    """headgain's op sits in the graphs vLLM compiles (attached when the model loads, before
+    torch.compile traces it): S_v, gains and tokens as transformers; a request without a
+    config keeps transformers' vanilla tokens."""
+    tokens, _, ids = _generate(compiled, PROMPTS[:2], [CFG, ...])
+    model = tf.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)
+    want, ratios, gains = _transformers(model.eval(), PROMPTS[0], CFG)
+    assert tokens[0] == want
+    _check_steps(step_records(compiled, ids[0]), ratios, gains)
+    assert tokens[1] == _transformers(model, PROMPTS[1], UNIT)[0]
 
 
 def test_chunked_prefill_matches_transformers_fed_the_same_chunks(checkpoint, chunked):
@@ -265,8 +287,20 @@ def test_requests_are_checked_at_submission(served, vanilla):
 def test_unsupported_engine_is_refused_at_start(checkpoint):
     env = {hv.ENV_ENABLE: "1", hv.ENV_ARCH_MAP: json.dumps(ARCH.to_dict())}
     with pytest.raises(Exception) as info:
-        start_engine(checkpoint, env, enforce_eager=False)
-    assert "enforce_eager=True" in "".join(str(e) for e in _chain(info.value))
+        start_engine(checkpoint, env, pipeline_parallel_size=2)
+    assert "pipeline_parallel_size=1" in "".join(str(e) for e in _chain(info.value))
+
+
+def test_engine_checks_name_every_setting_to_change(served):
+    """`check_engine` on a real engine's config with what vLLM's CPU build cannot start here
+    (CUDA graphs: it turns them off)."""
+    from vllm.config import CUDAGraphMode
+
+    config = copy.deepcopy(served.llm_engine.vllm_config)
+    hv.check_engine(config)  # the engine as it runs
+    config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
+    with pytest.raises(headgain.HeadGainError, match='"cudagraph_mode": "NONE"'):
+        hv.check_engine(config)
 
 
 def _chain(error):

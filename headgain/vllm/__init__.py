@@ -4,7 +4,7 @@ Install headgain where vLLM runs; vLLM finds the plugin through the
 ``vllm.general_plugins`` entry point ``headgain`` and calls `register` in every process.
 Enable it with ``HEADGAIN_VLLM=1`` (or an engine-wide default in ``HEADGAIN_CONFIG``) and
 pass a config per request in ``SamplingParams(extra_args={"headgain": ...})``; see
-`headgain.vllm.settings`. Supported: eager mode (``enforce_eager=True``), with or without
+`headgain.vllm.settings`. Supported: eager and compiled mode without CUDA graphs, with or without
 chunked prefill (each chunk is a pass of its own) and prefix caching (requests with a config
 stay out of it), without speculative decoding, pipeline parallelism or KV transfer
 (`check_engine` refuses the rest when the engine starts).

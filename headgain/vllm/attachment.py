@@ -6,19 +6,23 @@ attention builds the step's plan: for each request with a config, its rows in th
 batch (in the order of the runner's ``input_batch``), the tokens it computed before, its
 visual positions (vLLM's multimodal placeholders of its images and videos; for a request
 without them, the tokens whose id the arch map calls visual) and a `ForwardState` over its
-own sequence. Then, at every layer, a forward hook on the
-``Attention`` module reads the request's queries after rotary embedding and all its keys
-so far (from vLLM's paged KV cache, `headgain.vllm.paged`, once the first step with a
-config has shown that headgain reads that cache's layout exactly; else from a copy headgain
-keeps), computes S_v at i* (the last prompt token at the prefill, the new token at each
-decoding step, exactly as `headgain.attach` does in ``transformers``), and a pre-hook on
-``o_proj`` scales the request's rows of the head outputs by the gains.
+own sequence. Then, at every layer, the ``Attention`` module's forward (wrapped when the
+model loads, before vLLM compiles it) calls one opaque op, ``headgain_vllm::rescale_heads_``,
+which reads each such request's queries after rotary embedding and all its keys so far
+(from vLLM's paged KV cache, `headgain.vllm.paged`, once the first step with a config has
+shown that headgain reads that cache's layout exactly; else from a copy headgain keeps),
+computes S_v at i* (the last prompt token at the prefill, the new token at each decoding
+step, exactly as `headgain.attach` does in ``transformers``), and scales the request's rows
+of the attention output (the ``o_proj`` input) by the gains, in place. Compiled graphs call
+the op at every step like eager mode; CUDA graphs would replay without it (refused).
 Requests without a config are never touched: their rows stay bit-identical to vanilla.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -109,9 +113,10 @@ class Attachment:
         self.key_source: str | None = "copy" if settings.keys == "copy" else None
         self._layout: Layout | None = None
         self._checked: dict[int, Layout | None] = {}  # layer position -> layout found, while checking
+        self._token = next(_TOKENS)
+        _ATTACHMENTS[self._token] = self
         for position, layer in enumerate(self.decoder.layers):  # for the engine's lifetime: never removed
-            layer.attn.register_forward_hook(self._after_attention_of(position), with_kwargs=True)
-            layer.o_proj.register_forward_pre_hook(self._before_o_proj_of(position))
+            layer.attn.forward = self._forward_of(layer.attn, position)
         model.__dict__[_ATTR] = self
 
     # ------------------------------------------------------------------ engine steps
@@ -218,22 +223,24 @@ class Attachment:
         self._requests[req_id] = request
         return request
 
-    # ------------------------------------------------------------------ hooks
-    def _after_attention_of(self, position: int):
-        def hook(module, args, kwargs, output):
-            if self._step is not None:
-                query = args[0] if args else kwargs["query"]
-                key = args[1] if len(args) > 1 else kwargs["key"]
-                self._read(position, module, query, key)
+    # ------------------------------------------------------------------ the op
+    def _forward_of(self, attn: nn.Module, position: int):
+        """``attn.forward`` with headgain's op after it: S_v from the layer's queries and keys,
+        then the configured requests' rows of the attention output scaled in place (one
+        opaque op, so that vLLM's compiled graphs call it at every step like eager mode)."""
+        original = attn.forward
 
-        return hook
+        def forward(query, key, *args, **kwargs):
+            out = original(query, key, *args, **kwargs)
+            torch.ops.headgain_vllm.rescale_heads_(out, query, key, self._token, position)
+            return out
 
-    def _before_o_proj_of(self, position: int):
-        def hook(module, args):
-            if self._step is not None:
-                self._scale(position, args[0])
+        return forward
 
-        return hook
+    def _rescale(self, position: int, out: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
+        if self._step is not None:
+            self._read(position, self.decoder.layers[position].attn, query, key)
+            self._scale(position, out)
 
     @torch.no_grad()
     def _read(self, position: int, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -285,19 +292,33 @@ class Attachment:
 
     @torch.no_grad()
     def _scale(self, position: int, heads: torch.Tensor) -> None:
-        """Scale, in place, each configured request's rows of the (T, H * D_v) ``o_proj`` input."""
+        """Scale, in place, each configured request's rows of the (T, H * D_v) attention output
+        (the ``o_proj`` input)."""
         slots = self._plan()
         if not slots:
             return
         view = heads.view(heads.shape[0], self.decoder.num_heads, self.decoder.head_dim_v)
         for slot in slots:
-            gains = slot.gains.pop(position, None)
-            if gains is None:
-                raise HeadGainError(
-                    f"the o_proj of decoder layer {self.decoder.layers[position].index} ran before its attention was "
-                    "read; headgain's vLLM plugin expects attn, then o_proj, in each layer"
-                )
+            gains = slot.gains.pop(position)
             ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), gains)
+
+
+# the op's fourth argument names its attachment (custom ops take no Python objects)
+_ATTACHMENTS: weakref.WeakValueDictionary[int, Attachment] = weakref.WeakValueDictionary()
+_TOKENS = itertools.count()
+
+
+@torch.library.custom_op("headgain_vllm::rescale_heads_", mutates_args=("out",))
+def _rescale_heads(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, attachment: int, position: int) -> None:
+    """S_v of the configured requests of the current step at decoder layer ``position`` of
+    attachment ``attachment``, from its (T, H * D) queries and (T, Hkv * D) keys, and their
+    rows of the (T, H * D_v) attention output ``out`` scaled in place by the gains."""
+    _ATTACHMENTS[attachment]._rescale(position, out, query, key)
+
+
+@_rescale_heads.register_fake
+def _(out, query, key, attachment, position) -> None:
+    return None
 
 
 _VISUAL_MODALITIES = ("image", "video")
@@ -340,7 +361,7 @@ def _unsupported_step(req_id: str, past: int, n: int, held: int) -> str:
     if past != held:
         return (
             f"request {req_id}: vLLM computes its tokens from position {past} on while headgain holds {held}: tokens "
-            "skipped the hooks (headgain keeps requests with a config out of vLLM's prefix cache, so this is a path "
+            "skipped headgain (it keeps requests with a config out of vLLM's prefix cache, so this is a path "
             "it does not know)"
         )
     return f"request {req_id}: {n} tokens in one decoding step after {past}; speculative decoding is not supported"

@@ -32,7 +32,7 @@ _WRAPPED = "_headgain_wrapped"
 
 
 def register() -> None:
-    """Install headgain's hooks into vLLM (idempotent)."""
+    """Wrap vLLM's methods listed in the module docstring (idempotent)."""
     from vllm.platforms import current_platform
     from vllm.v1.engine import input_processor
     from vllm.v1.worker import gpu_model_runner
@@ -66,16 +66,16 @@ def _wrap(cls, name: str, wrapper) -> None:
 
 def check_engine(vllm_config) -> None:
     """Raise `HeadGainError` naming every engine setting headgain cannot serve, and the fix."""
-    from vllm.config import CompilationMode, CUDAGraphMode
+    from vllm.config import CUDAGraphMode
 
     problems = []
     if vllm_config.use_v2_model_runner:
         problems.append("headgain hooks into vLLM's V1 model runner, not the V2 one (set VLLM_USE_V2_MODEL_RUNNER=0)")
-    compilation = vllm_config.compilation_config
-    if compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode != CUDAGraphMode.NONE:
+    if vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE:
         problems.append(
-            "compiled graphs and CUDA graphs run the model without the Python hooks headgain reads and scales "
-            "through (set enforce_eager=True)"
+            "CUDA graphs replay recorded kernels without headgain's op, which reads S_v and scales the heads of "
+            "each step's configured requests in Python (set enforce_eager=True, or keep torch.compile and turn "
+            'CUDA graphs off: compilation_config={"cudagraph_mode": "NONE"})'
         )
     if vllm_config.kv_transfer_config is not None:
         problems.append(
