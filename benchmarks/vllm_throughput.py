@@ -1,7 +1,8 @@
 """Throughput of vLLM with headgain's dynamic plugin against vanilla vLLM (generated tokens/s).
 
 Two engines in this process over the same random-weight Qwen2 checkpoint (written here;
-nothing is downloaded), both in eager mode without prefix caching (the prompts differ;
+nothing is downloaded), both in eager mode (``--compiled``: torch.compile, which vLLM's CPU
+build runs without CUDA graphs) without prefix caching (the prompts differ;
 configured requests never use it) or chunked prefill (every prompt in one pass):
 "vanilla" (plugin off) and "headgain" (plugin on, every request with a config). Each prompt
 holds ``--visual`` tokens the arch map calls visual. Batch sizes and arms are interleaved
@@ -42,6 +43,7 @@ def _args(argv=None):
     p.add_argument("--visual", type=int, default=128, help="visual tokens per prompt")
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per request (min = max)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per arm and batch size")
+    p.add_argument("--compiled", action="store_true", help="both arms compiled (torch.compile) instead of eager")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
@@ -65,7 +67,7 @@ def _engine(path: str, args, enabled: bool):
     return LLM(
         path,
         dtype="float32",
-        enforce_eager=True,
+        enforce_eager=not args.compiled,
         enable_prefix_caching=False,
         enable_chunked_prefill=False,
         max_model_len=args.prompt + args.new_tokens + 8,
@@ -156,7 +158,8 @@ def main(argv=None) -> int:
                 f"{os.getloadavg()[0]:.1f} after",
                 f"- Command: `{command.strip()}`",
                 f"- Model: random-weight Qwen2, {args.layers} layers, {args.heads} heads ({args.kv_heads} KV heads) "
-                f"of {args.head_dim}, float32; eager mode, no prefix caching, no chunked prefill in both arms",
+                f"of {args.head_dim}, float32; {'compiled' if args.compiled else 'eager'} mode, no prefix caching, "
+                "no chunked prefill in both arms",
                 f"- Workload: per request {args.prompt} prompt tokens ({args.visual} visual), {args.new_tokens} "
                 f"generated tokens (greedy, min = max), all requests of a row in one generate call; headgain arm: "
                 f"every request with config {CFG}; median of {args.rounds} interleaved rounds after a warm-up",
