@@ -17,9 +17,15 @@ def _cache(layout: str, keys: torch.Tensor, row: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     if layout == "cpu":
         cache = torch.randn(BLOCKS, HKV, BLOCK, 2 * D, generator=g)
-        flat = cache.view(BLOCKS, HKV, 2 * BLOCK * D)
     else:
         cache = torch.randn(2, BLOCKS, BLOCK, HKV, D, generator=g)
+    _write(cache, layout, keys, row)
+    return cache
+
+
+def _write(cache: torch.Tensor, layout: str, keys: torch.Tensor, row: int) -> None:
+    """Store (T, Hkv, D) ``keys`` in ``cache`` at the slots of request ``row`` of `TABLE`."""
+    flat = cache.view(BLOCKS, HKV, 2 * BLOCK * D) if layout == "cpu" else None
     for t in range(keys.shape[0]):
         block, offset = int(TABLE[row, t // BLOCK]), t % BLOCK
         for h in range(HKV):
@@ -28,7 +34,6 @@ def _cache(layout: str, keys: torch.Tensor, row: int) -> torch.Tensor:
                     flat[block, h, d * BLOCK + offset] = keys[t, h, d]
                 else:
                     cache[0, block, offset, h, d] = keys[t, h, d]
-    return cache
 
 
 @pytest.mark.parametrize("name", [layout.name for layout in LAYOUTS])
@@ -51,3 +56,15 @@ def test_no_layout_when_the_cache_does_not_hold_the_keys():
     assert find_layout(cache, TABLE[0], 0, keys) is None  # another request's blocks
     assert find_layout(cache, TABLE[1], 0, keys + 1) is None  # other values
     assert find_layout(torch.zeros(3, 3), TABLE[1], 0, keys) is None  # a shape no layout has
+
+
+@pytest.mark.parametrize("name", [layout.name for layout in LAYOUTS])
+def test_batch_keys_read_several_requests_at_once(name):
+    (layout,) = [layout for layout in LAYOUTS if layout.name == name]
+    first, second = torch.randn(10, HKV, D), torch.randn(5, HKV, D)
+    cache = _cache(name, first, row=0)
+    _write(cache, name, second, row=1)
+    got = layout.batch_keys(cache, TABLE, 10, HKV, D)
+    assert got.shape == (2, HKV, 10, D)
+    assert torch.equal(got[0].transpose(0, 1), first)
+    assert torch.equal(got[1, :, :5].transpose(0, 1), second)  # past its length: other slots, masked by the caller

@@ -33,9 +33,9 @@ class Layout:
 
     Attributes:
         name: for messages ("cpu", "nhd").
-        read: ``read(cache, blocks, num_kv_heads, head_dim) -> (Hkv, nblocks * block_size, D)``
-            keys of the token slots of ``blocks`` ((nblocks,) int64, in token order), or
-            None when ``cache`` does not have this layout's shape.
+        read: ``read(cache, blocks, num_kv_heads, head_dim) -> (R, Hkv, nblocks * block_size, D)``
+            keys of the token slots of ``blocks`` ((R, nblocks) int64, each row in token
+            order), or None when ``cache`` does not have this layout's shape.
     """
 
     name: str
@@ -53,10 +53,22 @@ class Layout:
             return None
         first = start // block_size
         blocks = row[first : -(-length // block_size)].long()
-        keys = self.read(cache, blocks, num_kv_heads, head_dim)
+        keys = self.read(cache, blocks[None], num_kv_heads, head_dim)
         if keys is None:
             return None
-        return keys[:, start - first * block_size : length - first * block_size].unsqueeze(0)
+        return keys[:, :, start - first * block_size : length - first * block_size]
+
+    def batch_keys(
+        self, cache: torch.Tensor, rows: torch.Tensor, length: int, num_kv_heads: int, head_dim: int
+    ) -> torch.Tensor | None:
+        """(R, Hkv, length, D): tokens [0, length) of the R requests whose block-table rows are
+        ``rows`` ((R, max blocks)); past a request's own length the slots hold whatever the
+        blocks its table row names hold (mask them)."""
+        block_size = _block_size(self.name, cache)
+        if block_size is None:
+            return None
+        keys = self.read(cache, rows[:, : -(-length // block_size)].long(), num_kv_heads, head_dim)
+        return None if keys is None else keys[:, :, :length]
 
 
 def _block_size(name: str, cache: torch.Tensor) -> int | None:
@@ -71,16 +83,18 @@ def _read_cpu(cache, blocks, num_kv_heads, head_dim):
     num_blocks, hkv, block_size, width = cache.shape
     if hkv != num_kv_heads or width != 2 * head_dim:
         return None
-    keys = cache.view(num_blocks, hkv, 2, head_dim, block_size)[blocks, :, 0]  # (nblocks, Hkv, D, block)
-    return keys.permute(1, 0, 3, 2).reshape(hkv, -1, head_dim)
+    r, n = blocks.shape
+    keys = cache.view(num_blocks, hkv, 2, head_dim, block_size)[:, :, 0].index_select(0, blocks.flatten())
+    return keys.view(r, n, hkv, head_dim, block_size).permute(0, 2, 1, 4, 3).reshape(r, hkv, n * block_size, head_dim)
 
 
 def _read_nhd(cache, blocks, num_kv_heads, head_dim):
     _, _, block_size, hkv, d = cache.shape
     if hkv != num_kv_heads or d != head_dim:
         return None
-    keys = cache[0, blocks]  # (nblocks, block, Hkv, D)
-    return keys.permute(2, 0, 1, 3).reshape(hkv, -1, head_dim)
+    r, n = blocks.shape
+    keys = cache[0].index_select(0, blocks.flatten())  # (R * nblocks, block, Hkv, D)
+    return keys.view(r, n, block_size, hkv, d).permute(0, 3, 1, 2, 4).reshape(r, hkv, n * block_size, d)
 
 
 LAYOUTS = (Layout("cpu", _read_cpu), Layout("nhd", _read_nhd))
