@@ -146,7 +146,7 @@ def _process_inputs(original, processor, *args, **kwargs):
     request = original(processor, *args, **kwargs)
     sampling = request.sampling_params
     if settings.enabled and sampling is not None and request_config(sampling.extra_args, settings.default) is not None:
-        sampling.skip_reading_prefix_cache = True  # on the request's copy of the caller's params
+        sampling.skip_reading_prefix_cache = True  # the request's copy (streamed input sessions reuse the caller's)
         salt = f"headgain-{uuid.uuid4().hex}"
         request.cache_salt = salt if request.cache_salt is None else f"{salt}:{request.cache_salt}"
     return request
