@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -167,3 +168,20 @@ def torch_has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_prefill_instructions_points_and_child(tmp_path):
+    """The callgrind benchmark refuses a bad point, and its counted child runs (outside
+    valgrind the client requests do nothing)."""
+    script = os.path.join(ROOT, "benchmarks", "prefill_instructions.py")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    bad = subprocess.run([sys.executable, script, "--points", "2"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "expected BATCHxVISUAL" in bad.stderr
+    if shutil.which("gcc") is None or not os.path.exists("/usr/include/valgrind/callgrind.h"):
+        pytest.skip("gcc and valgrind's headers build the counting helper")
+    from benchmarks.prefill_instructions import build_helper
+
+    helper = build_helper(str(tmp_path))
+    cmd = [sys.executable, script, "--helper", helper, "--child", "headgain", "1", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
