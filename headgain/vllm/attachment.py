@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from ..core import ops
+from ..core.config import HeadGainConfig
 from ..core.errors import HeadGainError
 from ..core.readout import ForwardState, layer_gains, layer_ratios
-from ..core.rules import layer_rules
+from ..core.rules import LayerRule, layer_rules
 from .archs import VllmDecoder, resolve
 from .paged import Layout, block_rows, find_layout
 from .requests import RequestState, StepRecord
@@ -99,6 +100,9 @@ class _DecodeBatch:
         mask: (R, 1, length) bool, the keys each one's token attends to.
         visual: (R, length) bool, its visual keys.
         weights: (R, 1) float32 ones (the one query row of each).
+        groups: (rules, (G,) int64 positions in the batch, (G,) bool has_visual) per set of
+            requests that share their rules (the same config): one gains op each.
+        gains: layer position -> (R, H) float32 gains, from the layer's read to its scaling.
     """
 
     slots: list[_Slot]
@@ -108,6 +112,8 @@ class _DecodeBatch:
     mask: torch.Tensor
     visual: torch.Tensor
     weights: torch.Tensor
+    groups: list[tuple[tuple[LayerRule, ...], torch.Tensor, torch.Tensor]]
+    gains: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, slots: list[_Slot], device) -> _DecodeBatch:
@@ -117,6 +123,17 @@ class _DecodeBatch:
         for i, (slot, n) in enumerate(zip(slots, lengths)):
             visual[i, :n] = slot.request.visual[:n]
         mask = torch.arange(length, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+        members: dict[int, list[int]] = {}
+        for i, slot in enumerate(slots):
+            members.setdefault(id(slot.request.rules), []).append(i)
+        groups = [
+            (
+                slots[idx[0]].request.rules,
+                torch.tensor(idx, device=device),
+                torch.cat([slots[i].state.has_visual for i in idx]),
+            )
+            for idx in members.values()
+        ]
         return cls(
             slots,
             torch.tensor([slot.start for slot in slots], device=device),
@@ -125,6 +142,7 @@ class _DecodeBatch:
             mask[:, None],
             visual,
             torch.ones(len(slots), 1, device=device),
+            groups,
         )
 
 
@@ -153,6 +171,7 @@ class Attachment:
         self._step = None  # (runner, scheduler_output) while a step runs
         self._slots: list[_Slot] | None = None  # the step's plan, built at its first layer
         self._batch: _DecodeBatch | None = None  # its decoding requests, when keys come from the paged cache
+        self._rules: dict[HeadGainConfig, tuple[LayerRule, ...]] = {}
         self._warned_no_visual = False
         self._warned_chunked = False
         self._warned_preempted = False
@@ -261,7 +280,10 @@ class Attachment:
         request = RequestState(req_id, cfg, placeholders=_placeholders(cached))
         if cfg is not None:
             cfg.check_layers(self.decoder.num_layers)
-            request.rules = layer_rules(cfg, [layer.index for layer in self.decoder.layers], self.decoder.num_heads)
+            if cfg not in self._rules:  # one rules tuple per config: requests that share it share gains ops
+                indices = [layer.index for layer in self.decoder.layers]
+                self._rules[cfg] = layer_rules(cfg, indices, self.decoder.num_heads)
+            request.rules = self._rules[cfg]
             if self.settings.record:
                 self.records[req_id] = request.steps
                 while len(self.records) > self.settings.record:
@@ -321,8 +343,14 @@ class Attachment:
                 ratios = ops.ratio_from_qk(
                     rows, keys, batch.mask, batch.visual, batch.weights, layer.scale, layer.softcap
                 )
+                gains = torch.empty_like(ratios)
+                for rules, members, has_visual in batch.groups:
+                    gains[members] = layer_gains(ratios[members], has_visual, rules[position])
+                batch.gains[position] = gains
                 for i, slot in enumerate(batch.slots):
-                    self._keep(position, slot, ratios[i : i + 1])
+                    if slot.ratios_record is not None:
+                        slot.ratios_record[position] = ratios[i].cpu()
+                        slot.gains_record[position] = gains[i].cpu()
                 singles = [slot for slot in slots if slot.end - slot.start > 1]
         for slot in singles:
             new, end = k[slot.start : slot.end], slot.end - slot.start + slot.past
@@ -366,9 +394,14 @@ class Attachment:
         if not slots:
             return
         view = heads.view(heads.shape[0], self.decoder.num_heads, self.decoder.head_dim_v)
+        batch = self._batch
+        if batch is not None and position in batch.gains:  # the decoding requests' rows at once
+            rows = view.index_select(0, batch.tokens)
+            ops.scale_heads_(rows[:, None], batch.gains.pop(position))
+            view.index_copy_(0, batch.tokens, rows)
         for slot in slots:
-            gains = slot.gains.pop(position)
-            ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), gains)
+            if position in slot.gains:
+                ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), slot.gains.pop(position))
 
 
 # the op's fourth argument names its attachment (custom ops take no Python objects)
