@@ -27,7 +27,7 @@ import itertools
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -82,7 +82,6 @@ class _Slot:
     end: int
     past: int
     state: ForwardState
-    gains: dict[int, torch.Tensor] = field(default_factory=dict)  # layer position -> (1, H) float32
     ratios_record: torch.Tensor | None = None  # (L, H) float32 when recording
     gains_record: torch.Tensor | None = None
 
@@ -102,7 +101,6 @@ class _DecodeBatch:
         weights: (R, 1) float32 ones (the one query row of each).
         groups: (rules, (G,) int64 positions in the batch, (G,) bool has_visual) per set of
             requests that share their rules (the same config): one gains op each.
-        gains: layer position -> (R, H) float32 gains, from the layer's read to its scaling.
     """
 
     slots: list[_Slot]
@@ -113,7 +111,6 @@ class _DecodeBatch:
     visual: torch.Tensor
     weights: torch.Tensor
     groups: list[tuple[tuple[LayerRule, ...], torch.Tensor, torch.Tensor]]
-    gains: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, slots: list[_Slot], device) -> _DecodeBatch:
@@ -308,16 +305,14 @@ class Attachment:
 
         return forward
 
-    def _rescale(self, position: int, out: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
-        if self._step is not None:
-            self._read(position, self.decoder.layers[position].attn, query, key)
-            self._scale(position, out)
-
     @torch.no_grad()
-    def _read(self, position: int, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
+    def _rescale(self, position: int, out: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
         """S_v and gains of every configured request at one layer, from (T, H * D) queries and
         (T, Hkv * D) keys (or their (T, H, D) / (T, Hkv, D) views) of the layer's ``Attention``
-        ``module``, which has just stored the keys in its paged cache."""
+        module, which has just stored the keys in its paged cache; the requests' rows of the
+        (T, H * D_v) attention output ``out`` (the ``o_proj`` input) scaled in place."""
+        if self._step is None:
+            return
         slots = self._plan()
         if not slots:
             return
@@ -325,7 +320,8 @@ class Attachment:
         layer = d.layers[position]
         q = query.reshape(query.shape[0], d.num_heads, d.head_dim)
         k = key.reshape(key.shape[0], d.num_kv_heads, d.head_dim)
-        paged = None if self.key_source == "copy" else block_rows(module)
+        view = out.view(out.shape[0], d.num_heads, d.head_dim_v)
+        paged = None if self.key_source == "copy" else block_rows(layer.attn)
         if self._layout is not None and paged is None:
             raise HeadGainError(
                 f"decoder layer {layer.index}: the step's attention metadata or KV cache is missing; headgain reads "
@@ -346,11 +342,11 @@ class Attachment:
                 gains = torch.empty_like(ratios)
                 for rules, members, has_visual in batch.groups:
                     gains[members] = layer_gains(ratios[members], has_visual, rules[position])
-                batch.gains[position] = gains
+                scaled = view.index_select(0, batch.tokens)  # (R, H, D_v): their rows, scaled at once
+                ops.scale_heads_(scaled[:, None], gains)
+                view.index_copy_(0, batch.tokens, scaled)
                 for i, slot in enumerate(batch.slots):
-                    if slot.ratios_record is not None:
-                        slot.ratios_record[position] = ratios[i].cpu()
-                        slot.gains_record[position] = gains[i].cpu()
+                    _record(slot, position, ratios[i], gains[i])
                 singles = [slot for slot in slots if slot.end - slot.start > 1]
         for slot in singles:
             new, end = k[slot.start : slot.end], slot.end - slot.start + slot.past
@@ -376,32 +372,16 @@ class Attachment:
                 mask_rows=slot.state.mask_rows(None, num_keys, layer.sliding_window),
                 softcap=layer.softcap,
             )
-            self._keep(position, slot, ratios)
+            gains = layer_gains(ratios, slot.state.has_visual, slot.request.rules[position])
+            ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), gains)
+            _record(slot, position, ratios[0], gains[0])
 
-    def _keep(self, position: int, slot: _Slot, ratios: torch.Tensor) -> None:
-        """The gains of one request at one layer from its (1, H) ratios (and its records)."""
-        gains = layer_gains(ratios, slot.state.has_visual, slot.request.rules[position])
-        slot.gains[position] = gains
-        if slot.ratios_record is not None:
-            slot.ratios_record[position] = ratios[0].cpu()
-            slot.gains_record[position] = gains[0].cpu()
 
-    @torch.no_grad()
-    def _scale(self, position: int, heads: torch.Tensor) -> None:
-        """Scale, in place, each configured request's rows of the (T, H * D_v) attention output
-        (the ``o_proj`` input)."""
-        slots = self._plan()
-        if not slots:
-            return
-        view = heads.view(heads.shape[0], self.decoder.num_heads, self.decoder.head_dim_v)
-        batch = self._batch
-        if batch is not None and position in batch.gains:  # the decoding requests' rows at once
-            rows = view.index_select(0, batch.tokens)
-            ops.scale_heads_(rows[:, None], batch.gains.pop(position))
-            view.index_copy_(0, batch.tokens, rows)
-        for slot in slots:
-            if position in slot.gains:
-                ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), slot.gains.pop(position))
+def _record(slot: _Slot, position: int, ratios: torch.Tensor, gains: torch.Tensor) -> None:
+    """Keep one request's (H,) ratios and gains of one layer when recording."""
+    if slot.ratios_record is not None:
+        slot.ratios_record[position] = ratios.cpu()
+        slot.gains_record[position] = gains.cpu()
 
 
 # the op's fourth argument names its attachment (custom ops take no Python objects)
