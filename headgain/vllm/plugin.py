@@ -130,8 +130,8 @@ def _process_inputs(original, processor, *args, **kwargs):
     params = kwargs["params"] if "params" in kwargs else args[2]  # (request_id, prompt, params, ...)
     extra = getattr(params, "extra_args", None)
     settings = processor._headgain_settings
+    cfg = request_config(extra, settings.default)  # the request's own field, else the engine's default
     if extra and REQUEST_KEY in extra:
-        cfg = request_config(extra, None)
         if cfg is not None and not settings.enabled:
             raise ConfigError(
                 f'this request asks for headgain (extra_args["{REQUEST_KEY}"]) but the engine runs without it; '
@@ -145,7 +145,7 @@ def _process_inputs(original, processor, *args, **kwargs):
                 cfg.check_layers(layers)
     request = original(processor, *args, **kwargs)
     sampling = request.sampling_params
-    if settings.enabled and sampling is not None and request_config(sampling.extra_args, settings.default) is not None:
+    if settings.enabled and sampling is not None and cfg is not None:
         sampling.skip_reading_prefix_cache = True  # the request's copy (streamed input sessions reuse the caller's)
         salt = f"headgain-{uuid.uuid4().hex}"
         request.cache_salt = salt if request.cache_salt is None else f"{salt}:{request.cache_salt}"
