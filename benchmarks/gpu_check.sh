@@ -8,9 +8,11 @@
 #   4. benchmarks/overhead.py at the Qwen2.5-VL-7B shape (random weights, bfloat16)
 #
 # Logs, the JSON of the overhead run, a summary and the updated benchmarks/RESULTS.md go to
-# $OUT when it is set, else build/gpu-check. About 8 minutes on one H100/H200. Exit status:
-# 0 when every step passed, 1 when a step failed (the later steps still run), 2 when there is
-# no usable GPU.
+# $OUT when it is set, else build/gpu-check. The whole check ends within GPU_CHECK_SECONDS
+# (default 480, inside a 10-minute command limit): each step runs under its own limit and
+# under what is left of that budget; a step that no longer fits is recorded as skipped. Exit
+# status: 0 when every step passed, 1 when a step failed or was skipped (the later steps still
+# run), 2 when there is no usable GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,15 +21,23 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 : > "$OUT/summary.txt"
 failed=0
+deadline=$(($(date +%s) + ${GPU_CHECK_SECONDS:-480}))
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, record the outcome
-  local name=$1 limit=$2 start rc
+step() {  # step NAME SECONDS COMMAND...: run under min(SECONDS, time left), log to $OUT/NAME.log, record the outcome
+  local name=$1 limit=$2 start rc left
   shift 2
-  echo "== $name: $*"
+  left=$((deadline - $(date +%s)))
+  if [ "$left" -lt 30 ]; then
+    echo "$name: skipped, ${left} s of GPU_CHECK_SECONDS left" | tee -a "$OUT/summary.txt"
+    failed=1
+    return 1
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
+  echo "== $name (at most $limit s): $*"
   start=$(date +%s)
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
-  echo "$name: exit $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/summary.txt"
+  echo "$name: exit $rc after $(($(date +%s) - start)) s$([ "$rc" -eq 124 ] && echo ' (time limit)')" | tee -a "$OUT/summary.txt"
   [ "$rc" -eq 0 ] || failed=1
   return "$rc"
 }
@@ -49,14 +59,14 @@ print(f"GPU {torch.cuda.get_device_name()} (sm {'.'.join(map(str, torch.cuda.get
 PYEOF
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 rm -f headgain/_C*.so
-step build 400 env HEADGAIN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
+step build 300 env HEADGAIN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
   "$PY" setup.py build_ext --inplace || { echo "the build failed: nothing else can run"; exit 1; }
 "$PY" -c "import headgain, sys; sys.exit(0 if headgain.extension_available('cuda') else 'no CUDA kernels in the build')" \
   || exit 1
-step tests 300 env HEADGAIN_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider -rs \
+step tests 180 env HEADGAIN_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider -rs \
   tests/test_ops.py tests/test_cuda_models.py tests/test_fused_decode.py tests/test_core_api.py
-step ops 240 "$PY" benchmarks/ops.py --device cuda --full --repeats 10
-step overhead 300 "$PY" benchmarks/overhead.py --shape qwen2.5-vl-7b --rounds 3 --new-tokens 32 \
+step ops 120 "$PY" benchmarks/ops.py --device cuda --full --repeats 10
+step overhead 240 "$PY" benchmarks/overhead.py --shape qwen2.5-vl-7b --rounds 3 --new-tokens 32 \
   --json "$OUT/overhead.json"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit "$failed"

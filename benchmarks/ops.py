@@ -276,9 +276,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not ops.extension_available():
         sys.exit(f"headgain extension not built: {ops.extension_error()}")
-    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu"]
+    if args.device == "cuda" and not (torch.cuda.is_available() and ops.extension_available("cuda")):
+        sys.exit(
+            f"--device cuda needs a visible CUDA GPU (torch {torch.__version__}, CUDA build {torch.version.cuda}, "
+            f"GPU visible: {torch.cuda.is_available()}) and headgain built with its CUDA kernels "
+            f"(built: {ops.extension_available('cuda')}); or use --device cpu"
+        )
+    devices = ["cuda"] if args.device == "cuda" else ["cpu"]
     if args.device == "all" and torch.cuda.is_available():
-        devices.append("cuda")
+        if ops.extension_available("cuda"):
+            devices.append("cuda")
+        else:
+            print("a CUDA GPU is visible but headgain was built without its CUDA kernels: CPU only")
     dtype = getattr(torch, args.dtype)
     rows = run(FULL if args.full else QUICK, devices, dtype, args.repeats)
     if not args.no_write:

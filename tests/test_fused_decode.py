@@ -11,6 +11,7 @@ from support import attach_mixed, token_inputs
 from torch.library import opcheck
 
 import headgain
+from headgain.adapters import hf
 from headgain.core import ops
 from headgain.testing.tiny import tiny_model
 
@@ -135,6 +136,14 @@ def _ran_fused(fn) -> tuple[object, int]:
     return result, sum(e.count for e in prof.key_averages() if e.key == "headgain::decode_attention")
 
 
+def _on(device, model, inputs, monkeypatch):
+    """``model`` and ``inputs`` moved to ``device``; on CUDA, attached models are let take the fused
+    step there (they keep their backend on CUDA until these tests have passed on a GPU)."""
+    if device == "cuda":
+        monkeypatch.setattr(hf, "_FUSED_MODEL_DEVICES", ("cpu", "cuda"))
+    return model.to(device), {k: v.to(device) for k, v in inputs.items()}
+
+
 def _generate(model, inputs, **kw):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=6, do_sample=False, **kw)
@@ -142,9 +151,10 @@ def _generate(model, inputs, **kw):
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava", "gemma3", "mistral3"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_gains_of_one_give_the_vanilla_tokens(arch, cache):
-    model = tiny_model(arch)
-    inputs = token_inputs()  # left-padded: the decoding steps carry a padding mask
+@pytest.mark.parametrize("device", DEVICES)
+def test_gains_of_one_give_the_vanilla_tokens(arch, cache, device, monkeypatch):
+    # left-padded inputs: the decoding steps carry a padding mask
+    model, inputs = _on(device, tiny_model(arch), token_inputs(), monkeypatch)
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     vanilla = _generate(model, inputs, **kw)
     with headgain.attach(model, cfg=dict(l_perc=1, l_reas=2, g_perc=1.0, g_reas=1.0)):
@@ -155,14 +165,13 @@ def test_gains_of_one_give_the_vanilla_tokens(arch, cache):
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "gemma3"])
-def test_fused_and_unfused_steps_agree(arch):
-    model = tiny_model(arch)
-    inputs = token_inputs()
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_and_unfused_steps_agree(arch, device, monkeypatch):
+    model, inputs = _on(device, tiny_model(arch), token_inputs(), monkeypatch)
     handle = attach_mixed(model, inputs)  # a config that selects some heads and leaves others
     results = []
     for fused in (True, False):
         handle.fused = fused
-        ratios = []
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
             step = {"input_ids": out.logits[:, -1:].argmax(-1), "past_key_values": out.past_key_values}
@@ -179,9 +188,9 @@ def test_fused_and_unfused_steps_agree(arch):
     handle.detach()
 
 
-def test_bfloat16_model_decodes_through_the_fused_kernel():
-    model = tiny_model("qwen2_5_vl", dtype=torch.bfloat16)
-    inputs = token_inputs()
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_model_decodes_through_the_fused_kernel(device, monkeypatch):
+    model, inputs = _on(device, tiny_model("qwen2_5_vl", dtype=torch.bfloat16), token_inputs(), monkeypatch)
     handle = attach_mixed(model, inputs)
     logits = {}
     for fused in (True, False):
@@ -220,7 +229,8 @@ def test_training_keeps_the_backend():
     handle.detach()
 
 
-def test_binding_sliding_window_gives_the_vanilla_tokens():
+@pytest.mark.parametrize("device", DEVICES)
+def test_binding_sliding_window_gives_the_vanilla_tokens(device, monkeypatch):
     import transformers as tf
 
     from headgain.testing.tiny import tiny_config
@@ -229,7 +239,7 @@ def test_binding_sliding_window_gives_the_vanilla_tokens():
     config.text_config.sliding_window = 6  # shorter than the prompt: sliding layers mask old keys at every step
     torch.manual_seed(0)
     model = tf.AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa").eval()
-    inputs = token_inputs()
+    model, inputs = _on(device, model, token_inputs(), monkeypatch)
     vanilla = _generate(model, inputs)
     with headgain.attach(model, cfg=dict(l_perc=1, l_reas=2, g_perc=1.0, g_reas=1.0)):
         tokens, fused_calls = _ran_fused(lambda: _generate(model, inputs))

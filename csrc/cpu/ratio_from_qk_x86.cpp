@@ -33,8 +33,9 @@ HG_AVX512_TARGET __attribute__((always_inline)) inline __m512 load16(const c10::
   return _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 HG_AVX512_TARGET __attribute__((always_inline)) inline __m512 load16(const c10::BFloat16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));  // bfloat16 is the top half of a float32
+  // the zero-masked forms: GCC 12's unmasked ones warn of an uninitialised operand (false positive)
+  const __m512i w = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, w, 16));  // bfloat16 is the top half of a float32
 }
 
 // score_tile with the keys read as T and converted in registers: RT float query rows (row
