@@ -20,6 +20,17 @@ SHAPES_DEFAULT_N = 30
 TOY_DEFAULT_N = 200
 
 
+def _words(text: str) -> int:
+    """argparse type of ``--reasoning``: a number of words, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of words") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: give 0 or more words")
+    return value
+
+
 def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
     from .adapters import ADAPTERS
 
@@ -51,7 +62,7 @@ def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
     )
     d.add_argument(
         "--reasoning",
-        type=int,
+        type=_words,
         metavar="WORDS",
         help="toy benchmarks: words of reasoning text given before the answer (default 16, as in training)",
     )
@@ -157,8 +168,6 @@ def _samples(args, split):
             seed = args.seed if split is None else int(split)
         except ValueError:
             raise CLIError(f"--bench {args.bench}: a split is a scene seed (an integer), not {split!r}") from None
-        if args.reasoning is not None and args.reasoning < 0:
-            raise CLIError(f"--reasoning {args.reasoning}: give 0 or more words")
         words = DEFAULT_REASONING if args.reasoning is None else args.reasoning
         try:
             samples = toy_samples(args.bench, seed=seed, limit=args.limit or TOY_DEFAULT_N, reasoning=words)

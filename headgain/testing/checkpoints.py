@@ -64,7 +64,9 @@ def qwen2_checkpoint(
     ``<unk>`` 3, then ``w0``...) and a word-level tokenizer saved at ``path``; returns the
     model (weights as saved). Head dim 32 is the smallest vLLM's CPU attention takes.
     ``sliding_window``: every layer attends to that many tokens (vLLM's Qwen2 takes a window
-    on all layers or none)."""
+    on all layers or none). ``AutoTokenizer`` (and vLLM) load the tokenizer as the class of
+    model type qwen2, which splits text its own way: pass token ids, or load it back with
+    ``transformers.PreTrainedTokenizerFast.from_pretrained(path)``."""
     tokenizer = _word_tokenizer()
     text = _text_config(tokenizer, layers, heads, kv_heads, head_dim, intermediate)
     if sliding_window is not None:

@@ -16,9 +16,9 @@ VLM, the last for its long training. The probes read the visual tokens magnified
 norm term keeps them at a word's scale (`VisionProbe.loss`): read at their own scale they
 grew to a hundred times a word embedding's norm, and the decoder, whose layers could no
 longer change them, answered existence at chance. Even so, answers stay at chance for
-the first ~800 steps and then rise (the log shows it). A
-curriculum (`CURRICULUM`) starts with few objects per scene. Scene seeds come from
-``--seed``; held-out scenes use seeds from `HELDOUT` upwards, which training never draws.
+the first ~800 steps and then rise (the log shows it). A curriculum (`CURRICULUM`) starts
+with few objects per scene. Scene seeds come from ``--seed``; held-out scenes use seeds
+from `HELDOUT` upwards, which training never draws.
 Every ``--eval-every`` steps a quick held-out accuracy is logged and the weights are saved
 to ``DIR`` (bfloat16 safetensors, the processor and ``metrics.json``); at the end the
 saved weights are read back and their held-out accuracy is recorded
