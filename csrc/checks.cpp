@@ -64,6 +64,28 @@ void check_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const std::op
   check_same_device(row_weights, "row_weights", q, "q");
 }
 
+void check_ratio_from_blocks(const at::Tensor& q, const at::Tensor& key_blocks, const at::Tensor& block_table,
+                             const at::Tensor& lengths, const at::Tensor& visual, int64_t window) {
+  check_tensor(q.dim() == 3 && is_reduced_or_float(q.scalar_type()), "q", q,
+               "(R, H, D) float32/bfloat16/float16 (one query row per request)");
+  const auto r = q.size(0), h = q.size(1), d = q.size(2);
+  check_tensor(key_blocks.dim() == 4 && key_blocks.size(3) == d && key_blocks.scalar_type() == q.scalar_type() &&
+                   key_blocks.size(1) > 0 && h % key_blocks.size(1) == 0 && key_blocks.size(2) > 0,
+               "key_blocks", key_blocks, "(num_blocks, Hkv, block_size, D) with H % Hkv == 0 and q's dtype");
+  check_tensor(block_table.dim() == 2 && block_table.size(0) == r &&
+                   (block_table.scalar_type() == at::kInt || block_table.scalar_type() == at::kLong),
+               "block_table", block_table, "(R, max_blocks) int32/int64 matching q");
+  check_tensor(lengths.dim() == 1 && lengths.size(0) == r && lengths.scalar_type() == at::kLong, "lengths", lengths,
+               "(R,) int64 matching q");
+  check_tensor(visual.dim() == 2 && visual.size(0) == r && visual.scalar_type() == at::kBool, "visual", visual,
+               "(R, L) bool matching q");
+  TORCH_CHECK(window >= 0, "headgain: window must be 0 (every key) or a positive number of keys, got ", window);
+  check_same_device(key_blocks, "key_blocks", q, "q");
+  check_same_device(block_table, "block_table", q, "q");
+  check_same_device(lengths, "lengths", q, "q");
+  check_same_device(visual, "visual", q, "q");
+}
+
 void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, const at::Tensor& visual) {
   check_tensor(q.dim() == 4 && q.size(2) == 1 && is_reduced_or_float(q.scalar_type()), "q", q,

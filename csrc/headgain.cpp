@@ -33,6 +33,9 @@ TORCH_LIBRARY(headgain, m) {
       "ratio_from_qk(Tensor q, Tensor k, Tensor? mask, Tensor visual, Tensor row_weights, float scaling, "
       "float softcap) -> Tensor");
   m.def(
+      "ratio_from_blocks(Tensor q, Tensor key_blocks, Tensor block_table, Tensor lengths, Tensor visual, "
+      "float scaling, float softcap, int window) -> Tensor");
+  m.def(
       "head_gains(Tensor ratios, Tensor has_visual, float tau_perc, float tau_reas, float g_perc, float g_reas, "
       "float g_neutral) -> Tensor");
   m.def(

@@ -25,6 +25,12 @@ void check_ratio_from_probs(const at::Tensor& probs, const at::Tensor& visual, c
 void check_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                          const at::Tensor& visual, const at::Tensor& row_weights);
 
+// q (R, H, D), key_blocks (NB, Hkv, BS, D) of q's dtype (fp32/bf16/fp16) with H % Hkv == 0,
+// block_table (R, MB) int32/int64, lengths (R,) int64, visual (R, L) bool, window >= 0.
+// The values of block_table and lengths are checked by the kernels that read them.
+void check_ratio_from_blocks(const at::Tensor& q, const at::Tensor& key_blocks, const at::Tensor& block_table,
+                             const at::Tensor& lengths, const at::Tensor& visual, int64_t window);
+
 // q (B, H, 1, D), k (B, Hkv, Nk, D) and v (B, Hkv, Nk, Dv) of one dtype (fp32/bf16/fp16)
 // with H % Hkv == 0, mask None or (B, 1, Nk) bool/floating, visual (B, Nk) bool.
 void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -5,6 +5,7 @@ vLLM's own CPU cache)."""
 import pytest
 import torch
 
+from headgain.core import ops
 from headgain.vllm.paged import LAYOUTS, find_layout
 
 HKV, D, BLOCK, BLOCKS = 2, 8, 4, 6
@@ -59,12 +60,18 @@ def test_no_layout_when_the_cache_does_not_hold_the_keys():
 
 
 @pytest.mark.parametrize("name", [layout.name for layout in LAYOUTS])
-def test_batch_keys_read_several_requests_at_once(name):
+def test_s_v_read_in_place_through_the_block_table(name):
+    """The layout's view of the key blocks, read by ratio_from_blocks for two requests at once
+    (each with its own length, the second with a window), gives S_v of the keys written."""
     (layout,) = [layout for layout in LAYOUTS if layout.name == name]
     first, second = torch.randn(10, HKV, D), torch.randn(5, HKV, D)
     cache = _cache(name, first, row=0)
     _write(cache, name, second, row=1)
-    got = layout.batch_keys(cache, TABLE, 10, HKV, D)
-    assert got.shape == (2, HKV, 10, D)
-    assert torch.equal(got[0].transpose(0, 1), first)
-    assert torch.equal(got[1, :, :5].transpose(0, 1), second)  # past its length: other slots, masked by the caller
+    blocks = layout.blocks(cache, HKV, D)
+    assert blocks.shape == (BLOCKS, HKV, BLOCK, D) and blocks.data_ptr() == cache.data_ptr()  # a view
+    q, visual = torch.randn(2, 2 * HKV, D), torch.rand(2, 10) < 0.5
+    got = ops.ratio_from_blocks(q, blocks, TABLE, torch.tensor([10, 5]), visual, 0.3, window=3)
+    for i, (keys, start) in enumerate([(first, 7), (second, 2)]):
+        for h in range(2 * HKV):
+            p = torch.softmax(keys[start:, h // 2].double() @ q[i, h].double() * 0.3, 0)
+            torch.testing.assert_close(got[i, h].item(), p[visual[i, start : keys.shape[0]]].sum().item())

@@ -24,30 +24,6 @@ namespace {
 
 constexpr int64_t kKeyBlock = 1024;  // keys scored at a time (a task holds its scores for this many keys)
 
-// (sum_j exp(s[j] - m), sum_j exp(s[j] - m) * vis[j]) for finite m.
-HG_SIMD void exp_sums(const float* s, const float* vis, int64_t n, float m, float* sum, float* vsum) {
-  float a[kLanes] = {}, v[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int t = 0; t < kLanes; ++t) {
-      const float e = exp_nonpositive(s[j + t] - m);
-      a[t] += e;
-      v[t] += e * vis[j + t];
-    }
-  for (int t = 0; j < n; ++j, ++t) {
-    const float e = exp_nonpositive(s[j] - m);
-    a[t] += e;
-    v[t] += e * vis[j];
-  }
-  float sa = 0.f, sv = 0.f;
-  for (int t = 0; t < kLanes; ++t) {
-    sa += a[t];
-    sv += v[t];
-  }
-  *sum = sa;
-  *vsum = sv;
-}
-
 at::Tensor ratio_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                              const at::Tensor& visual, const at::Tensor& row_weights, double scaling,
                              double softcap) {

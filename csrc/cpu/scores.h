@@ -139,6 +139,31 @@ inline float exp_nonpositive(float x) {
   return x < -87.f ? 0.f : y * scale;
 }
 
+// (sum_j exp(s[j] - m), sum_j exp(s[j] - m) * vis[j]) for finite m (the ratio kernels' sums;
+// decode_attention keeps its own).
+[[maybe_unused]] HG_SIMD void exp_sums(const float* s, const float* vis, int64_t n, float m, float* sum, float* vsum) {
+  float a[kLanes] = {}, v[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int t = 0; t < kLanes; ++t) {
+      const float e = exp_nonpositive(s[j + t] - m);
+      a[t] += e;
+      v[t] += e * vis[j + t];
+    }
+  for (int t = 0; j < n; ++j, ++t) {
+    const float e = exp_nonpositive(s[j] - m);
+    a[t] += e;
+    v[t] += e * vis[j];
+  }
+  float sa = 0.f, sv = 0.f;
+  for (int t = 0; t < kLanes; ++t) {
+    sa += a[t];
+    sv += v[t];
+  }
+  *sum = sa;
+  *vsum = sv;
+}
+
 // ------------------------------------------------------------------ masks and running statistics
 
 // A (B, R, Nk) mask read as additive float biases (bool: 0 or -inf), any dtype/strides.

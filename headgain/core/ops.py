@@ -20,6 +20,7 @@ __all__ = [
     "extension_error",
     "ratio_from_probs",
     "ratio_from_qk",
+    "ratio_from_blocks",
     "decode_attention",
     "head_gains",
     "scale_heads",
@@ -102,6 +103,35 @@ def ratio_from_qk(
     if q.dtype == torch.float64 or _fallback(q.device):
         return reference.ratio_from_qk(q, k, mask, visual, row_weights, scaling, softcap)
     return torch.ops.headgain.ratio_from_qk(q, k, mask, visual, row_weights, float(scaling), float(softcap))
+
+
+def ratio_from_blocks(
+    q: torch.Tensor,
+    key_blocks: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    visual: torch.Tensor,
+    scaling: float,
+    softcap: float = 0.0,
+    window: int = 0,
+) -> torch.Tensor:
+    """(R, H, D) query rows (one per request), (NB, Hkv, BS, D) key blocks of a paged cache (any
+    strides), (R, MB) int32/int64 block table (each request's blocks in token order), (R,) int64
+    lengths, (R, L) bool visual keys -> (R, H) float32 S_v of each row over its keys
+    [max(0, length - window), length) (window 0: all of them).
+
+    On CPU the compiled kernel reads the keys where they lie; on other devices the keys are
+    gathered (`reference.gather_blocks`) and read by `ratio_from_qk`. float64 inputs (analysis
+    only) run the PyTorch reference."""
+    if q.dtype == torch.float64 or _fallback(q.device):
+        return reference.ratio_from_blocks(q, key_blocks, block_table, lengths, visual, scaling, softcap, window)
+    if q.device.type == "cpu":
+        return torch.ops.headgain.ratio_from_blocks(
+            q, key_blocks, block_table, lengths, visual, float(scaling), float(softcap), int(window)
+        )
+    keys, reads = reference.gather_blocks(key_blocks, block_table, lengths, window)
+    weights = torch.ones(q.shape[0], 1, device=q.device)
+    return ratio_from_qk(q[:, :, None], keys, reads[:, None], visual[:, : keys.shape[2]], weights, scaling, softcap)
 
 
 def decode_attention(
@@ -192,6 +222,20 @@ if _EXT_ERROR is None:
         _check_shape(visual, "visual", (b, nk), (torch.bool,))
         _check_shape(row_weights, "row_weights", (b, r), (torch.float32,))
         return q.new_empty((b, h), dtype=torch.float32)
+
+    @torch.library.register_fake("headgain::ratio_from_blocks")
+    def _(q, key_blocks, block_table, lengths, visual, scaling, softcap, window):
+        _check_shape(q, "q", (None,) * 3, _ATTN_DTYPES)
+        r, h, d = q.shape
+        _check_shape(key_blocks, "key_blocks", (None, None, None, d), (q.dtype,))
+        torch._check(
+            h % key_blocks.shape[1] == 0, lambda: f"headgain: H={h} must be a multiple of Hkv={key_blocks.shape[1]}"
+        )
+        _check_shape(block_table, "block_table", (r, None), (torch.int32, torch.int64))
+        _check_shape(lengths, "lengths", (r,), (torch.int64,))
+        _check_shape(visual, "visual", (r, None), (torch.bool,))
+        torch._check(window >= 0, lambda: f"headgain: window must be 0 or positive, got {window}")
+        return q.new_empty((r, h), dtype=torch.float32)
 
     @torch.library.register_fake("headgain::decode_attention")
     def _(q, k, v, mask, visual, scaling, softcap):

@@ -13,7 +13,15 @@ import torch
 
 from .rules import HeadClass, classify_tensor
 
-__all__ = ["ratio_from_probs", "ratio_from_qk", "decode_attention", "head_gains", "scale_heads"]
+__all__ = [
+    "ratio_from_probs",
+    "ratio_from_qk",
+    "gather_blocks",
+    "ratio_from_blocks",
+    "decode_attention",
+    "head_gains",
+    "scale_heads",
+]
 
 
 def ratio_from_probs(probs: torch.Tensor, visual: torch.Tensor, query_weights: torch.Tensor) -> torch.Tensor:
@@ -72,6 +80,60 @@ def ratio_from_qk(
     w = row_weights.float()
     vis = torch.where(w[:, None, :] > 0, vis, torch.zeros((), dtype=vis.dtype, device=vis.device))
     return torch.einsum("bhr,br->bh", vis, w)
+
+
+def gather_blocks(
+    key_blocks: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, window: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys of R requests copied out of a paged cache.
+
+    Args:
+        key_blocks: (NB, Hkv, BS, D) blocks of BS keys (any strides: a view of the cache).
+        block_table: (R, MB) int32/int64, each request's block ids in token order.
+        lengths: (R,) int64, each request's number of keys.
+        window: 0, or each request reads only its last ``window`` keys.
+
+    Returns:
+        ((R, Hkv, N, D) keys of positions [0, N), N = max(lengths); (R, N) bool, the keys each
+        request reads: [max(0, length - window), length)).
+    """
+    hkv, bs = key_blocks.shape[1], key_blocks.shape[2]
+    r, n = block_table.shape[0], int(lengths.max()) if lengths.numel() else 0
+    nblocks = -(-n // bs)
+    keys = key_blocks.index_select(0, block_table[:, :nblocks].long().flatten())  # (R * nblocks, Hkv, BS, D)
+    keys = keys.view(r, nblocks, hkv, bs, -1).transpose(1, 2).reshape(r, hkv, nblocks * bs, -1)[:, :, :n]
+    pos = torch.arange(n, device=lengths.device)[None]
+    reads = pos < lengths[:, None]
+    if window > 0:
+        reads &= pos >= lengths[:, None] - window
+    return keys, reads
+
+
+def ratio_from_blocks(
+    q: torch.Tensor,
+    key_blocks: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    visual: torch.Tensor,
+    scaling: float,
+    softcap: float = 0.0,
+    window: int = 0,
+) -> torch.Tensor:
+    """`ratio_from_qk` of one query row per request whose keys lie in a paged cache.
+
+    Args:
+        q: (R, H, D), each request's query row.
+        key_blocks, block_table, lengths, window: as `gather_blocks`.
+        visual: (R, L) bool, L >= max(lengths): each request's visual key positions.
+        scaling, softcap: as `ratio_from_qk`.
+
+    Returns:
+        (R, H) float32.
+    """
+    keys, reads = gather_blocks(key_blocks, block_table, lengths, window)
+    n = keys.shape[2]
+    weights = torch.ones(q.shape[0], 1, device=q.device)
+    return ratio_from_qk(q[:, :, None], keys, reads[:, None], visual[:, :n], weights, scaling, softcap)
 
 
 def decode_attention(

@@ -16,8 +16,9 @@ step, exactly as `headgain.attach` does in ``transformers``), and scales the req
 of the attention output (the ``o_proj`` input) by the gains, in place. Compiled graphs call
 the op at every step; in eager mode the forward does the same work without the op's
 dispatch; CUDA graphs would replay without it (refused). Where the keys come from the
-paged cache, the step's decoding requests are read together: one gather of their keys and
-one S_v op per layer.
+paged cache, the step's decoding requests are read together: one S_v op per layer
+(`headgain.core.ops.ratio_from_blocks`) reads their keys where they lie, through the block
+table (on CPU; other devices gather the keys first).
 Requests without a config are never touched: their rows stay bit-identical to vanilla.
 """
 
@@ -89,16 +90,14 @@ class _Slot:
 @dataclass(eq=False)
 class _DecodeBatch:
     """The step's requests with a config that decode one token, read together where the keys
-    come from vLLM's paged cache: one gather of their keys and one S_v op per layer.
+    come from vLLM's paged cache: one S_v op per layer, reading the keys where they lie.
 
     Attributes:
         slots: the R requests' slots.
         tokens: (R,) int64, each one's row in the packed batch.
         rows: (R,) int64, each one's row of the block table.
-        length: the longest context (keys read per request; the mask hides the rest).
-        mask: (R, 1, length) bool, the keys each one's token attends to.
-        visual: (R, length) bool, its visual keys.
-        weights: (R, 1) float32 ones (the one query row of each).
+        lengths: (R,) int64, each one's keys (its context, this step's token included).
+        visual: (R, max length) bool, its visual keys.
         groups: (rules, (G,) int64 positions in the batch, (G,) bool has_visual) per set of
             requests that share their rules (the same config): one gains op each.
     """
@@ -106,20 +105,16 @@ class _DecodeBatch:
     slots: list[_Slot]
     tokens: torch.Tensor
     rows: torch.Tensor
-    length: int
-    mask: torch.Tensor
+    lengths: torch.Tensor
     visual: torch.Tensor
-    weights: torch.Tensor
     groups: list[tuple[tuple[LayerRule, ...], torch.Tensor, torch.Tensor]]
 
     @classmethod
     def build(cls, slots: list[_Slot], device) -> _DecodeBatch:
         lengths = [slot.past + 1 for slot in slots]
-        length = max(lengths)
-        visual = torch.zeros(len(slots), length, dtype=torch.bool, device=device)
+        visual = torch.zeros(len(slots), max(lengths), dtype=torch.bool, device=device)
         for i, (slot, n) in enumerate(zip(slots, lengths)):
             visual[i, :n] = slot.request.visual[:n]
-        mask = torch.arange(length, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
         members: dict[int, list[int]] = {}
         for i, slot in enumerate(slots):
             members.setdefault(id(slot.request.rules), []).append(i)
@@ -135,10 +130,8 @@ class _DecodeBatch:
             slots,
             torch.tensor([slot.start for slot in slots], device=device),
             torch.tensor([slot.row for slot in slots], device=device),
-            length,
-            mask[:, None],
+            torch.tensor(lengths, device=device),
             visual,
-            torch.ones(len(slots), 1, device=device),
             groups,
         )
 
@@ -328,16 +321,21 @@ class Attachment:
                 "earlier keys from vLLM's paged cache (set HEADGAIN_KEYS=copy to keep its own copy instead)"
             )
         singles = slots
-        if self._layout is not None and not layer.sliding_window:  # decoding requests: all at once
+        if self._layout is not None:  # decoding requests: all at once, their keys read where they lie
             decoding = [slot for slot in slots if slot.end - slot.start == 1]
             if decoding:
                 if self._batch is None:
                     self._batch = _DecodeBatch.build(decoding, q.device)
                 batch, (cache, table) = self._batch, paged
-                keys = self._layout.batch_keys(cache, table[batch.rows], batch.length, d.num_kv_heads, d.head_dim)
-                rows = q.index_select(0, batch.tokens).unsqueeze(2)  # (R, H, 1, D)
-                ratios = ops.ratio_from_qk(
-                    rows, keys, batch.mask, batch.visual, batch.weights, layer.scale, layer.softcap
+                ratios = ops.ratio_from_blocks(
+                    q.index_select(0, batch.tokens),
+                    self._layout.blocks(cache, d.num_kv_heads, d.head_dim),
+                    table.index_select(0, batch.rows),
+                    batch.lengths,
+                    batch.visual,
+                    layer.scale,
+                    layer.softcap,
+                    layer.sliding_window or 0,
                 )
                 gains = torch.empty_like(ratios)
                 for rules, members, has_visual in batch.groups:

@@ -1,4 +1,6 @@
-"""Keys of one request read from vLLM's paged KV cache, in the layouts headgain knows.
+"""Keys in vLLM's paged KV cache, in the layouts headgain knows: a view of one layer's key
+blocks, which `headgain.core.ops.ratio_from_blocks` reads in place for the decoding requests
+of a step, or one request's keys copied out (prefill and chunk passes).
 
 vLLM stores each layer's keys and values in blocks of ``block_size`` tokens; a request's
 blocks are listed, in token order, by its row of the step's block table (attention
@@ -33,71 +35,51 @@ class Layout:
 
     Attributes:
         name: for messages ("cpu", "nhd").
-        read: ``read(cache, blocks, num_kv_heads, head_dim) -> (R, Hkv, nblocks * block_size, D)``
-            keys of the token slots of ``blocks`` ((R, nblocks) int64, each row in token
-            order), or None when ``cache`` does not have this layout's shape.
+        blocks: ``blocks(cache, num_kv_heads, head_dim) -> (num_blocks, Hkv, block_size, D)``
+            view of the keys in ``cache`` (no copy; strides as the layout stores them), or
+            None when ``cache`` does not have this layout's shape. `headgain.core.ops.ratio_from_blocks`
+            reads it through a block table.
     """
 
     name: str
-    read: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor | None]
+    blocks: Callable[[torch.Tensor, int, int], torch.Tensor | None]
 
     def keys(
         self, cache: torch.Tensor, row: torch.Tensor, length: int, num_kv_heads: int, head_dim: int, start: int = 0
     ) -> torch.Tensor | None:
         """(1, Hkv, length - start, D) keys of tokens [start, length) of the request whose
-        block-table row is ``row``, or None when ``cache`` does not have this layout's shape.
-        (A sliding-window layer reads from the window's start: vLLM may have freed the
+        block-table row is ``row`` (a copy), or None when ``cache`` does not have this layout's
+        shape. (A sliding-window layer reads from the window's start: vLLM may have freed the
         blocks before it.)"""
-        block_size = _block_size(self.name, cache)
-        if block_size is None:
+        blocks = self.blocks(cache, num_kv_heads, head_dim)
+        if blocks is None:
             return None
+        block_size = blocks.shape[2]
         first = start // block_size
-        blocks = row[first : -(-length // block_size)].long()
-        keys = self.read(cache, blocks[None], num_kv_heads, head_dim)
-        if keys is None:
-            return None
+        keys = blocks.index_select(0, row[first : -(-length // block_size)].long())  # (n, Hkv, BS, D)
+        keys = keys.transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[None]
         return keys[:, :, start - first * block_size : length - first * block_size]
 
-    def batch_keys(
-        self, cache: torch.Tensor, rows: torch.Tensor, length: int, num_kv_heads: int, head_dim: int
-    ) -> torch.Tensor | None:
-        """(R, Hkv, length, D): tokens [0, length) of the R requests whose block-table rows are
-        ``rows`` ((R, max blocks)); past a request's own length the slots hold whatever the
-        blocks its table row names hold (mask them)."""
-        block_size = _block_size(self.name, cache)
-        if block_size is None:
-            return None
-        keys = self.read(cache, rows[:, : -(-length // block_size)].long(), num_kv_heads, head_dim)
-        return None if keys is None else keys[:, :, :length]
 
-
-def _block_size(name: str, cache: torch.Tensor) -> int | None:
-    if name == "cpu" and cache.dim() == 4:
-        return cache.shape[2]
-    if name == "nhd" and cache.dim() == 5 and cache.shape[0] == 2:
-        return cache.shape[2]
-    return None
-
-
-def _read_cpu(cache, blocks, num_kv_heads, head_dim):
+def _blocks_cpu(cache, num_kv_heads, head_dim):
+    if cache.dim() != 4:
+        return None
     num_blocks, hkv, block_size, width = cache.shape
     if hkv != num_kv_heads or width != 2 * head_dim:
         return None
-    r, n = blocks.shape
-    keys = cache.view(num_blocks, hkv, 2, head_dim, block_size)[:, :, 0].index_select(0, blocks.flatten())
-    return keys.view(r, n, hkv, head_dim, block_size).permute(0, 2, 1, 4, 3).reshape(r, hkv, n * block_size, head_dim)
+    return cache.view(num_blocks, hkv, 2, head_dim, block_size)[:, :, 0].transpose(2, 3)
 
 
-def _read_nhd(cache, blocks, num_kv_heads, head_dim):
-    _, _, block_size, hkv, d = cache.shape
+def _blocks_nhd(cache, num_kv_heads, head_dim):
+    if cache.dim() != 5 or cache.shape[0] != 2:
+        return None
+    _, _, _, hkv, d = cache.shape
     if hkv != num_kv_heads or d != head_dim:
         return None
-    r, n = blocks.shape
-    keys = cache[0].index_select(0, blocks.flatten())  # (R * nblocks, block, Hkv, D)
-    return keys.view(r, n, block_size, hkv, d).permute(0, 3, 1, 2, 4).reshape(r, hkv, n * block_size, d)
+    return cache[0].transpose(1, 2)
 
 
-LAYOUTS = (Layout("cpu", _read_cpu), Layout("nhd", _read_nhd))
+LAYOUTS = (Layout("cpu", _blocks_cpu), Layout("nhd", _blocks_nhd))
 
 
 def find_layout(cache: torch.Tensor, row: torch.Tensor, start: int, written: torch.Tensor) -> Layout | None:

@@ -1,0 +1,121 @@
+// ratio_from_blocks on CPU: the visual share of each head's softmax attention for one query
+// row per request, read straight from a paged key cache through a block table (a server's
+// decoding step: no copy of the keys is made), in parallel over requests x KV heads x spans
+// of cache blocks. Keys stored with the key index innermost (vLLM's CPU layout: per block
+// and KV head a (D, block_size) array) are scored by score_keys_dmajor; any other strides by
+// score_keys (scores.h).
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../headgain.h"
+#include "scores.h"
+#include "simd.h"
+
+namespace headgain {
+
+namespace {
+
+constexpr int64_t kSpanKeys = 1024;  // keys per task, about (whole cache blocks)
+
+// out[row * n + t] = dot(q[row], key t) for `rows` float query rows of width d and n keys
+// stored element-major: element e of key t at k[e * elem_stride + t].
+template <typename T>
+HG_SIMD void score_keys_dmajor(const float* q, int64_t rows, const T* k, int64_t elem_stride, int64_t n, int64_t d,
+                               float* out) {
+  std::fill(out, out + rows * n, 0.f);
+  for (int64_t e = 0; e < d; ++e) {
+    const T* ke = k + e * elem_stride;
+    for (int64_t row = 0; row < rows; ++row) {
+      const float qe = q[row * d + e];
+      float* o = out + row * n;
+      for (int64_t t = 0; t < n; ++t) o[t] += qe * static_cast<float>(ke[t]);
+    }
+  }
+}
+
+at::Tensor ratio_from_blocks_cpu(const at::Tensor& q, const at::Tensor& key_blocks, const at::Tensor& block_table,
+                                 const at::Tensor& lengths, const at::Tensor& visual, double scaling, double softcap,
+                                 int64_t window) {
+  check_ratio_from_blocks(q, key_blocks, block_table, lengths, visual, window);
+  const int64_t R = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = key_blocks.size(0), Hkv = key_blocks.size(1), BS = key_blocks.size(2), G = H / Hkv;
+  const int64_t MB = block_table.size(1), L = visual.size(1);
+  auto out = at::empty({R, H}, q.options().dtype(at::kFloat));  // every element is written below
+  if (out.numel() == 0) return out;
+
+  const auto table = block_table.to(at::kLong).contiguous();
+  const auto lens = lengths.contiguous();
+  const int64_t* tp = table.const_data_ptr<int64_t>();
+  const int64_t* lp = lens.const_data_ptr<int64_t>();
+  // each request's keys [first, last): the window's, of at most its block table and visual flags
+  std::vector<int64_t> first(R), last(R);
+  int64_t spans_max = 1;
+  const int64_t span_blocks = std::max<int64_t>(1, kSpanKeys / BS);
+  for (int64_t r = 0; r < R; ++r) {
+    last[r] = lp[r];
+    TORCH_CHECK(last[r] >= 1 && last[r] <= MB * BS && last[r] <= L, "headgain: lengths[", r, "] = ", last[r],
+                " must be between 1 and the keys that block_table and visual hold (", std::min(MB * BS, L), ")");
+    first[r] = window > 0 ? std::max<int64_t>(0, last[r] - window) : 0;
+    for (int64_t blk = first[r] / BS; blk * BS < last[r]; ++blk)
+      TORCH_CHECK(tp[r * MB + blk] >= 0 && tp[r * MB + blk] < NB, "headgain: block_table[", r, ", ", blk, "] = ",
+                  tp[r * MB + blk], " is not a block of key_blocks (", NB, " blocks)");
+    const int64_t blocks = (last[r] - 1) / BS - first[r] / BS + 1;
+    spans_max = std::max(spans_max, (blocks + span_blocks - 1) / span_blocks);
+  }
+  const std::vector<float> vis = visual_floats(visual);  // (R, L) 0/1
+  const float* vp = vis.data();
+  std::vector<SoftmaxStats> stats(R * H * spans_max);
+  const float fscale = static_cast<float>(scaling), fcap = static_cast<float>(softcap);
+  const auto qs = q.strides(), ks = key_blocks.strides();
+  const bool dmajor = ks[2] == 1 && ks[3] != 1;
+
+  HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_blocks", [&] {
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = key_blocks.const_data_ptr<scalar_t>();
+    at::parallel_for(0, R * Hkv * spans_max, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(G * D), kf(2 * D), scores(G * BS), bias(BS, 0.f);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t span = task % spans_max, rg = task / spans_max, r = rg / Hkv, g = rg % Hkv;
+        const int64_t blk_begin = first[r] / BS + span * span_blocks;
+        const int64_t blk_end = std::min((last[r] - 1) / BS + 1, blk_begin + span_blocks);
+        if (blk_begin >= blk_end) continue;
+        for (int64_t i = 0; i < G; ++i) load_float(qp + r * qs[0] + (g * G + i) * qs[1], qs[2], &qf[i * D], D);
+        for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+          const int64_t j0 = std::max(first[r], blk * BS), n = std::min(last[r], (blk + 1) * BS) - j0;
+          const scalar_t* kj = kp + tp[r * MB + blk] * ks[0] + g * ks[1] + (j0 - blk * BS) * ks[2];
+          if (dmajor) score_keys_dmajor(qf.data(), G, kj, ks[3], n, D, scores.data());
+          else score_keys(qf.data(), G, kj, ks[2], ks[3], n, D, kf.data(), scores.data());
+          for (int64_t i = 0; i < G; ++i) {
+            float* si = scores.data() + i * n;
+            const float m = finish_scores(si, bias.data(), n, fscale, fcap);
+            float sum, vsum;
+            exp_sums(si, vp + r * L + j0, n, m, &sum, &vsum);
+            stats[(r * H + g * G + i) * spans_max + span].merge(m, sum, vsum);
+          }
+        }
+      }
+    });
+  });
+
+  float* op = out.data_ptr<float>();
+  for (int64_t rh = 0; rh < R * H; ++rh) {
+    SoftmaxStats total;
+    for (int64_t span = 0; span < spans_max; ++span) {
+      const auto& st = stats[rh * spans_max + span];
+      total.merge(st.max, st.sum, st.vis);
+    }
+    op[rh] = total.vis / total.sum;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(headgain, CPU, m) { m.impl("ratio_from_blocks", &ratio_from_blocks_cpu); }
+
+}  // namespace headgain
