@@ -35,6 +35,7 @@ from headgain.core import ops, reference
 
 HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128  # Qwen2.5-VL-7B
 PROBS_ROWS = 4  # query rows of the probability tensor (the ratio reads one of them)
+PAGE_BLOCK = 128  # tokens per block of the paged cache ratio_from_blocks reads
 SECTION = "## Ops benchmark (benchmarks/ops.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 QUICK = {"nk": (1024, 4096, 16384), "batch": (1, 4)}
@@ -129,6 +130,8 @@ def make_cases(nk: int, b: int, device: str, dtype: torch.dtype, prefill: bool =
                 _nbytes(q, k, v, mask, visual, q),
             ),
         )
+    if device == "cpu" and ops.extension_available(device):  # on other devices the op gathers, as its reference
+        cases.insert(2, _paged_case(q, visual, nk, b, device, dtype, g, scaling, shape))
     if prefill:
         cases.insert(
             3,
@@ -141,6 +144,31 @@ def make_cases(nk: int, b: int, device: str, dtype: torch.dtype, prefill: bool =
             ),
         )
     return cases
+
+
+def _paged_case(q, visual, nk, b, device, dtype, g, scaling, shape) -> Case:
+    """ratio_from_blocks: each sample's nk keys in shuffled blocks of PAGE_BLOCK tokens of a
+    paged cache laid out as vLLM's CPU cache (per block and KV head a (D, block) array, then the
+    values), read in place, against gathering them first and reading the copy (ratio_from_qk)."""
+    per = -(-nk // PAGE_BLOCK)
+    cache = torch.randn((b * per, KV_HEADS, 2, HEAD_DIM, PAGE_BLOCK), generator=g, device=device).to(dtype)
+    blocks = cache[:, :, 0].transpose(2, 3)  # (NB, Hkv, block, D)
+    table = torch.randperm(b * per, generator=g, device=device).view(b, per).int()
+    lengths = torch.full((b,), nk, device=device)
+    rows = q[:, :, 0]
+    row_w = torch.ones((b, 1), device=device)
+
+    def gathered():
+        keys, reads = reference.gather_blocks(blocks, table, lengths)
+        return ops.ratio_from_qk(q, keys, reads[:, None], visual, row_w, scaling)
+
+    return Case(
+        "ratio_from_blocks",
+        shape,
+        lambda: ops.ratio_from_blocks(rows, blocks, table, lengths, visual, scaling),
+        gathered,
+        _nbytes(q, visual) + b * nk * KV_HEADS * HEAD_DIM * blocks.element_size(),
+    )
 
 
 def _sync(device: str) -> None:

@@ -10,9 +10,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../headgain.h"
+#include "ratio_from_qk_x86.h"
 #include "scores.h"
 #include "simd.h"
 
@@ -22,20 +25,80 @@ namespace {
 
 constexpr int64_t kSpanKeys = 1024;  // keys per task, about (whole cache blocks)
 
-// out[row * n + t] = dot(q[row], key t) for `rows` float query rows of width d and n keys
-// stored element-major: element e of key t at k[e * elem_stride + t].
-template <typename T>
-HG_SIMD void score_keys_dmajor(const float* q, int64_t rows, const T* k, int64_t elem_stride, int64_t n, int64_t d,
-                               float* out) {
-  std::fill(out, out + rows * n, 0.f);
-  for (int64_t e = 0; e < d; ++e) {
-    const T* ke = k + e * elem_stride;
-    for (int64_t row = 0; row < rows; ++row) {
-      const float qe = q[row * d + e];
-      float* o = out + row * n;
-      for (int64_t t = 0; t < n; ++t) o[t] += qe * static_cast<float>(ke[t]);
-    }
+// W consecutive elements as a float32 vector V of W lanes.
+template <typename V, int W, typename T>
+__attribute__((always_inline)) inline V load_wide(const T* p) {
+  V v;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&v, p, sizeof v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // the top half of a float32
+    typedef uint16_t Half8 __attribute__((vector_size(8 * sizeof(uint16_t))));
+    typedef uint32_t Word8 __attribute__((vector_size(8 * sizeof(uint32_t))));
+    typedef uint16_t Half16 __attribute__((vector_size(16 * sizeof(uint16_t))));
+    typedef uint32_t Word16 __attribute__((vector_size(16 * sizeof(uint32_t))));
+    using Half = std::conditional_t<W == 8, Half8, Half16>;
+    using Word = std::conditional_t<W == 8, Word8, Word16>;
+    Half h;
+    std::memcpy(&h, p, sizeof h);
+    const Word w = __builtin_convertvector(h, Word) << 16;
+    std::memcpy(&v, &w, sizeof v);
+  } else {
+    for (int i = 0; i < W; ++i) v[i] = static_cast<float>(p[i]);
   }
+  return v;
+}
+
+// W keys stored element-major (element e of key t at k[e * es + t]) against RT float query
+// rows (row stride d): out[row * n + t] = dot(q[row], key t). Per element, one vector of keys
+// and RT query elements are loaded for RT multiply-adds; the RT accumulators, the keys and a
+// broadcast element stay in registers for RT <= 8 (W = 8 on AVX2's 16 registers, W = 16 on
+// AVX-512's 32).
+template <typename V, int W, typename T, int RT>
+__attribute__((always_inline)) inline void dmajor_tile(const float* q, int64_t d, const T* k, int64_t es, float* out,
+                                                       int64_t n) {
+  V acc[RT] = {};
+  for (int64_t e = 0; e < d; ++e) {
+    const V kv = load_wide<V, W>(k + e * es);
+    for (int r = 0; r < RT; ++r) acc[r] += q[r * d + e] * kv;
+  }
+  for (int r = 0; r < RT; ++r) std::memcpy(out + r * n, &acc[r], sizeof(V));
+}
+
+template <typename V, int W, typename T>
+__attribute__((always_inline)) inline void dmajor_rows(const float* q, int64_t rows, int64_t d, const T* k,
+                                                       int64_t es, float* out, int64_t n) {
+  switch (rows) {
+    case 1: return dmajor_tile<V, W, T, 1>(q, d, k, es, out, n);
+    case 2: return dmajor_tile<V, W, T, 2>(q, d, k, es, out, n);
+    case 3: return dmajor_tile<V, W, T, 3>(q, d, k, es, out, n);
+    case 4: return dmajor_tile<V, W, T, 4>(q, d, k, es, out, n);
+    case 5: return dmajor_tile<V, W, T, 5>(q, d, k, es, out, n);
+    case 6: return dmajor_tile<V, W, T, 6>(q, d, k, es, out, n);
+    case 7: return dmajor_tile<V, W, T, 7>(q, d, k, es, out, n);
+    default: return dmajor_tile<V, W, T, 8>(q, d, k, es, out, n);
+  }
+}
+
+// out[row * n + t] = dot(q[row], key t) for `rows` float query rows of width d and n keys
+// stored element-major (vLLM's CPU cache: per block and KV head a (D, block_size) array),
+// W keys x up to 8 rows at a time (W = 16 where `wide`: the CPU has AVX-512).
+template <typename T>
+HG_SIMD void score_keys_dmajor(const float* q, int64_t rows, const T* k, int64_t es, int64_t n, int64_t d,
+                               float* out, bool wide) {
+  int64_t t = 0;
+  if (wide)
+    for (; t + 16 <= n; t += 16)
+      for (int64_t r = 0; r < rows; r += 8)
+        dmajor_rows<Lanes, 16>(q + r * d, std::min<int64_t>(8, rows - r), d, k + t, es, out + r * n + t, n);
+  for (; t + 8 <= n; t += 8)
+    for (int64_t r = 0; r < rows; r += 8)
+      dmajor_rows<Lanes8, 8>(q + r * d, std::min<int64_t>(8, rows - r), d, k + t, es, out + r * n + t, n);
+  for (; t < n; ++t)
+    for (int64_t r = 0; r < rows; ++r) {
+      float s = 0.f;
+      for (int64_t e = 0; e < d; ++e) s += q[r * d + e] * static_cast<float>(k[e * es + t]);
+      out[r * n + t] = s;
+    }
 }
 
 at::Tensor ratio_from_blocks_cpu(const at::Tensor& q, const at::Tensor& key_blocks, const at::Tensor& block_table,
@@ -73,6 +136,11 @@ at::Tensor ratio_from_blocks_cpu(const at::Tensor& q, const at::Tensor& key_bloc
   const float fscale = static_cast<float>(scaling), fcap = static_cast<float>(softcap);
   const auto qs = q.strides(), ks = key_blocks.strides();
   const bool dmajor = ks[2] == 1 && ks[3] != 1;
+#ifdef HG_X86_KERNELS
+  const bool wide = cpu_has_avx512();
+#else
+  constexpr bool wide = false;
+#endif
 
   HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_blocks", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
@@ -88,7 +156,7 @@ at::Tensor ratio_from_blocks_cpu(const at::Tensor& q, const at::Tensor& key_bloc
         for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
           const int64_t j0 = std::max(first[r], blk * BS), n = std::min(last[r], (blk + 1) * BS) - j0;
           const scalar_t* kj = kp + tp[r * MB + blk] * ks[0] + g * ks[1] + (j0 - blk * BS) * ks[2];
-          if (dmajor) score_keys_dmajor(qf.data(), G, kj, ks[3], n, D, scores.data());
+          if (dmajor) score_keys_dmajor(qf.data(), G, kj, ks[3], n, D, scores.data(), wide);
           else score_keys(qf.data(), G, kj, ks[2], ks[3], n, D, kf.data(), scores.data());
           for (int64_t i = 0; i < G; ++i) {
             float* si = scores.data() + i * n;

@@ -1,6 +1,6 @@
 // The score pipeline shared by the CPU kernels that read attention from queries and keys
-// (ratio_from_qk.cpp, decode_attention.cpp): q.k scores of a block of keys, scaling,
-// softcap and mask biases, exponentials and running softmax statistics.
+// (ratio_from_qk.cpp, ratio_from_blocks.cpp, decode_attention.cpp): q.k scores of a block
+// of keys, scaling, softcap and mask biases, exponentials and running softmax statistics.
 //
 // Everything here has internal linkage (an anonymous namespace), so each .cpp that
 // includes this header gets its own SIMD clones (see the HG_SIMD rule in simd.h).
