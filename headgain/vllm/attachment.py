@@ -94,8 +94,12 @@ class _DecodeBatch:
 
     Attributes:
         slots: the R requests' slots.
+        others: the step's other slots with a config (passes of several tokens).
         tokens: (R,) int64, each one's row in the packed batch.
         rows: (R,) int64, each one's row of the block table.
+        in_order: the R requests are the whole packed batch and the block table's first R
+            rows, in order (every request decodes and has a config): their rows are read and
+            scaled where they lie.
         lengths: (R,) int64, each one's keys (its context, this step's token included).
         visual: (R, max length) bool, its visual keys.
         groups: (rules, (G,) int64 positions in the batch, (G,) bool has_visual) per set of
@@ -103,16 +107,23 @@ class _DecodeBatch:
     """
 
     slots: list[_Slot]
+    others: list[_Slot]
     tokens: torch.Tensor
     rows: torch.Tensor
+    in_order: bool
     lengths: torch.Tensor
     visual: torch.Tensor
     groups: list[tuple[tuple[LayerRule, ...], torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def build(cls, slots: list[_Slot], device) -> _DecodeBatch:
+    def build(cls, step_slots: list[_Slot], num_tokens: int, device) -> _DecodeBatch:
+        """The batch of the decoding slots among ``step_slots`` (those of a step of
+        ``num_tokens`` packed tokens)."""
+        slots = [slot for slot in step_slots if slot.end - slot.start == 1]
+        others = [slot for slot in step_slots if slot.end - slot.start > 1]
+        in_order = len(slots) == num_tokens and all(s.start == i and s.row == i for i, s in enumerate(slots))
         lengths = [slot.past + 1 for slot in slots]
-        visual = torch.zeros(len(slots), max(lengths), dtype=torch.bool, device=device)
+        visual = torch.zeros(len(slots), max(lengths, default=0), dtype=torch.bool, device=device)
         for i, (slot, n) in enumerate(zip(slots, lengths)):
             visual[i, :n] = slot.request.visual[:n]
         members: dict[int, list[int]] = {}
@@ -128,8 +139,10 @@ class _DecodeBatch:
         ]
         return cls(
             slots,
+            others,
             torch.tensor([slot.start for slot in slots], device=device),
             torch.tensor([slot.row for slot in slots], device=device),
+            in_order,
             torch.tensor(lengths, device=device),
             visual,
             groups,
@@ -322,33 +335,17 @@ class Attachment:
             )
         singles = slots
         if self._layout is not None:  # decoding requests: all at once, their keys read where they lie
-            decoding = [slot for slot in slots if slot.end - slot.start == 1]
-            if decoding:
-                if self._batch is None:
-                    self._batch = _DecodeBatch.build(decoding, q.device)
-                batch, (cache, table) = self._batch, paged
-                ratios = ops.ratio_from_blocks(
-                    q.index_select(0, batch.tokens),
-                    self._layout.blocks(cache, d.num_kv_heads, d.head_dim),
-                    table.index_select(0, batch.rows),
-                    batch.lengths,
-                    batch.visual,
-                    layer.scale,
-                    layer.softcap,
-                    layer.sliding_window or 0,
-                )
-                gains = torch.empty_like(ratios)
-                for rules, members, has_visual in batch.groups:
-                    gains[members] = layer_gains(ratios[members], has_visual, rules[position])
-                scaled = view.index_select(0, batch.tokens)  # (R, H, D_v): their rows, scaled at once
-                ops.scale_heads_(scaled[:, None], gains)
-                view.index_copy_(0, batch.tokens, scaled)
-                for i, slot in enumerate(batch.slots):
-                    _record(slot, position, ratios[i], gains[i])
-                singles = [slot for slot in slots if slot.end - slot.start > 1]
+            if self._batch is None:
+                self._batch = _DecodeBatch.build(slots, q.shape[0], q.device)
+            batch, (cache, table) = self._batch, paged
+            if batch.slots:
+                self._rescale_decoding(batch, layer, position, q, view, cache, table)
+            singles = batch.others
         for slot in singles:
             new, end = k[slot.start : slot.end], slot.end - slot.start + slot.past
-            if self._layout is not None:
+            if self._layout is not None and slot.past == 0:  # a pass from the start: its keys are the new ones
+                keys = new.transpose(0, 1)[None]
+            elif self._layout is not None:
                 cache, table = paged
                 window = layer.sliding_window  # the keys the pass's first row sees, and all after them
                 start = max(0, slot.past + 1 - window) if window else 0
@@ -373,6 +370,39 @@ class Attachment:
             gains = layer_gains(ratios, slot.state.has_visual, slot.request.rules[position])
             ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), gains)
             _record(slot, position, ratios[0], gains[0])
+
+    def _rescale_decoding(self, batch: _DecodeBatch, layer, position: int, q, view, cache, table) -> None:
+        """`_rescale` for the step's decoding requests, all at once: one S_v op reading their keys
+        in the paged cache, one gains op per config, one scaling of their rows."""
+        d = self.decoder
+        r = len(batch.slots)
+        rows, tables = (q, table[:r]) if batch.in_order else (q.index_select(0, batch.tokens), table[batch.rows])
+        ratios = ops.ratio_from_blocks(
+            rows,
+            self._layout.blocks(cache, d.num_kv_heads, d.head_dim),
+            tables,
+            batch.lengths,
+            batch.visual,
+            layer.scale,
+            layer.softcap,
+            layer.sliding_window or 0,
+        )
+        if len(batch.groups) == 1:
+            rules, _, has_visual = batch.groups[0]
+            gains = layer_gains(ratios, has_visual, rules[position])
+        else:
+            gains = torch.empty_like(ratios)
+            for rules, members, has_visual in batch.groups:
+                gains[members] = layer_gains(ratios[members], has_visual, rules[position])
+        if batch.in_order:
+            ops.scale_heads_(view[:, None], gains)
+        else:
+            scaled = view.index_select(0, batch.tokens)  # (R, H, D_v): their rows, scaled at once
+            ops.scale_heads_(scaled[:, None], gains)
+            view.index_copy_(0, batch.tokens, scaled)
+        if self.settings.record:
+            for i, slot in enumerate(batch.slots):
+                _record(slot, position, ratios[i], gains[i])
 
 
 def _record(slot: _Slot, position: int, ratios: torch.Tensor, gains: torch.Tensor) -> None:
