@@ -12,7 +12,7 @@ from torch.library import opcheck
 
 import headgain
 from headgain.adapters import hf
-from headgain.core import ops
+from headgain.core import ops, reference
 from headgain.testing.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not ops.extension_available("cpu"), reason="the compiled extension is not built")
@@ -60,7 +60,15 @@ def _case(b, h, hkv, nk, d, dv, dtype, seed=0, device="cpu"):
     return tuple(t.to(device) for t in (q, k, v, visual, mask))
 
 
-SHAPES = [(2, 8, 2, 37, 64, 64), (1, 4, 4, 2100, 128, 128), (3, 16, 4, 1025, 32, 32), (2, 6, 2, 300, 24, 16)]
+# (B, H, Hkv, Nk, D, Dv); the last: a query group of 48 heads, more shared memory than CUDA's
+# default 48 KiB per block
+SHAPES = [
+    (2, 8, 2, 37, 64, 64),
+    (1, 4, 4, 2100, 128, 128),
+    (3, 16, 4, 1025, 32, 32),
+    (2, 6, 2, 300, 24, 16),
+    (1, 48, 1, 70, 128, 128),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -107,6 +115,29 @@ def test_softcap_strided_cache_and_fully_masked_rows(device):
     torch.testing.assert_close(out[0], want_out[0], atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(ratios[0], want_ratios[0], atol=2e-6, rtol=1e-5)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and ratios[1].isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_keys_give_no_output_and_no_visual_share(device):
+    q, k, v = torch.randn(2, 4, 1, 16), torch.zeros(2, 2, 0, 16), torch.zeros(2, 2, 0, 8)
+    visual = torch.zeros(2, 0, dtype=torch.bool)
+    on = [t.to(device) for t in (q, k, v)]
+    out, ratios = ops.decode_attention(*on, None, visual.to(device), 0.25)
+    want_out, want_ratios = reference.decode_attention(q, k, v, None, visual, 0.25)
+    assert torch.equal(out.cpu(), want_out) and torch.equal(out.cpu(), torch.zeros(2, 1, 4, 8))
+    assert torch.equal(ratios.cpu(), want_ratios) and torch.equal(ratios.cpu(), torch.zeros(2, 4))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ops.extension_available("cuda")), reason="needs a CUDA GPU")
+def test_cuda_head_width_limit_is_the_one_attached_models_respect():
+    widest = hf._CUDA_FUSED_MAX_HEAD_DIM
+    for d, fits in ((widest, True), (widest + 8, False)):
+        q, k, v, visual, mask = _case(1, 2, 1, 20, d, d, torch.float32, device="cuda")
+        if fits:
+            ops.decode_attention(q, k, v, mask, visual, 0.1)
+        else:
+            with pytest.raises(RuntimeError, match=f"head dims up to {widest}"):
+                ops.decode_attention(q, k, v, mask, visual, 0.1)
 
 
 def test_bad_arguments_name_the_argument():

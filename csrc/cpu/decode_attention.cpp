@@ -138,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   auto out = at::empty({B, 1, H, Dv}, q.options());
   auto ratios = at::empty({B, H}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && ratios.numel() == 0) return {out, ratios};
+  if (Nk == 0) return {out.zero_(), ratios.zero_()};  // no keys: no output, no visual share (as ratio_from_qk)
 
   const std::vector<float> vis = visual_floats(visual);  // (B, Nk) 0/1
   const float* vp = vis.data();

@@ -42,7 +42,9 @@ const typename DeviceType<T>::type* device_ptr(const at::Tensor& t) {
   return reinterpret_cast<const typename DeviceType<T>::type*>(t.const_data_ptr<T>());
 }
 
-constexpr int64_t kMaxSharedHeadDim = 48 * 1024 / sizeof(float);  // the default dynamic shared memory
+// the default 48 KiB of shared memory, less ratio_from_qk_kernel's static per-warp statistics
+constexpr int64_t kMaxSharedHeadDim =
+    (48 * 1024 - sizeof(hk::Stats) * (hk::kThreads / hk::kWarp)) / sizeof(float);
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -180,6 +182,10 @@ template <typename T, typename M>
 void launch_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const M* mask,
                              const at::Tensor& visual, const hk::DecodeShape& shape, int warps, size_t shared,
                              int splits, hk::Stats* stats, float* partial) {
+  if (shared > 48 * 1024)  // above the default: the kernel must opt in (up to the device's limit, checked before)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(hk::decode_attention_kernel<typename DeviceType<T>::type, M>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared)));
   hk::decode_attention_kernel<<<dim3(grid_x(q.size(0) * shape.Hkv, "decode_attention"), splits), warps * hk::kWarp,
                                 shared, c10::cuda::getCurrentCUDAStream()>>>(
       device_ptr<T>(q), device_ptr<T>(k), device_ptr<T>(v), mask, visual.const_data_ptr<bool>(), shape, stats,
@@ -196,16 +202,21 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   auto out = at::empty({B, 1, H, Dv}, q.options());
   auto ratios = at::empty({B, H}, q.options().dtype(at::kFloat));
   if (B * H == 0) return {out, ratios};
+  if (Nk == 0) return {out.zero_(), ratios.zero_()};  // no keys: no output, no visual share (as ratio_from_qk)
   constexpr int64_t kMaxDim = hk::kMaxPerLane * hk::kWarp;
   TORCH_CHECK(D <= kMaxDim && Dv <= kMaxDim, "headgain: decode_attention on CUDA keeps a key and a value row in ",
               "registers and takes head dims up to ", kMaxDim, ", got D=", D, ", Dv=", Dv);
   const int64_t G = H / Hkv;
-  // as many warps (up to 8) as the default 48 KiB of dynamic shared memory holds
+  // as many warps (up to 8) as the default 48 KiB of dynamic shared memory holds; a query group
+  // too large for that with one warp takes what the device allows a block when it opts in
   int warps = hk::kThreads / hk::kWarp;
   while (warps > 1 && hk::decode_shared_bytes(G, D, Dv, warps) > 48 * 1024) --warps;
   const size_t shared = hk::decode_shared_bytes(G, D, Dv, warps);
-  TORCH_CHECK(shared <= 48 * 1024, "headgain: decode_attention on CUDA needs ", shared,
-              " bytes of shared memory for a query group of ", G, " heads of width ", D, "/", Dv, "; at most 49152");
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()));
+  TORCH_CHECK(shared <= static_cast<size_t>(std::max(optin, 48 * 1024)), "headgain: decode_attention on CUDA needs ",
+              shared, " bytes of shared memory for a query group of ", G, " heads of width ", D, "/", Dv,
+              "; this device gives a block at most ", std::max(optin, 48 * 1024));
   const auto vis = visual.contiguous();
   hk::DecodeShape shape{H, Hkv, Nk, D, Dv, G,
                         q.stride(0), q.stride(1), q.stride(3),

@@ -345,6 +345,9 @@ _UNFUSED = object()
 # decode_attention compiles in CI but has not yet run on a GPU: models on CUDA keep their
 # backend until `make gpu-check` has passed on one.
 _FUSED_MODEL_DEVICES = ("cpu",)
+# The widest heads the CUDA kernel of decode_attention takes (kMaxPerLane * 32 in csrc/cuda);
+# wider heads keep the backend there.
+_CUDA_FUSED_MAX_HEAD_DIM = 256
 # Keyword arguments the fused decoding step knows to leave the sdpa backend's result unchanged
 # (any other one, such as position biases or attention sinks, keeps the backend).
 _FUSABLE_KWARGS = frozenset(
@@ -370,6 +373,8 @@ def _fused_mask(handle, module, query, key, value, attention_mask, kwargs: dict)
     if not handle.fused or handle.decoder.backend != "sdpa" or query.shape[2] != 1:
         return _UNFUSED
     if query.device.type not in _FUSED_MODEL_DEVICES or not ops.extension_available(query.device):
+        return _UNFUSED
+    if query.device.type == "cuda" and max(query.shape[-1], value.shape[-1]) > _CUDA_FUSED_MAX_HEAD_DIM:
         return _UNFUSED
     if not query.dtype == key.dtype == value.dtype or query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return _UNFUSED
