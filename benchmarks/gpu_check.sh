@@ -64,7 +64,8 @@ step build 300 env HEADGAIN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="
 "$PY" -c "import headgain, sys; sys.exit(0 if headgain.extension_available('cuda') else 'no CUDA kernels in the build')" \
   || exit 1
 step tests 180 env HEADGAIN_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider -rs \
-  tests/test_ops.py tests/test_cuda_models.py tests/test_fused_decode.py tests/test_core_api.py
+  tests/test_ops.py tests/test_cuda_models.py tests/test_fused_decode.py tests/test_core_api.py \
+  tests/test_ratio_from_blocks.py
 step ops 120 "$PY" benchmarks/ops.py --device cuda --full --repeats 10
 step overhead 240 "$PY" benchmarks/overhead.py --shape qwen2.5-vl-7b --rounds 3 --new-tokens 32 \
   --json "$OUT/overhead.json"

@@ -23,10 +23,9 @@ def _paged(keys: list[torch.Tensor], block_size: int, layout: str, seed: int = 0
     table = torch.zeros(len(keys), max(need) + 1, dtype=torch.int32)
     if layout == "dmajor":  # (NB, Hkv, 2, D, BS): keys of a block and head as (D, BS), then values
         cache = torch.randn(nb, hkv, 2, d, block_size, generator=g).to(keys[0].dtype)
-        blocks = cache[:, :, 0].permute(0, 1, 3, 2)
     else:  # (2, NB, BS, Hkv, D): keys first
         cache = torch.randn(2, nb, block_size, hkv, d, generator=g).to(keys[0].dtype)
-        blocks = cache[0].permute(0, 2, 1, 3)
+    blocks = _blocks(cache, layout)
     used = 0
     for r, k in enumerate(keys):
         for b in range(need[r]):
@@ -36,6 +35,11 @@ def _paged(keys: list[torch.Tensor], block_size: int, layout: str, seed: int = 0
             part = k[:, b * block_size : (b + 1) * block_size]
             blocks[block, :, : part.shape[1]] = part
     return blocks, table, cache
+
+
+def _blocks(cache: torch.Tensor, layout: str) -> torch.Tensor:
+    """The (NB, Hkv, BS, D) view of the keys in ``cache``."""
+    return cache[:, :, 0].permute(0, 1, 3, 2) if layout == "dmajor" else cache[0].permute(0, 2, 1, 3)
 
 
 def _explicit(q, keys, visual, scaling, softcap, window):
@@ -63,6 +67,16 @@ def _case(lengths, h, hkv, d, dtype, seed=0):
 
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not (torch.cuda.is_available() and ops.extension_available("cuda")),
+            reason="needs a CUDA GPU and headgain built with its CUDA kernels",
+        ),
+    ),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -72,12 +86,18 @@ TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-5, torch.float16: 2e-5}
     [((1, 16, 17, 40), 16, 0), ((33, 7), 16, 10), ((2500, 300), 128, 0), ((2500, 130), 128, 1500)],
     ids=["short", "window", "spans", "spans-window"],
 )
-def test_matches_explicit_probabilities(dtype, layout, lengths, block_size, window):
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_explicit_probabilities(dtype, layout, lengths, block_size, window, device):
     q, keys, visual = _case(lengths, 8, 2, 64, dtype)
-    blocks, table, _ = _paged(keys, block_size, layout)
+    blocks, table, cache = _paged(keys, block_size, layout)
     assert (blocks.stride(2) == 1) == (layout == "dmajor")
     lens = torch.tensor(lengths)
-    got = ops.ratio_from_blocks(q, blocks, table, lens, visual, 0.125, window=window)
+    if device != "cpu":  # the whole cache moved there, read through the same view
+        blocks = _blocks(cache.to(device), layout)
+    on = [t.to(device) for t in (q, table, lens, visual)]
+    got = ops.ratio_from_blocks(on[0], blocks, on[1], on[2], on[3], 0.125, window=window)
+    assert got.device.type == device
+    got = got.cpu()
     want = _explicit(q, keys, visual, 0.125, 0.0, window)
     assert got.dtype == torch.float32 and got.shape == (len(lengths), 8)
     torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=1e-4)

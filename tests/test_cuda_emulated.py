@@ -1,0 +1,118 @@
+"""headgain's CUDA kernels and launch code executed on the CPU by an emulation of CUDA's
+execution model (tests/emulated_cuda.py): the cases the CUDA tests give the ops on a GPU,
+against the PyTorch reference (and the explicit softmax of test_fused_decode), with as many key
+splits as an H200 gives them and with one split and a thousand. This checks indexing,
+barriers, launch configurations and numerics wherever no GPU is at hand; it is no GPU run
+(no data races, no timing), which `make gpu-check` remains."""
+
+import sys
+
+import pytest
+import test_fused_decode as F
+import test_ops as T
+import torch
+
+from headgain.core import reference
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulation's fibers need Linux")
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    from emulated_cuda import load
+
+    return load()
+
+
+# (dtype, multiprocessors of the emulated device, which set the kernels' key splits): every
+# dtype as on an H200, float32 also with one split and with a thousand
+SETTINGS = [(dtype, 132) for dtype in T.DTYPES] + [(torch.float32, 1), (torch.float32, 5000)]
+
+
+def _ids(setting) -> str:
+    return f"{str(setting[0]).split('.')[-1]}-{setting[1]}SMs"
+
+
+@pytest.fixture(params=SETTINGS, ids=_ids)
+def setting(request, monkeypatch):
+    dtype, multiprocessors = request.param
+    monkeypatch.setenv("HEADGAIN_EMU_SMS", str(multiprocessors))
+    return dtype
+
+
+def test_ratio_ops(cuda, setting):
+    dtype = setting
+    for name, args in T.sample_ratio_from_probs("cpu", dtype):
+        torch.testing.assert_close(
+            cuda.ratio_from_probs(*args), reference.ratio_from_probs(*args), **T._tol(dtype), msg=name
+        )
+    for name, args in T.sample_ratio_from_qk("cpu", dtype):
+        got = cuda.ratio_from_qk(*args)
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, reference.ratio_from_qk(*args), **T._tol(dtype), msg=name)
+
+
+@pytest.mark.parametrize("dtype", T.FLOAT_DTYPES)
+def test_gains_and_scaling(cuda, dtype):
+    for name, args in T.sample_head_gains("cpu"):
+        assert torch.equal(cuda.head_gains(*args), reference.head_gains(*args)), name
+    for name, (out, gains) in T.sample_scale_heads("cpu", dtype):
+        expected = reference.scale_heads(out, gains)
+        if dtype == torch.float64:
+            expected = (out.double() * gains[:, None, :, None].double()).to(dtype)
+        assert torch.equal(cuda.scale_heads(out, gains), expected), name
+        in_place = out.clone()
+        cuda.scale_heads_(in_place, gains)
+        assert torch.equal(in_place, expected), name
+        cuda.scale_heads_(out, torch.ones_like(gains))
+        assert torch.equal(out, out.clone()), name
+
+
+# test_fused_decode's shapes with fewer keys (each emulated thread switch costs microseconds),
+# still several key splits apart
+SHAPES = [(b, h, hkv, min(nk, 300), d, dv) for b, h, hkv, nk, d, dv in F.SHAPES]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_attention(cuda, shape, setting):
+    dtype = setting
+    for mask_kind in ("none", "bool", "additive"):
+        q, k, v, visual, mask = F._case(*shape, dtype)
+        if mask_kind == "none":
+            mask = None
+        elif mask_kind == "additive":
+            mask = torch.where(mask, 0.0, -1e9).to(dtype)
+        scaling = shape[4] ** -0.5
+        out, ratios = cuda.decode_attention(q, k, v, mask, visual, scaling, 0.0)
+        want_out, want_ratios = reference.decode_attention(q, k, v, mask, visual, scaling)
+        torch.testing.assert_close(out.float(), want_out.float(), atol=F.TOL[dtype], rtol=F.TOL[dtype], msg=mask_kind)
+        torch.testing.assert_close(ratios, want_ratios, atol=2e-6, rtol=1e-5, msg=mask_kind)
+
+
+def test_decode_attention_edges(cuda):
+    # softcap, keys and values as slices of a larger cache, a sample with every key masked
+    q, k, v, visual, mask = F._case(2, 4, 2, 700, 32, 32, torch.float32)
+    big_k, big_v = torch.zeros(2, 1000, 2, 32), torch.zeros(2, 1000, 2, 32)
+    big_k[:, :700], big_v[:, :700] = k.transpose(1, 2), v.transpose(1, 2)
+    mask[1] = False
+    keys, values = big_k[:, :700].transpose(1, 2), big_v[:, :700].transpose(1, 2)
+    out, ratios = cuda.decode_attention(q, keys, values, mask, visual, 0.2, 5.0)
+    want_out, want_ratios = F._explicit(q, k, v, mask, visual, 0.2, softcap=5.0)
+    torch.testing.assert_close(out[0], want_out[0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(ratios[0], want_ratios[0], atol=2e-6, rtol=1e-5)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and ratios[1].isnan().all()
+    # head widths up to the kernel's 256, keys wider than values
+    for b, h, hkv, nk, d, dv in [(2, 4, 2, 300, 256, 256), (1, 4, 4, 200, 192, 128)]:
+        q, k, v, visual, mask = F._case(b, h, hkv, nk, d, dv, torch.float32)
+        out, ratios = cuda.decode_attention(q, k, v, mask, visual, d**-0.5, 0.0)
+        want_out, want_ratios = reference.decode_attention(q, k, v, mask, visual, d**-0.5)
+        torch.testing.assert_close(out, want_out, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ratios, want_ratios, atol=2e-6, rtol=1e-5)
+    q, k, v, visual, _ = F._case(1, 2, 1, 20, 264, 264, torch.float32)
+    with pytest.raises(RuntimeError, match="head dims up to 256"):
+        cuda.decode_attention(q, k, v, None, visual, 0.1, 0.0)
+    # no keys: no output, no visual share
+    empty_k, empty_v = torch.zeros(2, 2, 0, 32), torch.zeros(2, 2, 0, 16)
+    no_visual = torch.zeros(2, 0, dtype=torch.bool)
+    out, ratios = cuda.decode_attention(torch.randn(2, 4, 1, 32), empty_k, empty_v, None, no_visual, 0.2, 0.0)
+    assert torch.equal(out, torch.zeros(2, 1, 4, 16)) and torch.equal(ratios, torch.zeros(2, 4))
