@@ -129,18 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from .eval.commands import add_subcommands
 
-    add_subcommands(sub, model_opts, cfg_opts, _positive)
+    add_subcommands(sub, model_opts, cfg_opts, _integer_at_least)
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
+    """The argparse type of integers >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    return parse
+
+
+_positive = _integer_at_least(1)
 
 
 # ---------------------------------------------------------------------- entry point

@@ -7,10 +7,29 @@ import pytest
 import torch
 import transformers
 
+from headgain.core import ops
 from headgain.core.decoder import match_layers
 from headgain.core.errors import ArchError
 from headgain.core.registry import registered_archs, resolve
 from headgain.testing.tiny import IMAGE_ID, VIDEO_ID, tiny_model
+
+
+def _cuda_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU available"
+    if not ops.extension_available("cuda"):
+        return "headgain was built without its CUDA kernels (no CUDA torch or toolkit at build time)"
+    return None
+
+
+#: the devices the compiled ops are tested on: CPU, and CUDA where a GPU and the CUDA kernels are
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(_cuda_skip_reason() is not None, reason=str(_cuda_skip_reason()))],
+    ),
+]
 
 #: model types whose decoder older transformers keep elsewhere (the registered path is the current one)
 MOVED = {"qwen2_5_omni_thinker": "model.layers.*.self_attn", "qwen3_omni_moe_thinker": "model.layers.*.self_attn"}

@@ -7,7 +7,7 @@ backend: gains of 1 give the vanilla tokens, and fused and unfused steps agree.
 
 import pytest
 import torch
-from support import attach_mixed, token_inputs
+from support import DEVICES, attach_mixed, token_inputs
 from torch.library import opcheck
 
 import headgain
@@ -18,16 +18,6 @@ from headgain.testing.tiny import tiny_model
 pytestmark = pytest.mark.skipif(not ops.extension_available("cpu"), reason="the compiled extension is not built")
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not (torch.cuda.is_available() and ops.extension_available("cuda")),
-            reason="needs a CUDA GPU and headgain built with its CUDA kernels",
-        ),
-    ),
-]
 
 
 def _explicit(q, k, v, mask, visual, scaling, softcap=0.0):

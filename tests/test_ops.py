@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from support import DEVICES
 from torch.library import opcheck
 
 from headgain.core import ops, reference
@@ -21,23 +22,6 @@ if not ops.extension_available() and not REQUIRE_EXTENSION:
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-def _cuda_skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA GPU available"
-    if not ops.extension_available("cuda"):
-        return "headgain was built without its CUDA kernels (no CUDA torch or toolkit at build time)"
-    return None
-
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.cuda, pytest.mark.skipif(_cuda_skip_reason() is not None, reason=str(_cuda_skip_reason()))],
-    ),
-]
 
 
 def test_extension_is_loaded():

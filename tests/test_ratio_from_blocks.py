@@ -5,6 +5,7 @@ before they were paged."""
 
 import pytest
 import torch
+from support import DEVICES
 from torch.library import opcheck
 
 from headgain.core import ops, reference
@@ -67,16 +68,6 @@ def _case(lengths, h, hkv, d, dtype, seed=0):
 
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-5, torch.float16: 2e-5}
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not (torch.cuda.is_available() and ops.extension_available("cuda")),
-            reason="needs a CUDA GPU and headgain built with its CUDA kernels",
-        ),
-    ),
-]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -127,4 +127,4 @@ def test_reasoning_length_of_toy_benchmarks(tmp_path, capsys):
     assert main(["eval", "--bench", "shapes", "--reasoning", "4", "--out", str(tmp_path / "e")]) == 2
     assert "--reasoning applies to the toy benchmarks only" in capsys.readouterr().err
     assert main(["eval", "--bench", "toy:count", "--reasoning", "-1", "--out", str(tmp_path / "n")]) == 2
-    assert "-1: give 0 or more words" in capsys.readouterr().err
+    assert "-1 must be at least 0" in capsys.readouterr().err

@@ -20,18 +20,8 @@ SHAPES_DEFAULT_N = 30
 TOY_DEFAULT_N = 200
 
 
-def _words(text: str) -> int:
-    """argparse type of ``--reasoning``: a number of words, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of words") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: give 0 or more words")
-    return value
-
-
-def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
+def _data_args(p: argparse.ArgumentParser, at_least, out_default: str) -> None:
+    positive = at_least(1)
     from .adapters import ADAPTERS
 
     d = p.add_argument_group("data and generation")
@@ -62,7 +52,7 @@ def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
     )
     d.add_argument(
         "--reasoning",
-        type=_words,
+        type=at_least(0),
         metavar="WORDS",
         help="toy benchmarks: words of reasoning text given before the answer (default 16, as in training)",
     )
@@ -83,10 +73,11 @@ def _data_args(p: argparse.ArgumentParser, positive, out_default: str) -> None:
     )
 
 
-def add_subcommands(sub, model_opts, cfg_opts, positive) -> None:
+def add_subcommands(sub, model_opts, cfg_opts, at_least) -> None:
     """Add ``eval`` and ``sweep`` to the ``headgain`` subparsers ``sub``; ``model_opts`` and
-    ``cfg_opts`` are the parent parsers of the model and config options, ``positive`` the
-    argparse type of positive integers."""
+    ``cfg_opts`` are the parent parsers of the model and config options, ``at_least(n)`` the
+    argparse type of integers >= n."""
+    positive = at_least(1)
     ev = sub.add_parser(
         "eval",
         parents=[model_opts],
@@ -94,7 +85,7 @@ def add_subcommands(sub, model_opts, cfg_opts, positive) -> None:
         description="Run vanilla and each config on the same samples (one model, headgain toggled); write per-arm "
         "JSONL records, summary.json, summary.md and summary.png into --out. Rerunning with the same --out resumes.",
     )
-    _data_args(ev, positive, "headgain-eval")
+    _data_args(ev, at_least, "headgain-eval")
     ev.add_argument(
         "--configs",
         nargs="+",
@@ -116,7 +107,7 @@ def add_subcommands(sub, model_opts, cfg_opts, positive) -> None:
         description="Search layer bounds, thresholds and gains around --preset/--config (and strategies A-D) with "
         "successive halving on dev samples, then compare vanilla and the chosen config on held-out samples.",
     )
-    _data_args(sw, positive, "headgain-sweep")
+    _data_args(sw, at_least, "headgain-sweep")
     dev = sw.add_mutually_exclusive_group()
     dev.add_argument("--dev-split", metavar="NAME", help="tune on this split of --bench (report on --split)")
     dev.add_argument(
