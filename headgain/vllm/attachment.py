@@ -342,34 +342,61 @@ class Attachment:
                 self._rescale_decoding(batch, layer, position, q, view, cache, table)
             singles = batch.others
         for slot in singles:
-            new, end = k[slot.start : slot.end], slot.end - slot.start + slot.past
-            if self._layout is not None and slot.past == 0:  # a pass from the start: its keys are the new ones
-                keys = new.transpose(0, 1)[None]
-            elif self._layout is not None:
-                cache, table = paged
-                window = layer.sliding_window  # the keys the pass's first row sees, and all after them
-                start = max(0, slot.past + 1 - window) if window else 0
-                keys = self._layout.keys(cache, table[slot.row], end, d.num_kv_heads, d.head_dim, start)
+            if self._layout is not None and slot.past > 0 and slot.request.cfg.query == "last":
+                ratios = self._chunk_ratios(slot, layer, q, paged)
             else:
-                keys = slot.request.write_keys(d.num_layers, position, slot.past, new)
-                if self.key_source is None:  # the first step with a config: which layout gives these keys back?
-                    found = None if paged is None else find_layout(paged[0], paged[1][slot.row], slot.past, new)
-                    if self._checked.get(position, found) != found:
-                        found = None  # two requests disagree: no layout
-                    self._checked[position] = found
-            rows = q[slot.start : slot.end].permute(1, 0, 2).unsqueeze(0)  # (1, H, n, D)
-            num_keys = keys.shape[2]
-            ratios = layer_ratios(
-                slot.state,
-                rows,
-                keys,
-                scaling=layer.scale,
-                mask_rows=slot.state.mask_rows(None, num_keys, layer.sliding_window),
-                softcap=layer.softcap,
-            )
+                ratios = self._pass_ratios(slot, layer, position, q, k, paged)
             gains = layer_gains(ratios, slot.state.has_visual, slot.request.rules[position])
             ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), gains)
             _record(slot, position, ratios[0], gains[0])
+
+    def _chunk_ratios(self, slot: _Slot, layer, q: torch.Tensor, paged) -> torch.Tensor:
+        """(1, H) S_v of a later chunk of a prompt at its i* row (the chunk's last token; config
+        query "last"), read through the block table from the paged cache, which holds the
+        chunk's own keys already."""
+        d, (cache, table) = self.decoder, paged
+        length = slot.past + slot.end - slot.start
+        return ops.ratio_from_blocks(
+            q[slot.end - 1 : slot.end],
+            self._layout.blocks(cache, d.num_kv_heads, d.head_dim),
+            table[slot.row : slot.row + 1],
+            torch.tensor([length], device=q.device),
+            slot.request.visual[:length][None],
+            layer.scale,
+            layer.softcap,
+            layer.sliding_window or 0,
+        )
+
+    def _pass_ratios(self, slot: _Slot, layer, position: int, q: torch.Tensor, k: torch.Tensor, paged) -> torch.Tensor:
+        """(1, H) S_v of a pass of several tokens at the rows its config reads, from its keys:
+        its own new ones for a pass from the start; else those of the paged cache (copied out)
+        or of headgain's copy (which the first step with a config uses to check the layout)."""
+        d = self.decoder
+        new, end = k[slot.start : slot.end], slot.end - slot.start + slot.past
+        if self._layout is not None and slot.past == 0:  # a pass from the start: its keys are the new ones
+            keys = new.transpose(0, 1)[None]
+        elif self._layout is not None:
+            cache, table = paged
+            window = layer.sliding_window  # the keys the pass's first row sees, and all after them
+            start = max(0, slot.past + 1 - window) if window else 0
+            keys = self._layout.keys(cache, table[slot.row], end, d.num_kv_heads, d.head_dim, start)
+        else:
+            keys = slot.request.write_keys(d.num_layers, position, slot.past, new)
+            if self.key_source is None:  # the first step with a config: which layout gives these keys back?
+                found = None if paged is None else find_layout(paged[0], paged[1][slot.row], slot.past, new)
+                if self._checked.get(position, found) != found:
+                    found = None  # two requests disagree: no layout
+                self._checked[position] = found
+        rows = q[slot.start : slot.end].permute(1, 0, 2).unsqueeze(0)  # (1, H, n, D)
+        num_keys = keys.shape[2]
+        return layer_ratios(
+            slot.state,
+            rows,
+            keys,
+            scaling=layer.scale,
+            mask_rows=slot.state.mask_rows(None, num_keys, layer.sliding_window),
+            softcap=layer.softcap,
+        )
 
     def _rescale_decoding(self, batch: _DecodeBatch, layer, position: int, q, view, cache, table) -> None:
         """`_rescale` for the step's decoding requests, all at once: one S_v op reading their keys
