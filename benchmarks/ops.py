@@ -130,7 +130,7 @@ def make_cases(nk: int, b: int, device: str, dtype: torch.dtype, prefill: bool =
                 _nbytes(q, k, v, mask, visual, q),
             ),
         )
-    if device == "cpu" and ops.extension_available(device):  # on other devices the op gathers, as its reference
+    if ops.extension_available(device):
         cases.insert(2, _paged_case(q, visual, nk, b, device, dtype, g, scaling, shape))
     if prefill:
         cases.insert(
@@ -148,11 +148,16 @@ def make_cases(nk: int, b: int, device: str, dtype: torch.dtype, prefill: bool =
 
 def _paged_case(q, visual, nk, b, device, dtype, g, scaling, shape) -> Case:
     """ratio_from_blocks: each sample's nk keys in shuffled blocks of PAGE_BLOCK tokens of a
-    paged cache laid out as vLLM's CPU cache (per block and KV head a (D, block) array, then the
-    values), read in place, against gathering them first and reading the copy (ratio_from_qk)."""
+    paged cache laid out as vLLM lays it out on that device (CPU: per block and KV head a
+    (D, block) array, then the values; CUDA: FlashAttention's (2, blocks, block, Hkv, D)), read
+    in place, against gathering them first and reading the copy (ratio_from_qk)."""
     per = -(-nk // PAGE_BLOCK)
-    cache = torch.randn((b * per, KV_HEADS, 2, HEAD_DIM, PAGE_BLOCK), generator=g, device=device).to(dtype)
-    blocks = cache[:, :, 0].transpose(2, 3)  # (NB, Hkv, block, D)
+    if device == "cpu":
+        cache = torch.randn((b * per, KV_HEADS, 2, HEAD_DIM, PAGE_BLOCK), generator=g, device=device).to(dtype)
+        blocks = cache[:, :, 0].transpose(2, 3)  # (NB, Hkv, block, D)
+    else:
+        cache = torch.randn((2, b * per, PAGE_BLOCK, KV_HEADS, HEAD_DIM), generator=g, device=device).to(dtype)
+        blocks = cache[0].transpose(1, 2)
     table = torch.randperm(b * per, generator=g, device=device).view(b, per).int()
     lengths = torch.full((b,), nk, device=device)
     rows = q[:, :, 0]

@@ -10,6 +10,7 @@ import sys
 import pytest
 import test_fused_decode as F
 import test_ops as T
+import test_ratio_from_blocks as P
 import torch
 
 from headgain.core import reference
@@ -116,3 +117,24 @@ def test_decode_attention_edges(cuda):
     no_visual = torch.zeros(2, 0, dtype=torch.bool)
     out, ratios = cuda.decode_attention(torch.randn(2, 4, 1, 32), empty_k, empty_v, None, no_visual, 0.2, 0.0)
     assert torch.equal(out, torch.zeros(2, 1, 4, 16)) and torch.equal(ratios, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("layout", ["dmajor", "nhd"])
+def test_ratio_from_blocks(cuda, layout, setting):
+    dtype = setting
+    for lengths, block_size, window in [((1, 16, 17, 40), 16, 0), ((33, 7), 16, 10), ((700, 130), 64, 300)]:
+        q, keys, visual = P._case(lengths, 8, 2, 64, dtype)
+        blocks, table, _ = P._paged(keys, block_size, layout)
+        got = cuda.ratio_from_blocks(q, blocks, table, torch.tensor(lengths), visual, 0.125, 0.0, window)
+        want = P._explicit(q, keys, visual, 0.125, 0.0, window)
+        torch.testing.assert_close(got, want, atol=P.TOL[dtype], rtol=1e-4, msg=f"{lengths} {window}")
+
+
+def test_ratio_from_blocks_bad_values_give_nan(cuda):
+    q, keys, visual = P._case((20, 9, 5), 4, 2, 32, torch.float32)
+    blocks, table, _ = P._paged(keys, 16, "nhd")
+    table[1, 0] = blocks.shape[0]  # request 1: a block the cache does not have
+    got = cuda.ratio_from_blocks(q, blocks, table, torch.tensor([20, 9, 0]), visual, 0.2, 0.0, 0)  # request 2: no keys
+    want = P._explicit(q[:1], keys[:1], visual[:1], 0.2, 0.0, 0)
+    torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=1e-5)
+    assert got[1:].isnan().all()

@@ -16,11 +16,12 @@ void instantiate_per_element_type() {
   (void)&hk::ratio_from_qk_kernel<T, double>;
   (void)&hk::ratio_from_qk_kernel<T, __half>;
   (void)&hk::ratio_from_qk_kernel<T, __nv_bfloat16>;
-  (void)&hk::ratio_from_qk_group_kernel<T, bool>;
-  (void)&hk::ratio_from_qk_group_kernel<T, float>;
-  (void)&hk::ratio_from_qk_group_kernel<T, double>;
-  (void)&hk::ratio_from_qk_group_kernel<T, __half>;
-  (void)&hk::ratio_from_qk_group_kernel<T, __nv_bfloat16>;
+  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::DenseKeys<T>>;
+  (void)&hk::ratio_from_qk_group_kernel<T, float, hk::DenseKeys<T>>;
+  (void)&hk::ratio_from_qk_group_kernel<T, double, hk::DenseKeys<T>>;
+  (void)&hk::ratio_from_qk_group_kernel<T, __half, hk::DenseKeys<T>>;
+  (void)&hk::ratio_from_qk_group_kernel<T, __nv_bfloat16, hk::DenseKeys<T>>;
+  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::PagedKeys<T>>;  // ratio_from_blocks
   (void)&hk::decode_attention_kernel<T, bool>;
   (void)&hk::decode_attention_kernel<T, float>;
   (void)&hk::decode_attention_kernel<T, double>;

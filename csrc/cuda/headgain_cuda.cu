@@ -120,8 +120,10 @@ void launch_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const M* mas
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (plan.warps > 0) {
     const int64_t blocks = q.size(0) * k.size(1);
+    const hk::DenseKeys<typename DeviceType<T>::type> keys{device_ptr<T>(k), k.stride(0), k.stride(1), k.stride(2),
+                                                           k.size(2)};
     hk::ratio_from_qk_group_kernel<<<dim3(grid_x(blocks, "ratio_from_qk"), plan.splits), plan.warps * hk::kWarp,
-                                     plan.shared, stream>>>(device_ptr<T>(q), device_ptr<T>(k), mask,
+                                     plan.shared, stream>>>(device_ptr<T>(q), keys, mask,
                                                             visual.const_data_ptr<bool>(),
                                                             row_weights.const_data_ptr<float>(), shape, partial);
   } else {
@@ -174,6 +176,49 @@ at::Tensor ratio_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, const st
   hk::ratio_from_qk_combine_kernel<<<ceil_div(B * H, hk::kThreads), hk::kThreads, 0,
                                      c10::cuda::getCurrentCUDAStream()>>>(stats, w.const_data_ptr<float>(), B * H, H,
                                                                          R, splits, out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blocks, const at::Tensor& block_table,
+                                  const at::Tensor& lengths, const at::Tensor& visual, double scaling, double softcap,
+                                  int64_t window) {
+  check_ratio_from_blocks(q, key_blocks, block_table, lengths, visual, window);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t R = q.size(0), H = q.size(1), D = q.size(2), Hkv = key_blocks.size(1), L = visual.size(1);
+  auto out = at::empty({R, H}, q.options().dtype(at::kFloat));  // every element is written by the combine kernel
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(D <= hk::kMaxPerLane * hk::kWarp, "headgain: ratio_from_blocks on CUDA keeps a key row in registers and ",
+              "takes head dims up to ", hk::kMaxPerLane * hk::kWarp, ", got ", D);
+  const int64_t G = H / Hkv;
+  int warps = hk::kThreads / hk::kWarp;  // as many as the default 48 KiB of shared memory holds
+  while (warps > 1 && hk::group_shared_bytes(G, D, warps) > 48 * 1024) --warps;
+  const size_t shared = hk::group_shared_bytes(G, D, warps);
+  TORCH_CHECK(shared <= 48 * 1024, "headgain: ratio_from_blocks on CUDA needs ", shared,
+              " bytes of shared memory for a query group of ", G, " heads of width ", D, "; at most 49152");
+  const int splits = key_splits(R * Hkv, L, 256);  // L bounds every request's keys: no read of lengths here
+  const auto table = block_table.to(at::kLong).contiguous();
+  const auto lens = lengths.contiguous();
+  const auto vis = visual.contiguous();
+  const auto w = at::ones({R, 1}, out.options());
+  const hk::QkShape shape{H, 1, L, D, G, q.stride(0), q.stride(1), 0, q.stride(2), 0, 0, 0, key_blocks.stride(3),
+                          0, 0, 0, static_cast<float>(scaling), static_cast<float>(softcap)};
+  auto partial = at::empty({R * H, splits, 3}, out.options());
+  auto* stats = reinterpret_cast<hk::Stats*>(partial.data_ptr<float>());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_blocks_cuda", [&] {
+    using DT = typename DeviceType<scalar_t>::type;
+    const hk::PagedKeys<DT> keys{device_ptr<scalar_t>(key_blocks), key_blocks.stride(0), key_blocks.stride(1),
+                                 key_blocks.stride(2), key_blocks.size(0), key_blocks.size(2),
+                                 table.const_data_ptr<int64_t>(), table.size(1), lens.const_data_ptr<int64_t>(),
+                                 window, L};
+    hk::ratio_from_qk_group_kernel<<<dim3(grid_x(R * Hkv, "ratio_from_blocks"), splits), warps * hk::kWarp, shared,
+                                     stream>>>(device_ptr<scalar_t>(q), keys, static_cast<const bool*>(nullptr),
+                                               vis.const_data_ptr<bool>(), w.const_data_ptr<float>(), shape, stats);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  hk::ratio_from_qk_combine_kernel<<<ceil_div(R * H, hk::kThreads), hk::kThreads, 0, stream>>>(
+      stats, w.const_data_ptr<float>(), R * H, H, 1, splits, out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -310,6 +355,7 @@ at::Tensor scale_heads_cuda(const at::Tensor& out, const at::Tensor& gains) {
 TORCH_LIBRARY_IMPL(headgain, CUDA, m) {
   m.impl("ratio_from_probs", &ratio_from_probs_cuda);
   m.impl("ratio_from_qk", &ratio_from_qk_cuda);
+  m.impl("ratio_from_blocks", &ratio_from_blocks_cuda);
   m.impl("decode_attention", &decode_attention_cuda);
   m.impl("head_gains", &head_gains_cuda);
   m.impl("scale_heads_", &scale_heads_inplace_cuda);

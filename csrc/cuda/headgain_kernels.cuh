@@ -189,17 +189,70 @@ __host__ __device__ inline size_t group_shared_bytes(int64_t rows, int64_t D, in
   return sizeof(float) * static_cast<size_t>(rows * D + warps * rows * 3);
 }
 
+// Where ratio_from_qk_group_kernel finds the keys of sample b: (B, Hkv, Nk, D) keys with
+// element strides k0, k1, k2 (k3 in QkShape), all Nk of them read.
+template <typename T>
+struct DenseKeys {
+  const T* k;
+  int64_t k0, k1, k2, Nk;
+  __device__ __forceinline__ int64_t first(int64_t) const { return 0; }
+  __device__ __forceinline__ int64_t last(int64_t) const { return Nk; }
+  __device__ __forceinline__ int64_t visual_row() const { return Nk; }  // (B, Nk) visual flags
+  __device__ __forceinline__ const T* key(int64_t b, int64_t g, int64_t j) const { return k + b * k0 + g * k1 + j * k2; }
+};
+
+// The keys of sample b in a paged cache: (NB, Hkv, BS, D) blocks with element strides kb0,
+// kb1, kb2 (kb3 in QkShape), sample b's blocks listed in order by row b of an (R, MB) int64
+// block table; keys [max(0, length - window), length) read (window 0: from the first).
+// A length outside [1, min(MB * BS, L)] or a block id outside [0, NB) makes the sample's
+// statistics NaN (the kernel cannot raise an error).
+template <typename T>
+struct PagedKeys {
+  const T* blocks;
+  int64_t kb0, kb1, kb2, NB, BS;
+  const int64_t* table;
+  int64_t MB;
+  const int64_t* lengths;
+  int64_t window, L;
+  __device__ __forceinline__ int64_t last(int64_t b) const { return lengths[b]; }
+  __device__ __forceinline__ int64_t first(int64_t b) const {
+    return window > 0 ? max(static_cast<int64_t>(0), lengths[b] - window) : 0;
+  }
+  __device__ __forceinline__ int64_t visual_row() const { return L; }  // (R, L) visual flags
+  __device__ __forceinline__ bool valid(int64_t b) const {
+    const int64_t n = lengths[b];
+    if (n < 1 || n > MB * BS || n > L) return false;
+    for (int64_t blk = first(b) / BS; blk * BS < n; ++blk) {
+      const int64_t id = table[b * MB + blk];
+      if (id < 0 || id >= NB) return false;
+    }
+    return true;
+  }
+  __device__ __forceinline__ const T* key(int64_t b, int64_t g, int64_t j) const {
+    return blocks + table[b * MB + j / BS] * kb0 + g * kb1 + (j % BS) * kb2;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ bool keys_valid(const DenseKeys<T>&, int64_t) {
+  return true;
+}
+template <typename T>
+__device__ __forceinline__ bool keys_valid(const PagedKeys<T>& keys, int64_t b) {
+  return keys.valid(b);
+}
+
 // ratio_from_qk with each key read once per KV head: grid (B*Hkv, splits), warps * 32
 // threads. Block (bg, s) holds the R rows of the group's G query heads (row i = gi * R + r)
-// in shared memory; a warp takes one key of split s at a time, each lane holding up to
-// kMaxPerLane of its elements in registers, and updates the running statistics of every
-// row of positive weight. Writes the same partial[((b*H + h) * R + r) * splits + s] as
-// ratio_from_qk_kernel, for ratio_from_qk_combine_kernel.
-template <typename T, typename M>
-__global__ void ratio_from_qk_group_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                                           const M* __restrict__ mask, const bool* __restrict__ visual,
-                                           const float* __restrict__ row_weights, QkShape p,
-                                           Stats* __restrict__ partial) {
+// in shared memory; a warp takes one key of split s of the sample's keys (`Keys`: DenseKeys
+// or PagedKeys) at a time, each lane holding up to kMaxPerLane of its elements in
+// registers, and updates the running statistics of every row of positive weight. Writes
+// the same partial[((b*H + h) * R + r) * splits + s] as ratio_from_qk_kernel, for
+// ratio_from_qk_combine_kernel.
+template <typename T, typename M, typename Keys>
+__global__ void ratio_from_qk_group_kernel(const T* __restrict__ q, Keys keys, const M* __restrict__ mask,
+                                           const bool* __restrict__ visual, const float* __restrict__ row_weights,
+                                           QkShape p, Stats* __restrict__ partial) {
   extern __shared__ float smem[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   const int64_t G = p.group, Hkv = p.H / G, rows = G * p.R, bg = blockIdx.x, b = bg / Hkv, g = bg % Hkv;
@@ -217,17 +270,19 @@ __global__ void ratio_from_qk_group_kernel(const T* __restrict__ q, const T* __r
   }
   __syncthreads();
 
-  const int64_t per = (p.Nk + gridDim.y - 1) / gridDim.y;
-  const int64_t j0 = blockIdx.y * per, j1 = min(p.Nk, j0 + per);
-  const T* kb = k + b * p.k0 + g * p.k1;
+  const bool valid = keys_valid(keys, b);  // the same in every thread of the block
+  const int64_t first = valid ? keys.first(b) : 0, last = valid ? keys.last(b) : 0;
+  const int64_t per = (last - first + gridDim.y - 1) / gridDim.y;
+  const int64_t j0 = first + blockIdx.y * per, j1 = min(last, j0 + per);
   for (int64_t j = j0 + warp; j < j1; j += warps) {  // uniform within a warp
+    const T* kj = keys.key(b, g, j);
     float kr[kMaxPerLane];
 #pragma unroll
     for (int t = 0; t < kMaxPerLane; ++t) {
       const int64_t d = lane + t * kWarp;
-      kr[t] = d < p.D ? Convert<T>::load(kb[j * p.k2 + d * p.k3]) : 0.f;
+      kr[t] = d < p.D ? Convert<T>::load(kj[d * p.k3]) : 0.f;
     }
-    const float vis = visual[b * p.Nk + j] ? 1.f : 0.f;
+    const float vis = visual[b * keys.visual_row() + j] ? 1.f : 0.f;
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t r = row % p.R;
       if (!(row_weights[b * p.R + r] > 0.f)) continue;  // rows of weight <= 0 are skipped
@@ -260,6 +315,7 @@ __global__ void ratio_from_qk_group_kernel(const T* __restrict__ q, const T* __r
       total = merge(total, Stats{sw[0], sw[1], sw[2]});
     }
     const int64_t gi = row / p.R, r = row % p.R;
+    if (!valid) total = Stats{0.f, CUDART_NAN_F, CUDART_NAN_F};  // the sample's ratio becomes NaN
     partial[((b * p.H + g * G + gi) * p.R + r) * gridDim.y + blockIdx.y] = total;
   }
 }

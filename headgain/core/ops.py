@@ -120,18 +120,15 @@ def ratio_from_blocks(
     lengths, (R, L) bool visual keys -> (R, H) float32 S_v of each row over its keys
     [max(0, length - window), length) (window 0: all of them).
 
-    On CPU the compiled kernel reads the keys where they lie; on other devices the keys are
-    gathered (`reference.gather_blocks`) and read by `ratio_from_qk`. float64 inputs (analysis
-    only) run the PyTorch reference."""
+    The kernels read the keys where they lie. A length outside [1, keys the table and
+    ``visual`` hold] or a block id outside the cache raises on CPU; on CUDA (where checking
+    would wait for the GPU) it makes that request's S_v NaN. float64 inputs (analysis only)
+    run the PyTorch reference."""
     if q.dtype == torch.float64 or _fallback(q.device):
         return reference.ratio_from_blocks(q, key_blocks, block_table, lengths, visual, scaling, softcap, window)
-    if q.device.type == "cpu":
-        return torch.ops.headgain.ratio_from_blocks(
-            q, key_blocks, block_table, lengths, visual, float(scaling), float(softcap), int(window)
-        )
-    keys, reads = reference.gather_blocks(key_blocks, block_table, lengths, window)
-    weights = torch.ones(q.shape[0], 1, device=q.device)
-    return ratio_from_qk(q[:, :, None], keys, reads[:, None], visual[:, : keys.shape[2]], weights, scaling, softcap)
+    return torch.ops.headgain.ratio_from_blocks(
+        q, key_blocks, block_table, lengths, visual, float(scaling), float(softcap), int(window)
+    )
 
 
 def decode_attention(

@@ -18,7 +18,7 @@ the op at every step; in eager mode the forward does the same work without the o
 dispatch; CUDA graphs would replay without it (refused). Where the keys come from the
 paged cache, the step's decoding requests are read together: one S_v op per layer
 (`headgain.core.ops.ratio_from_blocks`) reads their keys where they lie, through the block
-table (on CPU; other devices gather the keys first).
+table.
 Requests without a config are never touched: their rows stay bit-identical to vanilla.
 """
 

@@ -39,7 +39,9 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
   u += 0x7fffu + ((u >> 16) & 1u); b.bits = uint16_t(u >> 16); return b;
 }
 #define CUDART_INF_F (std::numeric_limits<float>::infinity())
+#define CUDART_NAN_F (std::numeric_limits<float>::quiet_NaN())
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
 
 float* emu_dynsmem();
 __attribute__((noinline)) void __syncthreads();
