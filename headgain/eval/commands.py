@@ -21,8 +21,9 @@ TOY_DEFAULT_N = 200
 
 
 def _data_args(p: argparse.ArgumentParser, at_least, out_default: str) -> None:
-    positive = at_least(1)
     from .adapters import ADAPTERS
+
+    positive = at_least(1)
 
     d = p.add_argument_group("data and generation")
     d.add_argument(
