@@ -292,8 +292,9 @@ def write_section(rows: list[dict], command: str, dtype: torch.dtype, path: Path
     start = text.find(SECTION)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
+    else:  # the section's table up to its dated subsections (kept) or the next section
+        ends = [i for i in (text.find("\n### ", start), text.find("\n## ", start + len(SECTION))) if i >= 0]
+        end = min(ends, default=-1)
         text = text[:start] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
     path.write_text(text)
     print(f"wrote {path}")

@@ -92,6 +92,12 @@ def test_ops_section_is_replaced_in_place(tmp_path):
     text = path.read_text()
     assert "old table" not in text and "| cpu | head_gains | B=1 | 2.000 | 0.500 | 4.0x | 0.250 | 2.0 |" in text
     assert text.endswith("| 2.0 |\n\n## Overhead\n\nkept\n")
+    # dated subsections of the section (figures entered by hand) stay
+    path.write_text(f"# R\n\n{SECTION}\n\nold table\n\n### 2026-11-29: by hand\n\nnotes\n\n## Overhead\n\nkept\n")
+    write_section([row], "python benchmarks/ops.py", torch.bfloat16, path)
+    text = path.read_text()
+    assert "old table" not in text
+    assert text.endswith("| 2.0 |\n\n### 2026-11-29: by hand\n\nnotes\n\n## Overhead\n\nkept\n")
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
