@@ -195,6 +195,7 @@ template <typename T>
 struct DenseKeys {
   const T* k;
   int64_t k0, k1, k2, Nk;
+  __device__ __forceinline__ bool valid(int64_t) const { return true; }
   __device__ __forceinline__ int64_t first(int64_t) const { return 0; }
   __device__ __forceinline__ int64_t last(int64_t) const { return Nk; }
   __device__ __forceinline__ int64_t visual_row() const { return Nk; }  // (B, Nk) visual flags
@@ -204,8 +205,8 @@ struct DenseKeys {
 // The keys of sample b in a paged cache: (NB, Hkv, BS, D) blocks with element strides kb0,
 // kb1, kb2 (kb3 in QkShape), sample b's blocks listed in order by row b of an (R, MB) int64
 // block table; keys [max(0, length - window), length) read (window 0: from the first).
-// A length outside [1, min(MB * BS, L)] or a block id outside [0, NB) makes the sample's
-// statistics NaN (the kernel cannot raise an error).
+// A length outside [1, min(MB * BS, L)] (`valid`) or a block id outside [0, NB) (`key`
+// gives null) makes the sample's statistics NaN: the kernel cannot raise an error.
 template <typename T>
 struct PagedKeys {
   const T* blocks;
@@ -214,33 +215,20 @@ struct PagedKeys {
   int64_t MB;
   const int64_t* lengths;
   int64_t window, L;
+  __device__ __forceinline__ bool valid(int64_t b) const {
+    const int64_t n = lengths[b];
+    return n >= 1 && n <= MB * BS && n <= L;
+  }
   __device__ __forceinline__ int64_t last(int64_t b) const { return lengths[b]; }
   __device__ __forceinline__ int64_t first(int64_t b) const {
     return window > 0 ? max(static_cast<int64_t>(0), lengths[b] - window) : 0;
   }
   __device__ __forceinline__ int64_t visual_row() const { return L; }  // (R, L) visual flags
-  __device__ __forceinline__ bool valid(int64_t b) const {
-    const int64_t n = lengths[b];
-    if (n < 1 || n > MB * BS || n > L) return false;
-    for (int64_t blk = first(b) / BS; blk * BS < n; ++blk) {
-      const int64_t id = table[b * MB + blk];
-      if (id < 0 || id >= NB) return false;
-    }
-    return true;
-  }
   __device__ __forceinline__ const T* key(int64_t b, int64_t g, int64_t j) const {
-    return blocks + table[b * MB + j / BS] * kb0 + g * kb1 + (j % BS) * kb2;
+    const int64_t id = table[b * MB + j / BS];
+    return id < 0 || id >= NB ? nullptr : blocks + id * kb0 + g * kb1 + (j % BS) * kb2;
   }
 };
-
-template <typename T>
-__device__ __forceinline__ bool keys_valid(const DenseKeys<T>&, int64_t) {
-  return true;
-}
-template <typename T>
-__device__ __forceinline__ bool keys_valid(const PagedKeys<T>& keys, int64_t b) {
-  return keys.valid(b);
-}
 
 // ratio_from_qk with each key read once per KV head: grid (B*Hkv, splits), warps * 32
 // threads. Block (bg, s) holds the R rows of the group's G query heads (row i = gi * R + r)
@@ -270,12 +258,17 @@ __global__ void ratio_from_qk_group_kernel(const T* __restrict__ q, Keys keys, c
   }
   __syncthreads();
 
-  const bool valid = keys_valid(keys, b);  // the same in every thread of the block
+  const bool valid = keys.valid(b);  // the same in every thread of the block
   const int64_t first = valid ? keys.first(b) : 0, last = valid ? keys.last(b) : 0;
   const int64_t per = (last - first + gridDim.y - 1) / gridDim.y;
   const int64_t j0 = first + blockIdx.y * per, j1 = min(last, j0 + per);
   for (int64_t j = j0 + warp; j < j1; j += warps) {  // uniform within a warp
     const T* kj = keys.key(b, g, j);
+    if (kj == nullptr) {  // a block the cache does not have: this warp's statistics become NaN
+      for (int64_t i = lane; i < rows; i += kWarp) st[3 * i] = 0.f, st[3 * i + 1] = st[3 * i + 2] = CUDART_NAN_F;
+      __syncwarp();
+      continue;
+    }
     float kr[kMaxPerLane];
 #pragma unroll
     for (int t = 0; t < kMaxPerLane; ++t) {
