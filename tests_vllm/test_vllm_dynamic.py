@@ -6,6 +6,7 @@ attention and `headgain.attach`: S_v there is read from the attention probabilit
 model returns, here it is recomputed from vLLM's packed queries and keys.
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -179,25 +180,28 @@ def test_compiled_graphs_run_headgain_at_every_step(checkpoint, compiled):
     assert tokens[1] == _transformers(model, PROMPTS[1], UNIT)[0]
 
 
-def test_chunked_prefill_matches_transformers_fed_the_same_chunks(checkpoint, chunked):
+@pytest.mark.parametrize("query", ["last", "mean_text"])  # i* alone (read in the cache in place); several rows
+def test_chunked_prefill_matches_transformers_fed_the_same_chunks(checkpoint, chunked, query):
     """With chunked prefill each chunk is a pass of its own (i*: its last token), as in
     transformers when the prompt goes through the cache in the same pieces."""
     long_prompt = [1, 41, 42, 43, 44] + [VISUAL] * 8 + [30, 31, 32, 33, 34, 35]  # 19 tokens
     prompts = [long_prompt, PROMPTS[1]]
-    llm = chunked
-    with pytest.warns(RuntimeWarning, match="in chunks"):
-        tokens, _, ids = _generate(llm, prompts, [CFG] * len(prompts))
+    llm, cfg = chunked, {**CFG, "query": query}
+    # the engine warns once
+    with pytest.warns(RuntimeWarning, match="in chunks") if query == "last" else contextlib.nullcontext():
+        tokens, _, ids = _generate(llm, prompts, [cfg] * len(prompts))
     model = tf.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)
     for prompt, got, request_id in zip(prompts, tokens, ids):
         steps = step_records(llm, request_id)
         passes = [(past, n) for past, n, _, _ in steps]
         assert sum(n for past, n in passes if past < len(prompt)) == len(prompt)
-        want, ratios, gains = _transformers(model.eval(), prompt, CFG, passes)
+        want, ratios, gains = _transformers(model.eval(), prompt, cfg, passes)
         assert got == want
         _check_steps(steps, ratios, gains)
     first = [n for past, n, _, _ in step_records(llm, ids[0]) if past < len(long_prompt)]
     assert len(first) >= 3, f"the 19-token prompt must be split by the 8-token budget, got chunks {first}"
-    assert tokens[0] != _transformers(model, long_prompt, UNIT)[0], "the config must change the greedy tokens"
+    if query == "last":
+        assert tokens[0] != _transformers(model, long_prompt, UNIT)[0], "the config must change the greedy tokens"
 
 
 def _cached_tokens(llm: LLM, prompt: list[int], cfg, n: int = 1) -> tuple[list[int], int, str]:

@@ -16,7 +16,8 @@ step, exactly as `headgain.attach` does in ``transformers``), and scales the req
 of the attention output (the ``o_proj`` input) by the gains, in place. Compiled graphs call
 the op at every step; in eager mode the forward does the same work without the op's
 dispatch; CUDA graphs would replay without it (refused). Where the keys come from the
-paged cache, the step's decoding requests are read together: one S_v op per layer
+paged cache, the step's requests read at i* alone (every decoding request, and prompts and
+their chunks with the default query "last") are read together: one S_v op per layer
 (`headgain.core.ops.ratio_from_blocks`) reads their keys where they lie, through the block
 table.
 Requests without a config are never touched: their rows stay bit-identical to vanilla.
@@ -88,19 +89,22 @@ class _Slot:
 
 
 @dataclass(eq=False)
-class _DecodeBatch:
-    """The step's requests with a config that decode one token, read together where the keys
-    come from vLLM's paged cache: one S_v op per layer, reading the keys where they lie.
+class _RowBatch:
+    """The step's requests with a config whose S_v is read at one query row, i* (every
+    decoding request; a prompt or chunk of one with the config query "last"), read together
+    where the keys come from vLLM's paged cache: one S_v op per layer, reading the keys where
+    they lie, and one scaling of all their rows.
 
     Attributes:
         slots: the R requests' slots.
-        others: the step's other slots with a config (passes of several tokens).
-        tokens: (R,) int64, each one's row in the packed batch.
+        others: the step's other slots with a config (passes read at several rows).
+        last: (R,) int64, each one's i* row in the packed batch (its last).
         rows: (R,) int64, each one's row of the block table.
-        in_order: the R requests are the whole packed batch and the block table's first R
-            rows, in order (every request decodes and has a config): their rows are read and
-            scaled where they lie.
-        lengths: (R,) int64, each one's keys (its context, this step's token included).
+        tokens: (N,) int64, all their rows in the packed batch; owner: (N,) int64, the
+            position in the batch of the request each belongs to.
+        in_order: the R requests decode and are the whole packed batch and the block
+            table's first R rows, in order: their rows are read and scaled where they lie.
+        lengths: (R,) int64, each one's keys (its context, this step's tokens included).
         visual: (R, max length) bool, its visual keys.
         groups: (rules, (G,) int64 positions in the batch, (G,) bool has_visual) per set of
             requests that share their rules (the same config): one gains op each.
@@ -108,21 +112,25 @@ class _DecodeBatch:
 
     slots: list[_Slot]
     others: list[_Slot]
-    tokens: torch.Tensor
+    last: torch.Tensor
     rows: torch.Tensor
+    tokens: torch.Tensor
+    owner: torch.Tensor
     in_order: bool
     lengths: torch.Tensor
     visual: torch.Tensor
     groups: list[tuple[tuple[LayerRule, ...], torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def build(cls, step_slots: list[_Slot], num_tokens: int, device) -> _DecodeBatch:
-        """The batch of the decoding slots among ``step_slots`` (those of a step of
-        ``num_tokens`` packed tokens)."""
-        slots = [slot for slot in step_slots if slot.end - slot.start == 1]
-        others = [slot for slot in step_slots if slot.end - slot.start > 1]
+    def build(cls, step_slots: list[_Slot], num_tokens: int, device) -> _RowBatch:
+        """The batch of the slots among ``step_slots`` (those of a step of ``num_tokens``
+        packed tokens) read at i* alone."""
+        slots, others = [], []
+        for slot in step_slots:
+            one_row = slot.end - slot.start == 1 or slot.request.cfg.query == "last"
+            (slots if one_row else others).append(slot)
         in_order = len(slots) == num_tokens and all(s.start == i and s.row == i for i, s in enumerate(slots))
-        lengths = [slot.past + 1 for slot in slots]
+        lengths = [slot.past + slot.end - slot.start for slot in slots]
         visual = torch.zeros(len(slots), max(lengths, default=0), dtype=torch.bool, device=device)
         for i, (slot, n) in enumerate(zip(slots, lengths)):
             visual[i, :n] = slot.request.visual[:n]
@@ -137,11 +145,15 @@ class _DecodeBatch:
             )
             for idx in members.values()
         ]
+        tokens = [t for slot in slots for t in range(slot.start, slot.end)]
+        owner = [i for i, slot in enumerate(slots) for _ in range(slot.start, slot.end)]
         return cls(
             slots,
             others,
-            torch.tensor([slot.start for slot in slots], device=device),
+            torch.tensor([slot.end - 1 for slot in slots], device=device),
             torch.tensor([slot.row for slot in slots], device=device),
+            torch.tensor(tokens, device=device, dtype=torch.long),
+            torch.tensor(owner, device=device, dtype=torch.long),
             in_order,
             torch.tensor(lengths, device=device),
             visual,
@@ -173,7 +185,7 @@ class Attachment:
         self._requests: dict[str, RequestState] = {}
         self._step = None  # (runner, scheduler_output) while a step runs
         self._slots: list[_Slot] | None = None  # the step's plan, built at its first layer
-        self._batch: _DecodeBatch | None = None  # its decoding requests, when keys come from the paged cache
+        self._batch: _RowBatch | None = None  # its requests read at i*, when keys come from the paged cache
         self._rules: dict[HeadGainConfig, tuple[LayerRule, ...]] = {}
         self._warned_no_visual = False
         self._warned_chunked = False
@@ -334,38 +346,18 @@ class Attachment:
                 "earlier keys from vLLM's paged cache (set HEADGAIN_KEYS=copy to keep its own copy instead)"
             )
         singles = slots
-        if self._layout is not None:  # decoding requests: all at once, their keys read where they lie
+        if self._layout is not None:  # requests read at i*: all at once, their keys read where they lie
             if self._batch is None:
-                self._batch = _DecodeBatch.build(slots, q.shape[0], q.device)
+                self._batch = _RowBatch.build(slots, q.shape[0], q.device)
             batch, (cache, table) = self._batch, paged
             if batch.slots:
-                self._rescale_decoding(batch, layer, position, q, view, cache, table)
+                self._rescale_rows(batch, layer, position, q, view, cache, table)
             singles = batch.others
         for slot in singles:
-            if self._layout is not None and slot.past > 0 and slot.request.cfg.query == "last":
-                ratios = self._chunk_ratios(slot, layer, q, paged)
-            else:
-                ratios = self._pass_ratios(slot, layer, position, q, k, paged)
+            ratios = self._pass_ratios(slot, layer, position, q, k, paged)
             gains = layer_gains(ratios, slot.state.has_visual, slot.request.rules[position])
             ops.scale_heads_(view[slot.start : slot.end].unsqueeze(0), gains)
             _record(slot, position, ratios[0], gains[0])
-
-    def _chunk_ratios(self, slot: _Slot, layer, q: torch.Tensor, paged) -> torch.Tensor:
-        """(1, H) S_v of a later chunk of a prompt at its i* row (the chunk's last token; config
-        query "last"), read through the block table from the paged cache, which holds the
-        chunk's own keys already."""
-        d, (cache, table) = self.decoder, paged
-        length = slot.past + slot.end - slot.start
-        return ops.ratio_from_blocks(
-            q[slot.end - 1 : slot.end],
-            self._layout.blocks(cache, d.num_kv_heads, d.head_dim),
-            table[slot.row : slot.row + 1],
-            torch.tensor([length], device=q.device),
-            slot.request.visual[:length][None],
-            layer.scale,
-            layer.softcap,
-            layer.sliding_window or 0,
-        )
 
     def _pass_ratios(self, slot: _Slot, layer, position: int, q: torch.Tensor, k: torch.Tensor, paged) -> torch.Tensor:
         """(1, H) S_v of a pass of several tokens at the rows its config reads, from its keys:
@@ -398,12 +390,12 @@ class Attachment:
             softcap=layer.softcap,
         )
 
-    def _rescale_decoding(self, batch: _DecodeBatch, layer, position: int, q, view, cache, table) -> None:
-        """`_rescale` for the step's decoding requests, all at once: one S_v op reading their keys
-        in the paged cache, one gains op per config, one scaling of their rows."""
+    def _rescale_rows(self, batch: _RowBatch, layer, position: int, q, view, cache, table) -> None:
+        """`_rescale` for the step's requests read at i*, all at once: one S_v op reading their
+        keys in the paged cache, one gains op per config, one scaling of their rows."""
         d = self.decoder
         r = len(batch.slots)
-        rows, tables = (q, table[:r]) if batch.in_order else (q.index_select(0, batch.tokens), table[batch.rows])
+        rows, tables = (q, table[:r]) if batch.in_order else (q.index_select(0, batch.last), table[batch.rows])
         ratios = ops.ratio_from_blocks(
             rows,
             self._layout.blocks(cache, d.num_kv_heads, d.head_dim),
@@ -424,8 +416,8 @@ class Attachment:
         if batch.in_order:
             ops.scale_heads_(view[:, None], gains)
         else:
-            scaled = view.index_select(0, batch.tokens)  # (R, H, D_v): their rows, scaled at once
-            ops.scale_heads_(scaled[:, None], gains)
+            scaled = view.index_select(0, batch.tokens)  # (N, H, D_v): their rows, scaled at once
+            ops.scale_heads_(scaled[:, None], gains.index_select(0, batch.owner))
             view.index_copy_(0, batch.tokens, scaled)
         if self.settings.record:
             for i, slot in enumerate(batch.slots):

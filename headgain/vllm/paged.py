@@ -1,6 +1,6 @@
 """Keys in vLLM's paged KV cache, in the layouts headgain knows: a view of one layer's key
-blocks, which `headgain.core.ops.ratio_from_blocks` reads in place for the decoding requests
-of a step, or one request's keys copied out (prefill and chunk passes).
+blocks, which `headgain.core.ops.ratio_from_blocks` reads in place for the requests of a step
+read at i*, or one request's keys copied out (passes read at several rows).
 
 vLLM stores each layer's keys and values in blocks of ``block_size`` tokens; a request's
 blocks are listed, in token order, by its row of the step's block table (attention
