@@ -9,8 +9,9 @@ bytes an op must move divided by the bandwidth of a large copy on the same devic
     python benchmarks/ops.py --full     # Nk 1k..32k, B 1..16
     python benchmarks/ops.py --no-write # print only
 
-The table replaces the section "## Ops benchmark (benchmarks/ops.py)" of
-benchmarks/RESULTS.md (other sections are left as they are).
+Each device's table replaces that device's section of benchmarks/RESULTS.md ("## Ops
+benchmark (benchmarks/ops.py)" for CPU, "## Ops benchmark on CUDA (benchmarks/ops.py)" for
+CUDA); the section's dated subsections and the other sections are left as they are.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from headgain.core import ops, reference
 HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128  # Qwen2.5-VL-7B
 PROBS_ROWS = 4  # query rows of the probability tensor (the ratio reads one of them)
 PAGE_BLOCK = 128  # tokens per block of the paged cache ratio_from_blocks reads
-SECTION = "## Ops benchmark (benchmarks/ops.py)"
+SECTIONS = {"cpu": "## Ops benchmark (benchmarks/ops.py)", "cuda": "## Ops benchmark on CUDA (benchmarks/ops.py)"}
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 QUICK = {"nk": (1024, 4096, 16384), "batch": (1, 4)}
 FULL = {"nk": (1024, 4096, 16384, 32768), "batch": (1, 4, 16)}
@@ -252,50 +253,58 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
+def machine(device: str) -> str:
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return f"no CUDA GPU visible (torch {torch.__version__}, CUDA build {torch.version.cuda})"
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return (
+            f"GPU {props.name} (sm {props.major}.{props.minor}, {props.multi_processor_count} SMs, "
+            f"{props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+        )
     capability = torch.backends.cpu.get_cpu_capability()
     text = f"{common.cpu_model()}, {torch.get_num_threads()} threads (CPU capability {capability}"
     bf16_dot = common.cpu_has("avx512_bf16")
     if bf16_dot is not None:  # the CPU ratio_from_qk kernel for bfloat16 uses AVX512-BF16 where the CPU has it
         text += f", AVX512-BF16 {'yes' if bf16_dot else 'no'}"
     text += ")"
-    if torch.cuda.is_available():
-        text += f"; GPU {torch.cuda.get_device_name()}"
     if hasattr(os, "getloadavg"):
         text += f"; load average {os.getloadavg()[0]:.1f} (other work on the machine inflates CPU times)"
     return text
 
 
 def write_section(rows: list[dict], command: str, dtype: torch.dtype, path: Path = RESULTS) -> None:
-    devices = sorted({r["device"] for r in rows})
-    body = "\n".join(
-        [
-            SECTION,
-            "",
-            f"- date: {datetime.date.today().isoformat()}",
-            f"- machine: {machine()}",
-            f"- torch {torch.__version__}; ops: "
-            + "; ".join(f"{d}: {common.extension_status(d)}" for d in devices)
-            + f"; revision {common.git_revision() or 'unknown'}",
-            f"- command: `{command}`",
-            f"- shapes: Qwen2.5-VL-7B ({HEADS} heads, {KV_HEADS} kv heads, head dim {HEAD_DIM}), {dtype}; "
-            f"ratio_from_probs over {PROBS_ROWS} query rows (one weighted), ratio_from_qk over one row with a "
-            "padding mask; decode_attention (one decoding step: output and S_v in one pass) against the unfused pair "
-            "(torch sdpa, then ratio_from_qk) as its reference; median of repeated runs; "
-            "floor = bytes the op must move / bandwidth of a large copy",
-            "",
-            table(rows),
-            "",
-        ]
-    )
+    """Replace the section of each device in ``rows`` (``SECTIONS``) with that device's table,
+    keeping the section's dated ("### ") subsections; a missing section is appended."""
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:  # the section's table up to its dated subsections (kept) or the next section
-        ends = [i for i in (text.find("\n### ", start), text.find("\n## ", start + len(SECTION))) if i >= 0]
-        end = min(ends, default=-1)
-        text = text[:start] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
+    for device in sorted({r["device"] for r in rows}):
+        section = SECTIONS[device]
+        body = "\n".join(
+            [
+                section,
+                "",
+                f"- date: {datetime.date.today().isoformat()}",
+                f"- machine: {machine(device)}",
+                f"- torch {torch.__version__}; ops: {common.extension_status(device)}; "
+                f"revision {common.git_revision() or 'unknown'}",
+                f"- command: `{command}`",
+                f"- shapes: Qwen2.5-VL-7B ({HEADS} heads, {KV_HEADS} kv heads, head dim {HEAD_DIM}), {dtype}; "
+                f"ratio_from_probs over {PROBS_ROWS} query rows (one weighted), ratio_from_qk over one row with a "
+                "padding mask; decode_attention (one decoding step: output and S_v in one pass) against the unfused "
+                "pair (torch sdpa, then ratio_from_qk) as its reference; median of repeated runs; "
+                "floor = bytes the op must move / bandwidth of a large copy",
+                "",
+                table([r for r in rows if r["device"] == device]),
+                "",
+            ]
+        )
+        start = text.find(section)
+        if start < 0:
+            text = text.rstrip("\n") + "\n\n" + body
+        else:  # the section's table up to its dated subsections (kept) or the next section
+            ends = [i for i in (text.find("\n### ", start), text.find("\n## ", start + len(section))) if i >= 0]
+            end = min(ends, default=-1)
+            text = text[:start] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
     path.write_text(text)
     print(f"wrote {path}")
 

@@ -83,21 +83,47 @@ def test_ops_section_is_replaced_in_place(tmp_path):
     sys.path.insert(0, ROOT)
     import torch
 
-    from benchmarks.ops import SECTION, write_section
+    from benchmarks.ops import SECTIONS, write_section
 
+    section = SECTIONS["cpu"]
     path = tmp_path / "R.md"
-    path.write_text(f"# R\n\n{SECTION}\n\nold table\n\n## Overhead\n\nkept\n")
+    path.write_text(f"# R\n\n{section}\n\nold table\n\n## Overhead\n\nkept\n")
     row = {"device": "cpu", "op": "head_gains", "shape": "B=1", "ref": 2.0, "fused": 0.5, "floor": 0.25}
     write_section([row], "python benchmarks/ops.py", torch.bfloat16, path)
     text = path.read_text()
     assert "old table" not in text and "| cpu | head_gains | B=1 | 2.000 | 0.500 | 4.0x | 0.250 | 2.0 |" in text
     assert text.endswith("| 2.0 |\n\n## Overhead\n\nkept\n")
     # dated subsections of the section (figures entered by hand) stay
-    path.write_text(f"# R\n\n{SECTION}\n\nold table\n\n### 2026-11-29: by hand\n\nnotes\n\n## Overhead\n\nkept\n")
+    path.write_text(f"# R\n\n{section}\n\nold table\n\n### 2026-11-29: by hand\n\nnotes\n\n## Overhead\n\nkept\n")
     write_section([row], "python benchmarks/ops.py", torch.bfloat16, path)
     text = path.read_text()
     assert "old table" not in text
     assert text.endswith("| 2.0 |\n\n### 2026-11-29: by hand\n\nnotes\n\n## Overhead\n\nkept\n")
+
+
+def test_ops_sections_per_device(tmp_path):
+    """A CUDA run (make gpu-check) writes its own section and leaves the CPU table alone; a run
+    over both devices replaces both sections, each with its own rows."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from benchmarks.ops import SECTIONS, write_section
+
+    path = tmp_path / "R.md"
+    path.write_text(f"# R\n\n{SECTIONS['cpu']}\n\ncpu table\n\n## Overhead\n\nkept\n")
+    cpu = {"device": "cpu", "op": "head_gains", "shape": "B=1", "ref": 2.0, "fused": 0.5, "floor": 0.25}
+    cuda = dict(cpu, device="cuda", ref=0.1, fused=0.05)
+    write_section([cuda], "python benchmarks/ops.py --device cuda", torch.bfloat16, path)
+    text = path.read_text()
+    assert text.index("cpu table") < text.index("## Overhead") < text.index(SECTIONS["cuda"])
+    assert text.endswith("| cuda | head_gains | B=1 | 0.100 | 0.050 | 2.0x | 0.250 | 0.2 |\n")
+    write_section([cpu, cuda], "python benchmarks/ops.py", torch.bfloat16, path)
+    text = path.read_text()
+    assert "cpu table" not in text and text.count("| head_gains |") == 2
+    cpu_part = text[text.index(SECTIONS["cpu"]) : text.index("## Overhead")]
+    cuda_part = text[text.index(SECTIONS["cuda"]) :]
+    assert "| cpu | head_gains |" in cpu_part and "| cuda |" not in cpu_part
+    assert "| cuda | head_gains |" in cuda_part and "| cpu |" not in cuda_part
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
