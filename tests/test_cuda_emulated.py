@@ -56,6 +56,13 @@ def test_ratio_ops(cuda, setting):
         torch.testing.assert_close(got, reference.ratio_from_qk(*args), **T._tol(dtype), msg=name)
 
 
+def test_ratio_from_probs_non_finite_gives_nan(cuda):
+    args, nan = T.non_finite_probs_case("cpu")
+    got = cuda.ratio_from_probs(*args)
+    assert torch.equal(got.isnan(), nan)
+    torch.testing.assert_close(got[~nan], reference.ratio_from_probs(*args)[~nan])
+
+
 @pytest.mark.parametrize("dtype", T.FLOAT_DTYPES)
 def test_gains_and_scaling(cuda, dtype):
     for name, args in T.sample_head_gains("cpu"):

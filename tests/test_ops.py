@@ -245,6 +245,28 @@ def test_ratio_from_probs_skips_zero_weight_rows(device):
     torch.testing.assert_close(ops.ratio_from_probs(poisoned, visual, w), reference.ratio_from_probs(probs, visual, w))
 
 
+def non_finite_probs_case(device):
+    """Probabilities with a NaN and an Inf on non-visual keys of read rows: (args, where the
+    result must be NaN). A value that cannot be a probability spoils its head's share, as in
+    the reference, whether or not its key is visual."""
+    g = _gen(device)
+    probs = _probs((2, 3, 4, 40), torch.float32, device, g)
+    visual, w = _visual(2, 40, device, g), _one_hot(2, 4, [3, 1], device)
+    visual[0, 7] = visual[1, 30] = False
+    probs[0, 1, 3, 7], probs[1, 2, 1, 30] = float("nan"), float("inf")
+    nan = torch.zeros(2, 3, dtype=torch.bool, device=device)
+    nan[0, 1] = nan[1, 2] = True
+    return (probs, visual, w), nan
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ratio_from_probs_non_finite_gives_nan(device):
+    args, nan = non_finite_probs_case(device)
+    got = ops.ratio_from_probs(*args)
+    assert torch.equal(got.isnan(), nan) and torch.equal(reference.ratio_from_probs(*args).isnan(), nan)
+    torch.testing.assert_close(got[~nan], reference.ratio_from_probs(*args)[~nan])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ratio_from_qk_matches_reference(device, dtype):

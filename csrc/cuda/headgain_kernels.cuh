@@ -109,8 +109,8 @@ __global__ void ratio_from_probs_kernel(const T* __restrict__ probs, const bool*
     if (w == 0.f) continue;
     const T* row = probs + b * s0 + h * s1 + q * s2;
     float s = 0.f;
-    for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x)
-      if (vis[j]) s += Convert<T>::load(row[j * s3]);
+    for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x)  // a NaN or Inf on any key gives NaN
+      s += Convert<T>::load(row[j * s3]) * (vis[j] ? 1.f : 0.f);
     acc += w * s;
   }
   acc = block_sum(acc);

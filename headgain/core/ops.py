@@ -81,7 +81,8 @@ def _fallback(device: torch.device) -> bool:
 def ratio_from_probs(probs: torch.Tensor, visual: torch.Tensor, query_weights: torch.Tensor) -> torch.Tensor:
     """(B, H, Nq, Nk) probabilities, (B, Nk) bool visual keys, (B, Nq) float32 row weights -> (B, H) float32.
 
-    float64 inputs (analysis only) run the PyTorch reference."""
+    Rows of weight 0 are not read; a NaN or Inf anywhere in a row that is read gives NaN for its
+    head, visual key or not. float64 inputs (analysis only) run the PyTorch reference."""
     if probs.dtype == torch.float64 or _fallback(probs.device):
         return reference.ratio_from_probs(probs, visual, query_weights)
     return torch.ops.headgain.ratio_from_probs(probs, visual, query_weights)
