@@ -132,10 +132,11 @@ def test_decode_attention_edges(cuda):
 @pytest.mark.parametrize("layout", ["dmajor", "nhd"])
 def test_ratio_from_blocks(cuda, layout, setting):
     dtype = setting
-    for lengths, block_size, window in [((1, 16, 17, 40), 16, 0), ((33, 7), 16, 10), ((700, 130), 64, 300)]:
+    cases = [((1, 16, 17, 40), 16, 0, torch.int32), ((33, 7), 16, 10, torch.int64), ((700, 130), 64, 300, torch.int32)]
+    for lengths, block_size, window, index in cases:
         q, keys, visual = P._case(lengths, 8, 2, 64, dtype)
         blocks, table, _ = P._paged(keys, block_size, layout)
-        got = cuda.ratio_from_blocks(q, blocks, table, torch.tensor(lengths), visual, 0.125, 0.0, window)
+        got = cuda.ratio_from_blocks(q, blocks, table.to(index), torch.tensor(lengths), visual, 0.125, 0.0, window)
         want = P._explicit(q, keys, visual, 0.125, 0.0, window)
         torch.testing.assert_close(got, want, atol=P.TOL[dtype], rtol=1e-4, msg=f"{lengths} {window}")
 

@@ -98,11 +98,15 @@ def test_matches_explicit_probabilities(dtype, layout, lengths, block_size, wind
     )
 
 
-def test_softcap_and_int64_table():
+@pytest.mark.parametrize("device", DEVICES)
+def test_softcap_and_int64_table(device):
     q, keys, visual = _case((50, 3), 4, 4, 32, torch.float32, seed=1)
-    blocks, table, _ = _paged(keys, 16, "dmajor", seed=1)
-    got = ops.ratio_from_blocks(q, blocks, table.long(), torch.tensor([50, 3]), visual, 0.5, softcap=4.0)
-    torch.testing.assert_close(got, _explicit(q, keys, visual, 0.5, 4.0, 0), atol=2e-6, rtol=1e-5)
+    blocks, table, cache = _paged(keys, 16, "dmajor", seed=1)
+    if device != "cpu":
+        blocks = _blocks(cache.to(device), "dmajor")
+    on = [t.to(device) for t in (q, table.long(), torch.tensor([50, 3]), visual)]
+    got = ops.ratio_from_blocks(on[0], blocks, on[1], on[2], on[3], 0.5, softcap=4.0)
+    torch.testing.assert_close(got.cpu(), _explicit(q, keys, visual, 0.5, 4.0, 0), atol=2e-6, rtol=1e-5)
 
 
 def test_bad_arguments_say_what_is_wrong():

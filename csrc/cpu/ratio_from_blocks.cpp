@@ -111,9 +111,11 @@ at::Tensor ratio_from_blocks_cpu(const at::Tensor& q, const at::Tensor& key_bloc
   auto out = at::empty({R, H}, q.options().dtype(at::kFloat));  // every element is written below
   if (out.numel() == 0) return out;
 
-  const auto table = block_table.to(at::kLong).contiguous();
+  const auto table = block_table.contiguous();  // int32 (vLLM's) or int64, read as it is
   const auto lens = lengths.contiguous();
-  const int64_t* tp = table.const_data_ptr<int64_t>();
+  const int32_t* tp32 = table.scalar_type() == at::kInt ? table.const_data_ptr<int32_t>() : nullptr;
+  const int64_t* tp64 = tp32 ? nullptr : table.const_data_ptr<int64_t>();
+  const auto tp = [&](int64_t i) -> int64_t { return tp32 ? tp32[i] : tp64[i]; };
   const int64_t* lp = lens.const_data_ptr<int64_t>();
   // each request's keys [first, last): the window's, of at most its block table and visual flags
   std::vector<int64_t> first(R), last(R);
@@ -125,8 +127,8 @@ at::Tensor ratio_from_blocks_cpu(const at::Tensor& q, const at::Tensor& key_bloc
                 " must be between 1 and the keys that block_table and visual hold (", std::min(MB * BS, L), ")");
     first[r] = window > 0 ? std::max<int64_t>(0, last[r] - window) : 0;
     for (int64_t blk = first[r] / BS; blk * BS < last[r]; ++blk)
-      TORCH_CHECK(tp[r * MB + blk] >= 0 && tp[r * MB + blk] < NB, "headgain: block_table[", r, ", ", blk, "] = ",
-                  tp[r * MB + blk], " is not a block of key_blocks (", NB, " blocks)");
+      TORCH_CHECK(tp(r * MB + blk) >= 0 && tp(r * MB + blk) < NB, "headgain: block_table[", r, ", ", blk, "] = ",
+                  tp(r * MB + blk), " is not a block of key_blocks (", NB, " blocks)");
     const int64_t blocks = (last[r] - 1) / BS - first[r] / BS + 1;
     spans_max = std::max(spans_max, (blocks + span_blocks - 1) / span_blocks);
   }
@@ -155,7 +157,7 @@ at::Tensor ratio_from_blocks_cpu(const at::Tensor& q, const at::Tensor& key_bloc
         for (int64_t i = 0; i < G; ++i) load_float(qp + r * qs[0] + (g * G + i) * qs[1], qs[2], &qf[i * D], D);
         for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
           const int64_t j0 = std::max(first[r], blk * BS), n = std::min(last[r], (blk + 1) * BS) - j0;
-          const scalar_t* kj = kp + tp[r * MB + blk] * ks[0] + g * ks[1] + (j0 - blk * BS) * ks[2];
+          const scalar_t* kj = kp + tp(r * MB + blk) * ks[0] + g * ks[1] + (j0 - blk * BS) * ks[2];
           if (dmajor) score_keys_dmajor(qf.data(), G, kj, ks[3], n, D, scores.data(), wide);
           else score_keys(qf.data(), G, kj, ks[2], ks[3], n, D, kf.data(), scores.data());
           for (int64_t i = 0; i < G; ++i) {

@@ -21,7 +21,8 @@ void instantiate_per_element_type() {
   (void)&hk::ratio_from_qk_group_kernel<T, double, hk::DenseKeys<T>>;
   (void)&hk::ratio_from_qk_group_kernel<T, __half, hk::DenseKeys<T>>;
   (void)&hk::ratio_from_qk_group_kernel<T, __nv_bfloat16, hk::DenseKeys<T>>;
-  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::PagedKeys<T>>;  // ratio_from_blocks
+  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::PagedKeys<T, int32_t>>;  // ratio_from_blocks
+  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::PagedKeys<T, int64_t>>;
   (void)&hk::decode_attention_kernel<T, bool>;
   (void)&hk::decode_attention_kernel<T, float>;
   (void)&hk::decode_attention_kernel<T, double>;

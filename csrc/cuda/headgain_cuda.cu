@@ -197,7 +197,7 @@ at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blo
   TORCH_CHECK(shared <= 48 * 1024, "headgain: ratio_from_blocks on CUDA needs ", shared,
               " bytes of shared memory for a query group of ", G, " heads of width ", D, "; at most 49152");
   const int splits = key_splits(R * Hkv, L, 256);  // L bounds every request's keys: no read of lengths here
-  const auto table = block_table.to(at::kLong).contiguous();
+  const auto table = block_table.contiguous();  // int32 (vLLM's) or int64, read as it is
   const auto lens = lengths.contiguous();
   const auto vis = visual.contiguous();
   const auto w = at::ones({R, 1}, out.options());
@@ -208,13 +208,18 @@ at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blo
   const auto stream = c10::cuda::getCurrentCUDAStream();
   HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_blocks_cuda", [&] {
     using DT = typename DeviceType<scalar_t>::type;
-    const hk::PagedKeys<DT> keys{device_ptr<scalar_t>(key_blocks), key_blocks.stride(0), key_blocks.stride(1),
-                                 key_blocks.stride(2), key_blocks.size(0), key_blocks.size(2),
-                                 table.const_data_ptr<int64_t>(), table.size(1), lens.const_data_ptr<int64_t>(),
-                                 window, L};
-    hk::ratio_from_qk_group_kernel<<<dim3(grid_x(R * Hkv, "ratio_from_blocks"), splits), warps * hk::kWarp, shared,
-                                     stream>>>(device_ptr<scalar_t>(q), keys, static_cast<const bool*>(nullptr),
-                                               vis.const_data_ptr<bool>(), w.const_data_ptr<float>(), shape, stats);
+    const auto launch = [&](auto index) {
+      using I = decltype(index);
+      const hk::PagedKeys<DT, I> keys{device_ptr<scalar_t>(key_blocks), key_blocks.stride(0), key_blocks.stride(1),
+                                      key_blocks.stride(2), key_blocks.size(0), key_blocks.size(2),
+                                      table.const_data_ptr<I>(), table.size(1), lens.const_data_ptr<int64_t>(),
+                                      window, L};
+      hk::ratio_from_qk_group_kernel<<<dim3(grid_x(R * Hkv, "ratio_from_blocks"), splits), warps * hk::kWarp, shared,
+                                       stream>>>(device_ptr<scalar_t>(q), keys, static_cast<const bool*>(nullptr),
+                                                 vis.const_data_ptr<bool>(), w.const_data_ptr<float>(), shape, stats);
+    };
+    if (table.scalar_type() == at::kInt) launch(int32_t{});
+    else launch(int64_t{});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   hk::ratio_from_qk_combine_kernel<<<ceil_div(R * H, hk::kThreads), hk::kThreads, 0, stream>>>(

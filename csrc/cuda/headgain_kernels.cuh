@@ -203,15 +203,15 @@ struct DenseKeys {
 };
 
 // The keys of sample b in a paged cache: (NB, Hkv, BS, D) blocks with element strides kb0,
-// kb1, kb2 (kb3 in QkShape), sample b's blocks listed in order by row b of an (R, MB) int64
-// block table; keys [max(0, length - window), length) read (window 0: from the first).
+// kb1, kb2 (kb3 in QkShape), sample b's blocks listed in order by row b of an (R, MB) int32 or
+// int64 block table; keys [max(0, length - window), length) read (window 0: from the first).
 // A length outside [1, min(MB * BS, L)] (`valid`) or a block id outside [0, NB) (`key`
 // gives null) makes the sample's statistics NaN: the kernel cannot raise an error.
-template <typename T>
+template <typename T, typename I>
 struct PagedKeys {
   const T* blocks;
   int64_t kb0, kb1, kb2, NB, BS;
-  const int64_t* table;
+  const I* table;  // int32 (vLLM's) or int64
   int64_t MB;
   const int64_t* lengths;
   int64_t window, L;
