@@ -30,7 +30,7 @@ $(STAMP): $(PY) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 	$(PY) -m pip install --no-build-isolation -e ".[eval]"
 	$(PY) -m pip install --no-deps "lmms-eval==$(LMMS_EVAL_VERSION)"
 	$(PY) -m pip install $(LMMS_EVAL_DEPS)
-	$(PY) -c "import headgain, sys; ok = headgain.extension_available(); print('headgain extension:', ('built, CUDA kernels ' + ('included' if headgain.extension_available('cuda') else 'not built')) if ok else headgain.core.ops.extension_error()); sys.exit(0 if ok else 1)"
+	$(PY) -c "import headgain, sys; from headgain.core import ops; ok = ops.extension_available(); print('headgain extension:', ('built, CPU kernels on ' + ('torch threads' if ops.extension_parallel() else 'one thread (no OpenMP)') + ', CUDA kernels ' + ('included' if ops.extension_available('cuda') else 'not built')) if ok else ops.extension_error()); sys.exit(0 if ok else 1)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 from setuptools import find_packages, setup
 from setuptools.errors import PlatformError
@@ -104,15 +105,28 @@ class BuildExtensionChecked(BuildExtension):
         super().build_extensions()
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp where torch runs its CPU threads on OpenMP (its Linux builds): ATen's
+    ``at::parallel_for``, which the CPU kernels use, is a header template that runs its loop
+    on one thread unless the including file is compiled with OpenMP. The extension then links
+    the libgomp that torch ships and has already loaded (same soname)."""
+    import torch
+
+    if not torch.backends.openmp.is_available() or not sys.platform.startswith("linux"):
+        return []
+    return ["-fopenmp"]
+
+
 def extensions():
     # csrc/headgain.cpp (schemas), csrc/checks.cpp and the CPU kernels in csrc/cpu/
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources:
         return []
-    cxx = ["-O3", "-fno-trapping-math", "-Wno-psabi"]
+    openmp = openmp_flags()
+    cxx = ["-O3", "-fno-trapping-math", "-Wno-psabi", *openmp]
     if not build_with_cuda():
         print("headgain: building the CPU extension (set HEADGAIN_FORCE_CUDA=1 to build the CUDA kernels)")
-        return [CppExtension("headgain._C", sources, extra_compile_args={"cxx": cxx})]
+        return [CppExtension("headgain._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         import torch
 
@@ -134,6 +148,7 @@ def extensions():
             "headgain._C",
             sources + cuda,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=openmp,
             define_macros=[("HEADGAIN_WITH_CUDA", "1")],
         )
     ]

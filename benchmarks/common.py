@@ -244,7 +244,11 @@ def extension_status(device: str) -> str:
     from headgain.core import ops
 
     if ops.extension_available(device):
-        return "compiled headgain._C"
+        if torch.device(device).type != "cpu":
+            return "compiled headgain._C"
+        if ops.extension_parallel():
+            return f"compiled headgain._C (CPU kernels on {torch.get_num_threads()} threads)"
+        return "compiled headgain._C (CPU kernels on one thread: built without OpenMP)"
     if ops.extension_available():
         return f"PyTorch reference ops (headgain._C has no {device} kernels)"
     return f"PyTorch reference ops (extension not built: {ops.extension_error()})"

@@ -7,18 +7,30 @@
 
 #include <Python.h>
 
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #ifndef HEADGAIN_WITH_CUDA
 #define HEADGAIN_WITH_CUDA 0  // setup.py defines it as 1 when it compiles the CUDA kernels
 #endif
 
+// Whether at::parallel_for runs the CPU kernels' loops on torch's threads: ATen defines
+// INTRA_OP_PARALLEL where the including file is compiled with the threading torch uses
+// (for OpenMP builds of torch, -fopenmp; setup.py passes it).
+#ifdef INTRA_OP_PARALLEL
+#define HEADGAIN_PARALLEL 1
+#else
+#define HEADGAIN_PARALLEL 0
+#endif
+
 // `import headgain._C` loads this library, which registers torch.ops.headgain.*; the
-// Python module holds one constant, `with_cuda` (whether the CUDA kernels were built).
+// Python module holds two constants: `with_cuda` (whether the CUDA kernels were built) and
+// `parallel` (whether the CPU kernels use torch's intra-op threads).
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddIntConstant(m, "with_cuda", HEADGAIN_WITH_CUDA) < 0) {
+  if (m != nullptr && (PyModule_AddIntConstant(m, "with_cuda", HEADGAIN_WITH_CUDA) < 0 ||
+                       PyModule_AddIntConstant(m, "parallel", HEADGAIN_PARALLEL) < 0)) {
     Py_DECREF(m);
     return nullptr;
   }

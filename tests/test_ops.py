@@ -28,6 +28,15 @@ def test_extension_is_loaded():
     assert ops.extension_available(), f"headgain extension not built: {ops.extension_error()}"
 
 
+def test_cpu_kernels_use_torch_threads():
+    """Where torch runs its intra-op threads on OpenMP (its Linux builds), the CPU kernels'
+    at::parallel_for must too: compiled without OpenMP, ATen's header template runs every loop
+    on one thread, silently (the build flag it sets is what the extension reports)."""
+    if not torch.backends.openmp.is_available():
+        pytest.skip(f"torch {torch.__version__} does not use OpenMP here")
+    assert ops.extension_parallel(), "headgain._C was compiled without -fopenmp: its CPU kernels run on one thread"
+
+
 def test_cuda_flag_matches_the_registered_kernels():
     """extension_available("cuda") (the build's own flag) against torch's dispatcher."""
     for op in ("ratio_from_probs", "ratio_from_qk", "head_gains", "scale_heads", "scale_heads_"):

@@ -18,6 +18,7 @@ from . import reference
 __all__ = [
     "extension_available",
     "extension_error",
+    "extension_parallel",
     "ratio_from_probs",
     "ratio_from_qk",
     "ratio_from_blocks",
@@ -31,7 +32,7 @@ try:
     from .. import _C  # loading the library registers torch.ops.headgain
 
     _EXT_ERROR: str | None = None
-    if not hasattr(_C, "with_cuda"):
+    if not (hasattr(_C, "with_cuda") and hasattr(_C, "parallel")):
         _EXT_ERROR = "headgain._C comes from an older build of headgain: rebuild it"
 except (ImportError, OSError) as _e:  # the build is optional at import time; .ci/run insists on it
     _EXT_ERROR = str(_e)
@@ -48,6 +49,13 @@ def extension_available(device: str | torch.device = "cpu") -> bool:
     type: "cpu" whenever the extension loaded, "cuda" when it was built with its CUDA
     kernels (a CUDA build of torch and a CUDA toolkit at install time)."""
     return torch.device(device).type in _KERNEL_DEVICES
+
+
+def extension_parallel() -> bool:
+    """True when the compiled CPU kernels spread their work over torch's intra-op threads
+    (``torch.get_num_threads()``); False when the extension did not load or was compiled
+    without the threading torch uses (its loops then run on one thread)."""
+    return _EXT_ERROR is None and bool(_C.parallel)
 
 
 def extension_error() -> str | None:
