@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core import reference
+
 __all__ = ["Layout", "LAYOUTS", "find_layout", "block_rows"]
 
 
@@ -54,11 +56,10 @@ class Layout:
         blocks = self.blocks(cache, num_kv_heads, head_dim)
         if blocks is None:
             return None
-        block_size = blocks.shape[2]
-        first = start // block_size
-        keys = blocks.index_select(0, row[first : -(-length // block_size)].long())  # (n, Hkv, BS, D)
-        keys = keys.transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[None]
-        return keys[:, :, start - first * block_size : length - first * block_size]
+        skip = start // blocks.shape[2] * blocks.shape[2]  # tokens of the blocks before start's
+        held = torch.tensor([length - skip], device=row.device)
+        keys, _ = reference.gather_blocks(blocks, row[None, skip // blocks.shape[2] :], held)
+        return keys[:, :, start - skip :]
 
 
 def _blocks_cpu(cache, num_kv_heads, head_dim):
