@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 from setuptools.errors import PlatformError
@@ -105,16 +106,46 @@ class BuildExtensionChecked(BuildExtension):
         super().build_extensions()
 
 
+# An OpenMP parallel region, compiled and linked as the extension is (openmp_flags).
+_OPENMP_PROBE = """#include <omp.h>
+int headgain_probe() {
+  int n = 0;
+#pragma omp parallel
+  n = omp_get_num_threads();
+  return n;
+}
+"""
+
+
 def openmp_flags() -> list[str]:
-    """-fopenmp where torch runs its CPU threads on OpenMP (its Linux builds): ATen's
-    ``at::parallel_for``, which the CPU kernels use, is a header template that runs its loop
-    on one thread unless the including file is compiled with OpenMP. The extension then links
-    the libgomp that torch ships and has already loaded (same soname)."""
+    """-fopenmp where torch runs its CPU threads on OpenMP (its Linux builds) and the C++
+    compiler builds OpenMP code: ATen's ``at::parallel_for``, which the CPU kernels use, is a
+    header template that runs its loop on one thread unless the including file is compiled
+    with OpenMP. The extension then links the libgomp that torch ships and has already loaded
+    (same soname). Where the compiler cannot, say so and build without (one thread)."""
     import torch
 
     if not torch.backends.openmp.is_available() or not sys.platform.startswith("linux"):
         return []
-    return ["-fopenmp"]
+    cxx = get_cxx_compiler()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(_OPENMP_PROBE)
+        cmd = [*shlex.split(cxx), "-fopenmp", "-fPIC", "-shared", src, "-o", os.path.join(tmp, "probe.so")]
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            why = None if run.returncode == 0 else ((run.stderr or run.stdout).strip().splitlines() or ["failed"])[-1]
+        except OSError as err:
+            why = str(err)
+    if why is None:
+        return ["-fopenmp"]
+    print(
+        f"headgain: WARNING: the C++ compiler {cxx!r} cannot build OpenMP code with -fopenmp ({why}); the CPU "
+        "kernels will run on one thread whatever torch.get_num_threads() says. Fix: use GCC (CXX=g++), or "
+        "install your compiler's OpenMP runtime (for Clang: libomp-dev), then rebuild"
+    )
+    return []
 
 
 def extensions():

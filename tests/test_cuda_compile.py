@@ -114,6 +114,26 @@ def test_compiler_check_rejects_gcc11(setup_py, tmp_path, monkeypatch):
         setup_py.check_cxx_compiler()
 
 
+def test_openmp_flags_probe_the_compiler(setup_py, tmp_path, monkeypatch, capsys):
+    """The CPU kernels need -fopenmp (else at::parallel_for runs them on one thread): given
+    where the real compiler builds OpenMP code; left out, with a warning that says so and
+    how to fix it, where the compiler cannot."""
+    import torch
+
+    if not (torch.backends.openmp.is_available() and sys.platform.startswith("linux")):
+        pytest.skip("torch does not use OpenMP here: the extension is built without it")
+    monkeypatch.delenv("CXX", raising=False)
+    assert setup_py.openmp_flags() == ["-fopenmp"]
+    no_openmp = tmp_path / "c++"
+    no_openmp.write_text("#!/bin/sh\necho 'fatal error: omp.h: No such file or directory' >&2\nexit 1\n")
+    no_openmp.chmod(0o755)
+    monkeypatch.setenv("CXX", str(no_openmp))
+    assert setup_py.openmp_flags() == []
+    out = capsys.readouterr().out
+    for expected in ("cannot build OpenMP code", "omp.h: No such file", "run on one thread", "libomp-dev"):
+        assert expected in out, out
+
+
 def test_compiler_check_names_a_missing_compiler(setup_py, tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     with pytest.raises(Exception, match=r"cannot run the C\+\+ compiler .*no-such-c\+\+.*CXX=clang\+\+"):
