@@ -265,7 +265,14 @@ def test_unit_gains_give_vanillas_tokens_and_logprobs(served, vanilla):
     assert _generate(served, PROMPTS, [UNIT] * len(PROMPTS))[:2] == _generate(vanilla, PROMPTS, [...] * 3)[:2]
 
 
-def test_batch_with_different_configs(served, vanilla):
+@pytest.mark.parametrize("max_runs", [8, 1], ids=["in-place-runs", "gathered-rows"])
+def test_batch_with_different_configs(served, vanilla, monkeypatch, max_runs):
+    """Requests with and without a config interleaved (their rows in three runs of the packed
+    batch): scaled in place run by run, or (more runs than the limit) through one copy of
+    their rows; either way each request's tokens are those it gets alone."""
+    from headgain.vllm import attachment
+
+    monkeypatch.setattr(attachment, "_MAX_RUNS", max_runs)
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]]
     # OTHER as the JSON string vLLM's HTTP API carries; "off" as False
     configs = [CFG, ..., json.dumps(OTHER), "off", {"l_perc": 3, "l_reas": 3}]

@@ -93,17 +93,24 @@ class _RowBatch:
     """The step's requests with a config whose S_v is read at one query row, i* (every
     decoding request; a prompt or chunk of one with the config query "last"), read together
     where the keys come from vLLM's paged cache: one S_v op per layer, reading the keys where
-    they lie, and one scaling of all their rows.
+    they lie, and their rows scaled in place, a run of consecutive rows at a time.
 
     Attributes:
         slots: the R requests' slots.
         others: the step's other slots with a config (passes read at several rows).
         last: (R,) int64, each one's i* row in the packed batch (its last).
         rows: (R,) int64, each one's row of the block table.
-        tokens: (N,) int64, all their rows in the packed batch; owner: (N,) int64, the
-            position in the batch of the request each belongs to.
         in_order: the R requests decode and are the whole packed batch and the block
-            table's first R rows, in order: their rows are read and scaled where they lie.
+            table's first R rows, in order: their query rows and table rows are read where
+            they lie.
+        runs: (start, end, gains) per run of consecutive packed rows [start, end) of the
+            requests (one when every request of the step is in the batch): the run's rows
+            take the gains of the requests at ``gains`` (a slice of the batch when each has
+            one row, else (end - start,) int64 positions in the batch, one per row). None
+            when the requests' rows are scattered over more than `_MAX_RUNS` runs.
+        tokens, owner: when ``runs`` is None, (N,) int64 rows of all the requests in the
+            packed batch and the position in the batch of the request each belongs to
+            (their rows are copied out, scaled and copied back); else None.
         lengths: (R,) int64, each one's keys (its context, this step's tokens included).
         visual: (R, max length) bool, its visual keys.
         groups: (rules, (G,) int64 positions in the batch, (G,) bool has_visual) per set of
@@ -114,9 +121,10 @@ class _RowBatch:
     others: list[_Slot]
     last: torch.Tensor
     rows: torch.Tensor
-    tokens: torch.Tensor
-    owner: torch.Tensor
     in_order: bool
+    runs: list[tuple[int, int, slice | torch.Tensor]] | None
+    tokens: torch.Tensor | None
+    owner: torch.Tensor | None
     lengths: torch.Tensor
     visual: torch.Tensor
     groups: list[tuple[tuple[LayerRule, ...], torch.Tensor, torch.Tensor]]
@@ -145,20 +153,46 @@ class _RowBatch:
             )
             for idx in members.values()
         ]
-        tokens = [t for slot in slots for t in range(slot.start, slot.end)]
-        owner = [i for i, slot in enumerate(slots) for _ in range(slot.start, slot.end)]
+        spans: list[list[int]] = []  # [start, end, first request, last request + 1] per run of rows
+        for i, slot in enumerate(slots):
+            if spans and spans[-1][1] == slot.start:
+                spans[-1][1], spans[-1][3] = slot.end, i + 1
+            else:
+                spans.append([slot.start, slot.end, i, i + 1])
+        runs = tokens = owner = None
+        if len(spans) <= _MAX_RUNS:
+            runs = [
+                (start, end, slice(a, b))
+                if end - start == b - a  # one row per request
+                else (start, end, torch.tensor(_owners(slots, a, b), device=device, dtype=torch.long))
+                for start, end, a, b in spans
+            ]
+        else:
+            tokens = torch.tensor([t for slot in slots for t in range(slot.start, slot.end)], device=device)
+            owner = torch.tensor(_owners(slots, 0, len(slots)), device=device, dtype=torch.long)
         return cls(
             slots,
             others,
             torch.tensor([slot.end - 1 for slot in slots], device=device),
             torch.tensor([slot.row for slot in slots], device=device),
-            torch.tensor(tokens, device=device, dtype=torch.long),
-            torch.tensor(owner, device=device, dtype=torch.long),
             in_order,
+            runs,
+            tokens,
+            owner,
             torch.tensor(lengths, device=device),
             visual,
             groups,
         )
+
+
+# A batch whose requests' rows lie in more runs than this (requests with and without a config
+# interleaved) is scaled through one copy of its rows instead of one op per run.
+_MAX_RUNS = 8
+
+
+def _owners(slots: list[_Slot], a: int, b: int) -> list[int]:
+    """For each packed row of requests a..b-1 of ``slots``, its request's position."""
+    return [i for i in range(a, b) for _ in range(slots[i].start, slots[i].end)]
 
 
 class Attachment:
@@ -413,8 +447,10 @@ class Attachment:
             gains = torch.empty_like(ratios)
             for rules, members, has_visual in batch.groups:
                 gains[members] = layer_gains(ratios[members], has_visual, rules[position])
-        if batch.in_order:
-            ops.scale_heads_(view[:, None], gains)
+        if batch.runs is not None:  # in place, a run of rows at a time
+            for start, end, owners in batch.runs:
+                run_gains = gains[owners] if isinstance(owners, slice) else gains.index_select(0, owners)
+                ops.scale_heads_(view[start:end, None], run_gains)
         else:
             scaled = view.index_select(0, batch.tokens)  # (N, H, D_v): their rows, scaled at once
             ops.scale_heads_(scaled[:, None], gains.index_select(0, batch.owner))

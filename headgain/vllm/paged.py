@@ -57,7 +57,7 @@ class Layout:
         if blocks is None:
             return None
         skip = start // blocks.shape[2] * blocks.shape[2]  # tokens of the blocks before start's
-        held = torch.tensor([length - skip], device=row.device)
+        held = torch.tensor([length - skip])  # on the CPU: no wait for the GPU to read it back
         keys, _ = reference.gather_blocks(blocks, row[None, skip // blocks.shape[2] :], held)
         return keys[:, :, start - skip :]
 
