@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from ..core import ops
 from ..core.config import HeadGainConfig
@@ -76,16 +77,28 @@ def records_of(model: nn.Module) -> tuple[int, dict[str, list[dict]]]:
 @dataclass(eq=False)
 class _Slot:
     """One configured request in one step: rows [start, end) of the packed batch, row ``row``
-    of the step's block table."""
+    of the step's block table, ``past`` tokens computed before; ``flags``: (end - start,) bool,
+    which of its tokens are visual."""
 
     request: RequestState
     row: int
     start: int
     end: int
     past: int
-    state: ForwardState
+    flags: torch.Tensor
     ratios_record: torch.Tensor | None = None  # (L, H) float32 when recording
     gains_record: torch.Tensor | None = None
+    _state: ForwardState | None = None
+
+    @property
+    def state(self) -> ForwardState:
+        """The pass's `ForwardState`, built on first use: only passes read at several rows, and
+        passes whose keys come from headgain's copy, need one (a batch of requests read at i*
+        takes their visual flags straight from the requests)."""
+        if self._state is None:
+            previous = self.request.visual[: self.past][None] if self.past else None
+            self._state = ForwardState.build(self.flags[None], None, previous, self.request.cfg.query)
+        return self._state
 
 
 @dataclass(eq=False)
@@ -139,20 +152,18 @@ class _RowBatch:
             (slots if one_row else others).append(slot)
         in_order = len(slots) == num_tokens and all(s.start == i and s.row == i for i, s in enumerate(slots))
         lengths = [slot.past + slot.end - slot.start for slot in slots]
-        visual = torch.zeros(len(slots), max(lengths, default=0), dtype=torch.bool, device=device)
-        for i, (slot, n) in enumerate(zip(slots, lengths)):
-            visual[i, :n] = slot.request.visual[:n]
+        if slots:
+            visual = pad_sequence([slot.request.visual[:n] for slot, n in zip(slots, lengths)], batch_first=True)
+        else:
+            visual = torch.zeros(0, 0, dtype=torch.bool, device=device)
+        has_visual = visual.any(1)
         members: dict[int, list[int]] = {}
         for i, slot in enumerate(slots):
             members.setdefault(id(slot.request.rules), []).append(i)
-        groups = [
-            (
-                slots[idx[0]].request.rules,
-                torch.tensor(idx, device=device),
-                torch.cat([slots[i].state.has_visual for i in idx]),
-            )
-            for idx in members.values()
-        ]
+        groups = []
+        for idx in members.values():
+            positions = torch.tensor(idx, device=device)
+            groups.append((slots[idx[0]].request.rules, positions, has_visual.index_select(0, positions)))
         spans: list[list[int]] = []  # [start, end, first request, last request + 1] per run of rows
         for i, slot in enumerate(slots):
             if spans and spans[-1][1] == slot.start:
@@ -221,6 +232,7 @@ class Attachment:
         self._slots: list[_Slot] | None = None  # the step's plan, built at its first layer
         self._batch: _RowBatch | None = None  # its requests read at i*, when keys come from the paged cache
         self._rules: dict[HeadGainConfig, tuple[LayerRule, ...]] = {}
+        self._visual_ids: dict[torch.device, torch.Tensor] = {}  # the arch map's visual token ids, per device
         self._warned_no_visual = False
         self._warned_chunked = False
         self._warned_preempted = False
@@ -279,9 +291,11 @@ class Attachment:
     def _build_plan(self, runner, scheduler_output) -> list[_Slot]:
         slots, offset = [], 0
         ids = runner.input_ids.gpu
-        visual_ids = torch.tensor(self.decoder.visual_ids, dtype=ids.dtype, device=ids.device)
+        scheduled = scheduler_output.num_scheduled_tokens
+        total = sum(int(scheduled[req_id]) for req_id in runner.input_batch.req_ids)
+        packed = no_visual = None  # (total,) bool: the step's tokens whose id is visual; all False (on first use)
         for row, req_id in enumerate(runner.input_batch.req_ids):
-            n = int(scheduler_output.num_scheduled_tokens[req_id])
+            n = int(scheduled[req_id])
             start, offset = offset, offset + n
             cached = runner.requests[req_id]
             request = self._requests.get(req_id)
@@ -300,15 +314,19 @@ class Attachment:
             if past + n < prompt and not self._warned_chunked:
                 self._warned_chunked = True
                 warnings.warn(_CHUNKED.format(req_id=req_id, prompt=prompt, n=n), RuntimeWarning, stacklevel=2)
-            if request.placeholders is not None:  # the request's image and video positions
+            if request.placeholders is None:  # visual positions from the arch map's token ids
+                if packed is None:
+                    packed = torch.isin(ids[:total], self._visual_ids_like(ids))
+                flags = packed[start : start + n]
+            elif past >= request.placeholders.shape[0]:  # past the prompt's images and videos
+                if no_visual is None:
+                    no_visual = torch.zeros(total, dtype=torch.bool, device=ids.device)
+                flags = no_visual[:n]
+            else:  # the request's image and video positions
                 flags = request.placeholders[past : past + n]
                 flags = torch.cat([flags, flags.new_zeros(n - flags.shape[0])]).to(ids.device)
-            else:
-                flags = torch.isin(ids[start : start + n], visual_ids)
-            previous = request.visual[:past][None] if past else None
-            state = ForwardState.build(flags[None], None, previous, request.cfg.query)
             request.add_visual(flags)
-            if past + n >= prompt > past and not self._warned_no_visual and not bool(state.has_visual.all()):
+            if past + n >= prompt > past and not self._warned_no_visual and not bool(request.visual[: past + n].any()):
                 self._warned_no_visual = True
                 warnings.warn(
                     f"headgain found no visual tokens in request {req_id}; requests without visual tokens are left "
@@ -316,12 +334,21 @@ class Attachment:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            slot = _Slot(request, row, start, start + n, past, state)
+            slot = _Slot(request, row, start, start + n, past, flags)
             if self.settings.record:
                 shape = (self.decoder.num_layers, self.decoder.num_heads)
                 slot.ratios_record, slot.gains_record = torch.zeros(shape), torch.ones(shape)
             slots.append(slot)
         return slots
+
+    def _visual_ids_like(self, ids: torch.Tensor) -> torch.Tensor:
+        """The arch map's visual token ids on ``ids``' device, in its dtype (made once)."""
+        visual_ids = self._visual_ids.get(ids.device)
+        if visual_ids is None or visual_ids.dtype != ids.dtype:
+            visual_ids = self._visual_ids[ids.device] = torch.tensor(
+                self.decoder.visual_ids, dtype=ids.dtype, device=ids.device
+            )
+        return visual_ids
 
     def _request(self, req_id: str, cached) -> RequestState:
         params = cached.sampling_params
