@@ -14,6 +14,7 @@ import platform
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -148,7 +149,11 @@ def test_sv_gains_and_tokens_match_transformers(checkpoint, served, copying, van
 
     assert getattr(GPUModelRunner.execute_model, "_headgain_wrapped", False)
     served = served if keys == "auto" else copying
-    tokens, _, ids = _generate(served, PROMPTS, [CFG] * len(PROMPTS))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens, _, ids = _generate(served, PROMPTS, [CFG] * len(PROMPTS))
+    # every prompt holds the visual token: no request is reported without one
+    assert not [w for w in caught if "found no visual tokens" in str(w.message)]
     (source,) = served.apply_model(lambda model: hv.attachment_of(model).key_source)
     if keys == "copy":
         assert source == "copy"

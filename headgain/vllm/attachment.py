@@ -326,7 +326,8 @@ class Attachment:
                 flags = request.placeholders[past : past + n]
                 flags = torch.cat([flags, flags.new_zeros(n - flags.shape[0])]).to(ids.device)
             request.add_visual(flags)
-            if past + n >= prompt > past and not self._warned_no_visual and not bool(request.visual[: past + n].any()):
+            prompt_done = past + n >= prompt > past
+            if prompt_done and not self._warned_no_visual and not self._prompt_has_visual(request, cached):
                 self._warned_no_visual = True
                 warnings.warn(
                     f"headgain found no visual tokens in request {req_id}; requests without visual tokens are left "
@@ -340,6 +341,16 @@ class Attachment:
                 slot.ratios_record, slot.gains_record = torch.zeros(shape), torch.ones(shape)
             slots.append(slot)
         return slots
+
+    def _prompt_has_visual(self, request: RequestState, cached) -> bool:
+        """Whether a request's prompt holds visual tokens, read on the CPU (its placeholders, or
+        the prompt's token ids vLLM keeps) so that a GPU step does not wait for it; from the
+        flags on the device only for a prompt given as embeddings."""
+        if request.placeholders is not None:
+            return bool(request.placeholders.any())
+        if cached.prompt_token_ids is not None:
+            return not set(self.decoder.visual_ids).isdisjoint(cached.prompt_token_ids)
+        return bool(request.visual[: int(cached.num_prompt_tokens)].any())
 
     def _visual_ids_like(self, ids: torch.Tensor) -> torch.Tensor:
         """The arch map's visual token ids on ``ids``' device, in its dtype (made once)."""
