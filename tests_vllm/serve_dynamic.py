@@ -2,13 +2,14 @@
 way a server runs it: engine core and workers in their own processes, the plugin loaded
 there through its entry point (run as a script: vLLM's processes need a ``__main__`` guard).
 
-    python tests_vllm/serve_dynamic.py CHECKPOINT REQUESTS.json TENSOR_PARALLEL OUT.json
+    python tests_vllm/serve_dynamic.py CHECKPOINT REQUESTS.json TENSOR_PARALLEL OUT.json [compiled]
 
 REQUESTS.json: {"prompts": [[ids]], "configs": [config or null], "new_tokens": N}, null:
 no headgain field. The plugin's settings come from the environment (HEADGAIN_VLLM,
 HEADGAIN_CONFIG, HEADGAIN_ARCH_MAP, HEADGAIN_RECORD). OUT.json: {"tokens": [[ids]],
 "ratios": [[(L, H) per step] or null], "gains": ...} with the heads of all tensor-parallel
-ranks side by side (null: a request served without headgain).
+ranks side by side (null: a request served without headgain). ``compiled``: vLLM's compiled
+mode (torch.compile) instead of eager.
 """
 
 import json
@@ -18,6 +19,9 @@ import sys
 
 def main() -> None:
     checkpoint, requests_file, tensor_parallel, out_file = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    mode = sys.argv[5] if len(sys.argv) > 5 else "eager"
+    if mode not in ("eager", "compiled"):
+        sys.exit(f"the mode is 'eager' or 'compiled', got {mode!r}")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM reserves far more by default
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model sends _records to the workers
     import torch
@@ -29,7 +33,11 @@ def main() -> None:
         spec = json.load(f)
     from conftest import ENGINE_ARGS  # this script's folder: the tests' engine settings
 
-    llm = LLM(checkpoint, **{**ENGINE_ARGS, "tensor_parallel_size": tensor_parallel, "max_num_seqs": 4})
+    engine = {**ENGINE_ARGS, "tensor_parallel_size": tensor_parallel, "max_num_seqs": 4}
+    llm = LLM(checkpoint, **{**engine, "enforce_eager": mode == "eager"})
+    compilation = llm.llm_engine.vllm_config.compilation_config.mode
+    if (compilation != 0) != (mode == "compiled"):
+        sys.exit(f"asked for {mode} mode, the engine runs compilation mode {compilation}")
     new = spec["new_tokens"]
     params = [
         SamplingParams(

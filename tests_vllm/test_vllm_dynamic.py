@@ -325,11 +325,13 @@ def _chain(error):
         error = error.__cause__ or error.__context__
 
 
-def test_tensor_parallel_ranks_in_server_processes(checkpoint, tmp_path):
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_tensor_parallel_ranks_in_server_processes(checkpoint, tmp_path, mode):
     """Engine core and two tensor-parallel workers in processes of their own, the plugin loaded
     there through its entry point and enabled by an engine-wide default config: each rank reads
-    and scales its own heads at its slice of the row-parallel o_proj, and together they match
-    transformers. A request that switches headgain off stays vanilla."""
+    and scales its own heads at its slice of the row-parallel o_proj (in eager mode, and from
+    the op in each rank's compiled graphs), and together they match transformers. A request
+    that switches headgain off stays vanilla."""
     spec = {"prompts": PROMPTS[:2], "configs": [None, "off"], "new_tokens": NEW}  # None: the engine's default
     (tmp_path / "requests.json").write_text(json.dumps(spec))
     cores = sorted(os.sched_getaffinity(0))
@@ -340,7 +342,7 @@ def test_tensor_parallel_ranks_in_server_processes(checkpoint, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), ENTRY_POINT_ROOT])
     out = tmp_path / "out.json"
     script = os.path.join(HERE, "serve_dynamic.py")
-    command = [sys.executable, script, checkpoint, str(tmp_path / "requests.json"), "2", str(out)]
+    command = [sys.executable, script, checkpoint, str(tmp_path / "requests.json"), "2", str(out), mode]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(out.read_text())
