@@ -42,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...: run under min(SECONDS, time left), log
   return "$rc"
 }
 
-"$PY" - <<'PYEOF' | tee -a "$OUT/summary.txt" || exit 2
+"$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT/summary.txt" || exit 2
 import sys
 
 try:

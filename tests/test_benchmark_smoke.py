@@ -194,6 +194,8 @@ def test_gpu_check_refuses_a_machine_without_a_cuda_gpu(tmp_path):
     )
     assert proc.returncode == 2
     assert "gpu-check needs a CUDA GPU and a CUDA build of torch" in proc.stderr + proc.stdout
+    # the reason is also in the summary that comes back from the GPU machine
+    assert "gpu-check needs a CUDA GPU" in (tmp_path / "summary.txt").read_text()
 
 
 def torch_has_cuda() -> bool:
