@@ -3,7 +3,8 @@
 # it comes (a CUDA build of torch, transformers and pytest installed; no venv, no network):
 #
 #   1. build headgain._C in place with its CUDA kernels, for the visible GPU's architecture
-#   2. the CUDA tests (compiled ops against the reference, attached models on the GPU)
+#   2. the CUDA tests (compiled ops against the reference, attached models on the GPU), and the
+#      CPU kernels at several thread counts (tests/test_threads.py, on this machine's cores)
 #   3. benchmarks/ops.py on CUDA (Qwen2.5-VL-7B head shapes)
 #   4. benchmarks/overhead.py at the Qwen2.5-VL-7B shape (random weights, bfloat16)
 #
@@ -60,12 +61,13 @@ PYEOF
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 rm -f headgain/_C*.so
 step build 300 env HEADGAIN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
-  "$PY" setup.py build_ext --inplace || { echo "the build failed: nothing else can run"; exit 1; }
-"$PY" -c "import headgain, sys; sys.exit(0 if headgain.extension_available('cuda') else 'no CUDA kernels in the build')" \
-  || exit 1
+  "$PY" setup.py build_ext --inplace || { echo "the build failed: nothing else can run" | tee -a "$OUT/summary.txt"; exit 1; }
+"$PY" -c "import sys; from headgain.core import ops; print('headgain._C: CUDA kernels', ops.extension_available('cuda'),
+'/ CPU kernels on torch threads', ops.extension_parallel()); sys.exit(0 if ops.extension_available('cuda') else 'no CUDA kernels')" \
+  2>&1 | tee -a "$OUT/summary.txt" || exit 1
 step tests 180 env HEADGAIN_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider -rs \
   tests/test_ops.py tests/test_cuda_models.py tests/test_fused_decode.py tests/test_core_api.py \
-  tests/test_ratio_from_blocks.py
+  tests/test_ratio_from_blocks.py tests/test_threads.py
 step ops 120 "$PY" benchmarks/ops.py --device cuda --full --repeats 10
 step overhead 240 "$PY" benchmarks/overhead.py --shape qwen2.5-vl-7b --rounds 3 --new-tokens 32 \
   --json "$OUT/overhead.json"
