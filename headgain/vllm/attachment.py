@@ -29,7 +29,7 @@ import itertools
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -141,6 +141,18 @@ class _RowBatch:
     lengths: torch.Tensor
     visual: torch.Tensor
     groups: list[tuple[tuple[LayerRule, ...], torch.Tensor, torch.Tensor]]
+    _tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def table_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """(R, MB) rows of the step's (num_requests, MB) block table ``table`` for the batch's
+        requests: the table's first R rows when ``in_order``, else selected once per step and
+        table (the layers of one KV-cache group share their table)."""
+        if self.in_order:
+            return table[: len(self.slots)]
+        held = self._tables.get(id(table))
+        if held is None or held[0] is not table:
+            held = self._tables[id(table)] = (table, table[self.rows])
+        return held[1]
 
     @classmethod
     def build(cls, step_slots: list[_Slot], num_tokens: int, device) -> _RowBatch:
@@ -466,12 +478,11 @@ class Attachment:
         """`_rescale` for the step's requests read at i*, all at once: one S_v op reading their
         keys in the paged cache, one gains op per config, one scaling of their rows."""
         d = self.decoder
-        r = len(batch.slots)
-        rows, tables = (q, table[:r]) if batch.in_order else (q.index_select(0, batch.last), table[batch.rows])
+        rows = q if batch.in_order else q.index_select(0, batch.last)
         ratios = ops.ratio_from_blocks(
             rows,
             self._layout.blocks(cache, d.num_kv_heads, d.head_dim),
-            tables,
+            batch.table_rows(table),
             batch.lengths,
             batch.visual,
             layer.scale,
