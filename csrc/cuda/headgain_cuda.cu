@@ -200,7 +200,6 @@ at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blo
   const auto table = block_table.contiguous();  // int32 (vLLM's) or int64, read as it is
   const auto lens = lengths.contiguous();
   const auto vis = visual.contiguous();
-  const auto w = at::ones({R, 1}, out.options());
   const hk::QkShape shape{H, 1, L, D, G, q.stride(0), q.stride(1), 0, q.stride(2), 0, 0, 0, key_blocks.stride(3),
                           0, 0, 0, static_cast<float>(scaling), static_cast<float>(softcap)};
   auto partial = at::empty({R * H, splits, 3}, out.options());
@@ -216,14 +215,15 @@ at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blo
                                       window, L};
       hk::ratio_from_qk_group_kernel<<<dim3(grid_x(R * Hkv, "ratio_from_blocks"), splits), warps * hk::kWarp, shared,
                                        stream>>>(device_ptr<scalar_t>(q), keys, static_cast<const bool*>(nullptr),
-                                                 vis.const_data_ptr<bool>(), w.const_data_ptr<float>(), shape, stats);
+                                                 vis.const_data_ptr<bool>(), static_cast<const float*>(nullptr),
+                                                 shape, stats);  // no mask; row weights null: all 1
     };
     if (table.scalar_type() == at::kInt) launch(int32_t{});
     else launch(int64_t{});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   hk::ratio_from_qk_combine_kernel<<<ceil_div(R * H, hk::kThreads), hk::kThreads, 0, stream>>>(
-      stats, w.const_data_ptr<float>(), R * H, H, 1, splits, out.data_ptr<float>());
+      stats, static_cast<const float*>(nullptr), R * H, H, 1, splits, out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -21,7 +21,7 @@ __global__ void ratio_from_qk_combine_kernel(const Stats* __restrict__ partial, 
   const int64_t b = bh / H;
   float acc = 0.f;
   for (int64_t r = 0; r < R; ++r) {
-    const float w = row_weights[b * R + r];
+    const float w = row_weight(row_weights, b * R + r);
     if (!(w > 0.f)) continue;
     Stats total = empty_stats();
     for (int s = 0; s < splits; ++s) total = merge(total, partial[(bh * R + r) * splits + s]);

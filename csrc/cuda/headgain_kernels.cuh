@@ -129,6 +129,12 @@ struct QkShape {
   float scaling, softcap;
 };
 
+// The weight of query row i: row_weights[i], or 1 where row_weights is null (ratio_from_blocks
+// reads one row per request, each of weight 1).
+__device__ __forceinline__ float row_weight(const float* __restrict__ row_weights, int64_t i) {
+  return row_weights == nullptr ? 1.f : row_weights[i];
+}
+
 // grid (B*H*R, splits), kThreads threads, D floats of dynamic shared memory. Block
 // (bhr, s) scores row r of head h against the keys of split s, one warp per key, and
 // writes its softmax statistics to partial[bhr * splits + s]. Rows of weight 0 are
@@ -141,7 +147,7 @@ __global__ void ratio_from_qk_kernel(const T* __restrict__ q, const T* __restric
   __shared__ Stats warp_stats[kThreads / kWarp];
   const int64_t bhr = blockIdx.x, r = bhr % p.R, bh = bhr / p.R, b = bh / p.H, h = bh % p.H;
   const int64_t out_index = bhr * gridDim.y + blockIdx.y;
-  if (!(row_weights[b * p.R + r] > 0.f)) {  // rows of weight <= 0 are skipped
+  if (!(row_weight(row_weights, b * p.R + r) > 0.f)) {  // rows of weight <= 0 are skipped
     if (threadIdx.x == 0) partial[out_index] = empty_stats();
     return;
   }
@@ -234,7 +240,8 @@ struct PagedKeys {
 // threads. Block (bg, s) holds the R rows of the group's G query heads (row i = gi * R + r)
 // in shared memory; a warp takes one key of split s of the sample's keys (`Keys`: DenseKeys
 // or PagedKeys) at a time, each lane holding up to kMaxPerLane of its elements in
-// registers, and updates the running statistics of every row of positive weight. Writes
+// registers, and updates the running statistics of every row of positive weight (row_weights
+// null: every row, weight 1). Writes
 // the same partial[((b*H + h) * R + r) * splits + s] as ratio_from_qk_kernel, for
 // ratio_from_qk_combine_kernel.
 template <typename T, typename M, typename Keys>
@@ -278,7 +285,7 @@ __global__ void ratio_from_qk_group_kernel(const T* __restrict__ q, Keys keys, c
     const float vis = visual[b * keys.visual_row() + j] ? 1.f : 0.f;
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t r = row % p.R;
-      if (!(row_weights[b * p.R + r] > 0.f)) continue;  // rows of weight <= 0 are skipped
+      if (!(row_weight(row_weights, b * p.R + r) > 0.f)) continue;  // rows of weight <= 0 are skipped
       float dot = 0.f;
 #pragma unroll
       for (int t = 0; t < kMaxPerLane; ++t) {
@@ -313,7 +320,8 @@ __global__ void ratio_from_qk_group_kernel(const T* __restrict__ q, Keys keys, c
   }
 }
 
-// out[b, h] = sum_r w[b, r] * vis / sum over the merged splits; one thread per (b, h).
+// out[b, h] = sum_r w[b, r] * vis / sum over the merged splits (row_weights null: w = 1); one
+// thread per (b, h).
 // A fully masked row of nonzero weight gives NaN, as the reference's softmax does.
 __global__ void ratio_from_qk_combine_kernel(const Stats* __restrict__ partial, const float* __restrict__ row_weights,
                                              int64_t BH, int64_t H, int64_t R, int splits, float* __restrict__ out);
