@@ -24,7 +24,7 @@ CSRC = ROOT / "csrc"
 RUNTIME = Path(__file__).resolve().parent / "cuda_emu"
 BUILD = ROOT / "build" / "cuda-emulation"
 
-_LAUNCH = re.compile(r"([\w:<>]+?)<<<(.*?)>>>\((.*?)\);", flags=re.S)
+_LAUNCH = re.compile(r"([\w:<>, ]+?)<<<(.*?)>>>\((.*?)\);", flags=re.S)  # kernel<T, ...><<<...>>>(...)
 
 
 def _rename(text: str) -> str:
@@ -35,7 +35,7 @@ def _sources() -> dict[str, str]:
     """The translation unit's parts: file name -> text."""
     kernels = (CSRC / "cuda" / "headgain_kernels.cuh").read_text()
     kernels = re.sub(r"#include <(cuda_bf16|cuda_fp16|cuda_runtime|math_constants)\.h>", "", kernels)
-    kernels = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = emu_dynsmem();", kernels)
+    kernels = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?float (\w+)\[\];", r"float* \1 = emu_dynsmem();", kernels)
     kernels = '#include "runtime.h"\n' + _rename(kernels.replace("__shared__", "static"))
     glue = (CSRC / "cuda" / "headgain_cuda.cu").read_text()
     glue = re.sub(r"#include <c10/cuda/\w+\.h>\n", "", glue)

@@ -63,6 +63,13 @@ def test_ratio_from_probs_non_finite_gives_nan(cuda):
     torch.testing.assert_close(got[~nan], reference.ratio_from_probs(*args)[~nan])
 
 
+def test_ratio_from_qk_non_finite_gives_nan(cuda):
+    args, nan = T.non_finite_qk_case("cpu")
+    got = cuda.ratio_from_qk(*args)
+    assert torch.equal(got.isnan(), nan)
+    torch.testing.assert_close(got[~nan], reference.ratio_from_qk(*args)[~nan])
+
+
 @pytest.mark.parametrize("dtype", T.FLOAT_DTYPES)
 def test_gains_and_scaling(cuda, dtype):
     for name, args in T.sample_head_gains("cpu"):
@@ -139,6 +146,14 @@ def test_ratio_from_blocks(cuda, layout, setting):
         got = cuda.ratio_from_blocks(q, blocks, table.to(index), torch.tensor(lengths), visual, 0.125, 0.0, window)
         want = P._explicit(q, keys, visual, 0.125, 0.0, window)
         torch.testing.assert_close(got, want, atol=P.TOL[dtype], rtol=1e-4, msg=f"{lengths} {window}")
+
+
+@pytest.mark.parametrize("layout", ["dmajor", "nhd"])
+def test_ratio_from_blocks_large_query_group(cuda, layout):
+    q, keys, visual, lengths = P.large_group_case()
+    blocks, table, _ = P._paged(keys, 16, layout)
+    got = cuda.ratio_from_blocks(q, blocks, table, lengths, visual, 0.125, 0.0, 0)
+    torch.testing.assert_close(got, P._explicit(q, keys, visual, 0.125, 0.0, 0), atol=2e-6, rtol=1e-5)
 
 
 def test_ratio_from_blocks_bad_values_give_nan(cuda):

@@ -128,6 +128,12 @@ def sample_ratio_from_qk(device, dtype):
         # unit stride along D), so on CPUs that have it these run the widening kernel
         ("d48-g5", (2, 10, 2, 1, 66, 48), "bool", 0.0),
         ("k-strided-d", (1, 14, 2, 2, 45, 64), None, 0.0),
+        # CUDA reads key rows 16 bytes at a time where it can: not at a head dim of 38 (no whole
+        # number of 16-byte packs in any dtype), nor in keys that start off a 16-byte boundary
+        ("d38-narrow-loads", (2, 6, 2, 1, 75, 38), "bool", 0.0),
+        ("k-offset", (2, 8, 2, 1, 60, 64), None, 0.0),
+        # query groups of more rows than CUDA scores a key against at once (8): two passes
+        ("g12-two-passes", (2, 24, 2, 1, 130, 64), "bool", 0.0),
     ]:
         q = _rand((b, r, h, d), dtype, device, g).transpose(1, 2)  # (B, H, R, D), non-contiguous
         k = _rand((b, hkv, nk, d), dtype, device, g)
@@ -135,6 +141,8 @@ def sample_ratio_from_qk(device, dtype):
             k = _rand((b, nk, hkv, d), dtype, device, g).transpose(1, 2)
         if name == "k-strided-d":
             k = _rand((b, hkv, d, nk), dtype, device, g).transpose(2, 3)
+        if name == "k-offset":
+            k = _rand((b * hkv * nk * d + 1,), dtype, device, g)[1:].view(b, hkv, nk, d)
         allowed = torch.rand((b, r, nk), generator=g, device=device) > 0.3
         allowed[..., 0] = True  # every weighted row keeps one key
         w = torch.rand((b, r), generator=g, device=device) + 0.1
@@ -274,6 +282,26 @@ def test_ratio_from_probs_non_finite_gives_nan(device):
     got = ops.ratio_from_probs(*args)
     assert torch.equal(got.isnan(), nan) and torch.equal(reference.ratio_from_probs(*args).isnan(), nan)
     torch.testing.assert_close(got[~nan], reference.ratio_from_probs(*args)[~nan])
+
+
+def non_finite_qk_case(device):
+    """Keys with a NaN in a key of KV head 1 of sample 0 and in the last key of KV head 0 of
+    sample 1: (args, where the result must be NaN). Every query head of a spoilt KV head reads
+    the bad key, so its share is NaN, as in the reference; the other heads are not touched."""
+    g = _gen(device)
+    q, k = _rand((2, 6, 1, 32), torch.float32, device, g), _rand((2, 3, 50, 32), torch.float32, device, g)
+    k[0, 1, 17, 5], k[1, 0, 49, 0] = float("nan"), float("nan")
+    nan = torch.zeros(2, 6, dtype=torch.bool, device=device)
+    nan[0, 2:4] = nan[1, 0:2] = True
+    return (q, k, None, _visual(2, 50, device, g), torch.ones((2, 1), device=device), 0.2, 0.0), nan
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ratio_from_qk_non_finite_gives_nan(device):
+    args, nan = non_finite_qk_case(device)
+    got = ops.ratio_from_qk(*args)
+    assert torch.equal(got.isnan(), nan) and torch.equal(reference.ratio_from_qk(*args).isnan(), nan)
+    torch.testing.assert_close(got[~nan], reference.ratio_from_qk(*args)[~nan])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -109,6 +109,23 @@ def test_softcap_and_int64_table(device):
     torch.testing.assert_close(got.cpu(), _explicit(q, keys, visual, 0.5, 4.0, 0), atol=2e-6, rtol=1e-5)
 
 
+def large_group_case():
+    """A query group of 12 heads per KV head, more than CUDA scores a key against at once (8):
+    (q, keys, visual, lengths)."""
+    q, keys, visual = _case((300, 45), 24, 2, 64, torch.float32, seed=2)
+    return q, keys, visual, torch.tensor([300, 45])
+
+
+@pytest.mark.parametrize("layout", ["dmajor", "nhd"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_query_group(layout, device):
+    q, keys, visual, lengths = large_group_case()
+    _, table, cache = _paged(keys, 16, layout)
+    on = [t.to(device) for t in (q, table, lengths, visual)]
+    got = ops.ratio_from_blocks(on[0], _blocks(cache.to(device), layout), on[1], on[2], on[3], 0.125)
+    torch.testing.assert_close(got.cpu(), _explicit(q, keys, visual, 0.125, 0.0, 0), atol=2e-6, rtol=1e-5)
+
+
 def test_bad_arguments_say_what_is_wrong():
     q, keys, visual = _case((20, 9), 4, 2, 32, torch.float32)
     blocks, table, _ = _paged(keys, 16, "dmajor")

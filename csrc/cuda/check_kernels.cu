@@ -11,18 +11,14 @@ namespace hk = headgain::kernels;
 template <typename T>
 void instantiate_per_element_type() {
   (void)&hk::ratio_from_probs_kernel<T>;
-  (void)&hk::ratio_from_qk_kernel<T, bool>;
-  (void)&hk::ratio_from_qk_kernel<T, float>;
-  (void)&hk::ratio_from_qk_kernel<T, double>;
-  (void)&hk::ratio_from_qk_kernel<T, __half>;
-  (void)&hk::ratio_from_qk_kernel<T, __nv_bfloat16>;
-  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::DenseKeys<T>>;
-  (void)&hk::ratio_from_qk_group_kernel<T, float, hk::DenseKeys<T>>;
-  (void)&hk::ratio_from_qk_group_kernel<T, double, hk::DenseKeys<T>>;
-  (void)&hk::ratio_from_qk_group_kernel<T, __half, hk::DenseKeys<T>>;
-  (void)&hk::ratio_from_qk_group_kernel<T, __nv_bfloat16, hk::DenseKeys<T>>;
-  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::PagedKeys<T, int32_t>>;  // ratio_from_blocks
-  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::PagedKeys<T, int64_t>>;
+  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::DenseKeys<T>, true>;
+  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::DenseKeys<T>, false>;
+  (void)&hk::ratio_from_qk_group_kernel<T, float, hk::DenseKeys<T>, true>;
+  (void)&hk::ratio_from_qk_group_kernel<T, double, hk::DenseKeys<T>, true>;
+  (void)&hk::ratio_from_qk_group_kernel<T, __half, hk::DenseKeys<T>, true>;
+  (void)&hk::ratio_from_qk_group_kernel<T, __nv_bfloat16, hk::DenseKeys<T>, false>;
+  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::PagedKeys<T, int32_t>, true>;  // ratio_from_blocks
+  (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::PagedKeys<T, int64_t>, false>;
   (void)&hk::decode_attention_kernel<T, bool>;
   (void)&hk::decode_attention_kernel<T, float>;
   (void)&hk::decode_attention_kernel<T, double>;

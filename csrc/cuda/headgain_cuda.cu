@@ -42,10 +42,6 @@ const typename DeviceType<T>::type* device_ptr(const at::Tensor& t) {
   return reinterpret_cast<const typename DeviceType<T>::type*>(t.const_data_ptr<T>());
 }
 
-// the default 48 KiB of shared memory, less ratio_from_qk_kernel's static per-warp statistics
-constexpr int64_t kMaxSharedHeadDim =
-    (48 * 1024 - sizeof(hk::Stats) * (hk::kThreads / hk::kWarp)) / sizeof(float);
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A grid's x size, checked against CUDA's limit (2^31 - 1 blocks) instead of truncated.
@@ -87,89 +83,83 @@ at::Tensor ratio_from_probs_cuda(const at::Tensor& probs, const at::Tensor& visu
   return out;
 }
 
-// How ratio_from_qk runs: with `warps` > 0, ratio_from_qk_group_kernel (one block per sample,
-// KV head and key split; `shared` bytes); else ratio_from_qk_kernel (one block per query
-// row and key split), for head dims over 256 or query groups too large for shared memory.
-struct QkPlan {
-  int warps = 0;
-  size_t shared = 0;
-  int splits = 1;
-};
-
-QkPlan plan_ratio_from_qk(int64_t B, int64_t H, int64_t R, int64_t D, int64_t Hkv, int64_t Nk) {
-  QkPlan plan;
-  const int64_t rows = (H / Hkv) * R;
-  if (D <= hk::kMaxPerLane * hk::kWarp) {
-    for (int warps = hk::kThreads / hk::kWarp; warps >= 1; --warps) {
-      if (hk::group_shared_bytes(rows, D, warps) <= 48 * 1024) {
-        plan.warps = warps;
-        plan.shared = hk::group_shared_bytes(rows, D, warps);
-        plan.splits = key_splits(B * Hkv, Nk, 256);
-        return plan;
-      }
-    }
+// Whether a kernel can read the rows of a (., ., N, D) key tensor 16 bytes at a time: unit
+// stride along D, D a whole number of 16-byte packs, the data and every row 16-byte aligned.
+bool wide_rows(const at::Tensor& keys) {
+  const int64_t n = 16 / static_cast<int64_t>(keys.element_size());
+  if (keys.size(3) % n != 0 || keys.stride(3) != 1 || reinterpret_cast<uintptr_t>(keys.const_data_ptr()) % 16 != 0)
+    return false;
+  for (int64_t d = 0; d < 3; ++d) {
+    if (keys.size(d) > 1 && keys.stride(d) % n != 0) return false;
   }
-  plan.splits = key_splits(B * H * R, Nk, 256);
-  return plan;
+  return true;
 }
 
-template <typename T, typename M>
-void launch_ratio_from_qk(const at::Tensor& q, const at::Tensor& k, const M* mask, const at::Tensor& visual,
-                          const at::Tensor& row_weights, const hk::QkShape& shape, const QkPlan& plan,
-                          hk::Stats* partial) {
+// The softmax statistics of S_v per query row and key split, into `partial` for
+// ratio_from_qk_combine_kernel: ratio_from_qk_group_kernel over `groups` (sample, KV head)
+// pairs of G * R query rows each, their keys (DenseKeys or PagedKeys of element type T) read 16
+// bytes at a time when `wide` (wide_rows).
+template <typename T, typename M, typename Keys>
+void launch_group(const at::Tensor& q, const Keys& keys, bool wide, const M* mask, const at::Tensor& visual,
+                  const float* row_weights, const hk::QkShape& shape, int64_t groups, int splits, hk::Stats* partial) {
+  const int64_t passes = ceil_div(shape.group * shape.R, hk::kRowsPerPass);
+  TORCH_CHECK(passes <= 65535, "headgain: ratio_from_qk on CUDA takes up to ", 65535 * hk::kRowsPerPass,
+              " query rows per KV head (heads per KV head x rows), got ", shape.group * shape.R);
+  const dim3 grid(grid_x(groups, "ratio_from_qk"), splits, static_cast<unsigned int>(passes));
+  const size_t shared = hk::group_shared_bytes(shape.D, sizeof(T));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (plan.warps > 0) {
-    const int64_t blocks = q.size(0) * k.size(1);
-    const hk::DenseKeys<typename DeviceType<T>::type> keys{device_ptr<T>(k), k.stride(0), k.stride(1), k.stride(2),
-                                                           k.size(2)};
-    hk::ratio_from_qk_group_kernel<<<dim3(grid_x(blocks, "ratio_from_qk"), plan.splits), plan.warps * hk::kWarp,
-                                     plan.shared, stream>>>(device_ptr<T>(q), keys, mask,
-                                                            visual.const_data_ptr<bool>(),
-                                                            row_weights.const_data_ptr<float>(), shape, partial);
+  if (wide) {
+    hk::ratio_from_qk_group_kernel<T, M, Keys, true><<<grid, hk::kThreads, shared, stream>>>(
+        reinterpret_cast<const T*>(q.const_data_ptr()), keys, mask, visual.const_data_ptr<bool>(), row_weights, shape,
+        partial);
   } else {
-    const int64_t blocks = q.size(0) * q.size(1) * q.size(2);
-    hk::ratio_from_qk_kernel<<<dim3(grid_x(blocks, "ratio_from_qk"), plan.splits), hk::kThreads,
-                               shape.D * sizeof(float), stream>>>(device_ptr<T>(q), device_ptr<T>(k), mask,
-                                                                  visual.const_data_ptr<bool>(),
-                                                                  row_weights.const_data_ptr<float>(), shape, partial);
+    hk::ratio_from_qk_group_kernel<T, M, Keys, false><<<grid, hk::kThreads, shared, stream>>>(
+        reinterpret_cast<const T*>(q.const_data_ptr()), keys, mask, visual.const_data_ptr<bool>(), row_weights, shape,
+        partial);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// The widest head dim whose query rows (kRowsPerPass of them) fit the default 48 KiB of
+// shared memory, for float32 query rows (16-byte packs of 4).
+constexpr int64_t kMaxGroupHeadDim = 48 * 1024 / (sizeof(float) * hk::kRowsPerPass);
 
 at::Tensor ratio_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                               const at::Tensor& visual, const at::Tensor& row_weights, double scaling,
                               double softcap) {
   check_ratio_from_qk(q, k, mask, visual, row_weights);
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Nk = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
   auto out = at::empty({B, H}, q.options().dtype(at::kFloat));  // every element is written by the combine kernel
   if (out.numel() == 0 || R == 0 || Nk == 0) return out.zero_();  // no keys: no visual share
-  TORCH_CHECK(D <= kMaxSharedHeadDim, "headgain: ratio_from_qk on CUDA keeps a query row in shared memory and takes head dims up to ",
-              kMaxSharedHeadDim, ", got ", D);
+  TORCH_CHECK(D <= kMaxGroupHeadDim, "headgain: ratio_from_qk on CUDA keeps ", hk::kRowsPerPass,
+              " query rows in shared memory and takes head dims up to ", kMaxGroupHeadDim, ", got ", D);
   const auto vis = visual.contiguous();
   const auto w = row_weights.contiguous();
-  hk::QkShape shape{H, R, Nk, D, H / k.size(1), q.stride(0), q.stride(1), q.stride(2), q.stride(3),
-                    k.stride(0), k.stride(1), k.stride(2), k.stride(3), 0, 0, 0,
+  hk::QkShape shape{H, R, D, H / Hkv, q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(3), 0, 0, 0,
                     static_cast<float>(scaling), static_cast<float>(softcap)};
   if (mask.has_value()) {
     shape.m0 = mask->stride(0);
     shape.m1 = mask->stride(1);
     shape.m2 = mask->stride(2);
   }
-  const QkPlan plan = plan_ratio_from_qk(B, H, R, D, k.size(1), Nk);
-  const int splits = plan.splits;
+  const int64_t passes = ceil_div((H / Hkv) * R, hk::kRowsPerPass);
+  const int splits = key_splits(B * Hkv * passes, Nk, 256);
   // (B*H*R, splits) statistics of three floats each
   auto partial = at::empty({B * H * R, splits, 3}, out.options());
   auto* stats = reinterpret_cast<hk::Stats*>(partial.data_ptr<float>());
+  const bool wide = wide_rows(k);
   HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_qk_cuda", [&] {
-    using T = scalar_t;
+    using DT = typename DeviceType<scalar_t>::type;
+    const hk::DenseKeys<DT> keys{device_ptr<scalar_t>(k), k.stride(0), k.stride(1), k.stride(2), Nk};
+    const float* weights = w.const_data_ptr<float>();
     if (!mask.has_value()) {
-      launch_ratio_from_qk<T, bool>(q, k, nullptr, vis, w, shape, plan, stats);
+      launch_group<DT, bool>(q, keys, wide, nullptr, vis, weights, shape, B * Hkv, splits, stats);
     } else if (mask->scalar_type() == at::kBool) {
-      launch_ratio_from_qk<T, bool>(q, k, mask->const_data_ptr<bool>(), vis, w, shape, plan, stats);
+      launch_group<DT, bool>(q, keys, wide, mask->const_data_ptr<bool>(), vis, weights, shape, B * Hkv, splits, stats);
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask->scalar_type(), "ratio_from_qk_cuda_mask", [&] {
-        launch_ratio_from_qk<T>(q, k, device_ptr<scalar_t>(*mask), vis, w, shape, plan, stats);
+        launch_group<DT>(q, keys, wide, device_ptr<scalar_t>(*mask), vis, weights, shape, B * Hkv, splits, stats);
       });
     }
   });
@@ -188,23 +178,19 @@ at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blo
   const int64_t R = q.size(0), H = q.size(1), D = q.size(2), Hkv = key_blocks.size(1), L = visual.size(1);
   auto out = at::empty({R, H}, q.options().dtype(at::kFloat));  // every element is written by the combine kernel
   if (out.numel() == 0) return out;
-  TORCH_CHECK(D <= hk::kMaxPerLane * hk::kWarp, "headgain: ratio_from_blocks on CUDA keeps a key row in registers and ",
-              "takes head dims up to ", hk::kMaxPerLane * hk::kWarp, ", got ", D);
-  const int64_t G = H / Hkv;
-  int warps = hk::kThreads / hk::kWarp;  // as many as the default 48 KiB of shared memory holds
-  while (warps > 1 && hk::group_shared_bytes(G, D, warps) > 48 * 1024) --warps;
-  const size_t shared = hk::group_shared_bytes(G, D, warps);
-  TORCH_CHECK(shared <= 48 * 1024, "headgain: ratio_from_blocks on CUDA needs ", shared,
-              " bytes of shared memory for a query group of ", G, " heads of width ", D, "; at most 49152");
-  const int splits = key_splits(R * Hkv, L, 256);  // L bounds every request's keys: no read of lengths here
+  TORCH_CHECK(D <= kMaxGroupHeadDim, "headgain: ratio_from_blocks on CUDA keeps ", hk::kRowsPerPass,
+              " query rows in shared memory and takes head dims up to ", kMaxGroupHeadDim, ", got ", D);
+  const int64_t passes = ceil_div(H / Hkv, hk::kRowsPerPass);
+  const int splits = key_splits(R * Hkv * passes, L, 256);  // L bounds every request's keys: no read of lengths here
   const auto table = block_table.contiguous();  // int32 (vLLM's) or int64, read as it is
   const auto lens = lengths.contiguous();
   const auto vis = visual.contiguous();
-  const hk::QkShape shape{H, 1, L, D, G, q.stride(0), q.stride(1), 0, q.stride(2), 0, 0, 0, key_blocks.stride(3),
-                          0, 0, 0, static_cast<float>(scaling), static_cast<float>(softcap)};
+  // one query row per request: q (R, H, D) read as (R, H, 1, D)
+  const hk::QkShape shape{H, 1, D, H / Hkv, q.stride(0), q.stride(1), 0, q.stride(2), key_blocks.stride(3), 0, 0, 0,
+                          static_cast<float>(scaling), static_cast<float>(softcap)};
   auto partial = at::empty({R * H, splits, 3}, out.options());
   auto* stats = reinterpret_cast<hk::Stats*>(partial.data_ptr<float>());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool wide = wide_rows(key_blocks);
   HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_blocks_cuda", [&] {
     using DT = typename DeviceType<scalar_t>::type;
     const auto launch = [&](auto index) {
@@ -213,16 +199,13 @@ at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blo
                                       key_blocks.stride(2), key_blocks.size(0), key_blocks.size(2),
                                       table.const_data_ptr<I>(), table.size(1), lens.const_data_ptr<int64_t>(),
                                       window, L};
-      hk::ratio_from_qk_group_kernel<<<dim3(grid_x(R * Hkv, "ratio_from_blocks"), splits), warps * hk::kWarp, shared,
-                                       stream>>>(device_ptr<scalar_t>(q), keys, static_cast<const bool*>(nullptr),
-                                                 vis.const_data_ptr<bool>(), static_cast<const float*>(nullptr),
-                                                 shape, stats);  // no mask; row weights null: all 1
+      // no mask; row weights null: all 1
+      launch_group<DT, bool>(q, keys, wide, nullptr, vis, nullptr, shape, R * Hkv, splits, stats);
     };
     if (table.scalar_type() == at::kInt) launch(int32_t{});
     else launch(int64_t{});
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  hk::ratio_from_qk_combine_kernel<<<ceil_div(R * H, hk::kThreads), hk::kThreads, 0, stream>>>(
+  hk::ratio_from_qk_combine_kernel<<<ceil_div(R * H, hk::kThreads), hk::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       stats, static_cast<const float*>(nullptr), R * H, H, 1, splits, out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

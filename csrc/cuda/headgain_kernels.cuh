@@ -123,9 +123,10 @@ __global__ void sum_splits_kernel(const float* __restrict__ partial, int64_t n, 
 // ---------------------------------------------------------------- ratio_from_qk
 
 struct QkShape {
-  int64_t H, R, Nk, D, group;                  // group = H / Hkv
-  int64_t q0, q1, q2, q3, k0, k1, k2, k3;       // element strides of q and k
-  int64_t m0, m1, m2;                          // element strides of the mask
+  int64_t H, R, D, group;   // group = H / Hkv
+  int64_t q0, q1, q2, q3;   // element strides of the (B, H, R, D) query rows
+  int64_t k3;               // element stride of a key row (the keys' other strides are in DenseKeys / PagedKeys)
+  int64_t m0, m1, m2;       // element strides of the (B, R, Nk) mask
   float scaling, softcap;
 };
 
@@ -135,65 +136,39 @@ __device__ __forceinline__ float row_weight(const float* __restrict__ row_weight
   return row_weights == nullptr ? 1.f : row_weights[i];
 }
 
-// grid (B*H*R, splits), kThreads threads, D floats of dynamic shared memory. Block
-// (bhr, s) scores row r of head h against the keys of split s, one warp per key, and
-// writes its softmax statistics to partial[bhr * splits + s]. Rows of weight 0 are
-// skipped. mask may be null (every key allowed).
-template <typename T, typename M>
-__global__ void ratio_from_qk_kernel(const T* __restrict__ q, const T* __restrict__ k, const M* __restrict__ mask,
-                                     const bool* __restrict__ visual, const float* __restrict__ row_weights,
-                                     QkShape p, Stats* __restrict__ partial) {
-  extern __shared__ float qrow[];
-  __shared__ Stats warp_stats[kThreads / kWarp];
-  const int64_t bhr = blockIdx.x, r = bhr % p.R, bh = bhr / p.R, b = bh / p.H, h = bh % p.H;
-  const int64_t out_index = bhr * gridDim.y + blockIdx.y;
-  if (!(row_weight(row_weights, b * p.R + r) > 0.f)) {  // rows of weight <= 0 are skipped
-    if (threadIdx.x == 0) partial[out_index] = empty_stats();
-    return;
-  }
-  const T* qp = q + b * p.q0 + h * p.q1 + r * p.q2;
-  for (int64_t d = threadIdx.x; d < p.D; d += blockDim.x) qrow[d] = Convert<T>::load(qp[d * p.q3]);
-  __syncthreads();
+constexpr int kRowsPerPass = 8;  // query rows a thread scores each key against, in registers
 
-  const int64_t per = (p.Nk + gridDim.y - 1) / gridDim.y;
-  const int64_t j0 = blockIdx.y * per, j1 = min(p.Nk, j0 + per);
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  const T* kb = k + b * p.k0 + (h / p.group) * p.k1;
-  Stats st = empty_stats();
-  for (int64_t j = j0 + warp; j < j1; j += warps) {
-    const T* kj = kb + j * p.k2;
-    float dot = 0.f;
-    for (int64_t d = lane; d < p.D; d += kWarp) dot += qrow[d] * Convert<T>::load(kj[d * p.k3]);
-    float x = warp_sum(dot) * p.scaling;
-    if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
-    if (mask != nullptr) x += mask_bias(mask[b * p.m0 + r * p.m1 + j * p.m2]);
-    if (x == -CUDART_INF_F) continue;
-    const float v = visual[b * p.Nk + j] ? 1.f : 0.f;
-    if (x > st.max) {  // every lane holds the same statistics
-      const float c = st.max == -CUDART_INF_F ? 0.f : expf(st.max - x);
-      st = {x, st.sum * c + 1.f, st.vis * c + v};
-    } else {
-      const float e = expf(x - st.max);
-      st.sum += e;
-      st.vis += e * v;
-    }
-  }
-  if (lane == 0) warp_stats[warp] = st;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    Stats total = empty_stats();
-    for (int w = 0; w < warps; ++w) total = merge(total, warp_stats[w]);
-    partial[out_index] = total;
+// 16 bytes of elements: what a thread reads of a key row at once where the row allows it.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int n = 16 / static_cast<int>(sizeof(T));
+  T v[n];
+};
+
+// A head dim rounded up to whole packs of n elements: the width of a query row in shared memory.
+__host__ __device__ inline int64_t padded_dim(int64_t D, int n) { return (D + n - 1) / n * n; }
+
+// Dynamic shared memory of ratio_from_qk_group_kernel for element size `bytes`: the query rows
+// of one pass.
+__host__ __device__ inline size_t group_shared_bytes(int64_t D, int bytes) {
+  return sizeof(float) * kRowsPerPass * static_cast<size_t>(padded_dim(D, 16 / bytes));
+}
+
+// Elements [d0, d0 + n) of a key row: one 16-byte load when Wide (unit stride along D, the row
+// 16-byte aligned, D a multiple of n), else n loads `stride` apart, 0 from D on.
+template <typename T, bool Wide>
+__device__ __forceinline__ Pack<T> load_pack(const T* row, int64_t d0, int64_t D, int64_t stride) {
+  if constexpr (Wide) {
+    return *reinterpret_cast<const Pack<T>*>(row + d0);
+  } else {
+    Pack<T> x;
+#pragma unroll
+    for (int t = 0; t < Pack<T>::n; ++t) x.v[t] = d0 + t < D ? row[(d0 + t) * stride] : Convert<T>::store(0.f);
+    return x;
   }
 }
 
-constexpr int kMaxPerLane = 8;  // key / value elements a lane holds: head dims up to 8 * 32 = 256
-
-// Dynamic shared memory of ratio_from_qk_group_kernel with `warps` warps: the group's query
-// rows, then per warp (max, sum, visual sum) per row.
-__host__ __device__ inline size_t group_shared_bytes(int64_t rows, int64_t D, int warps) {
-  return sizeof(float) * static_cast<size_t>(rows * D + warps * rows * 3);
-}
+constexpr int kPacksPerStep = 2;  // packs of a key row a thread loads before it uses them: a 32-byte sector
 
 // Where ratio_from_qk_group_kernel finds the keys of sample b: (B, Hkv, Nk, D) keys with
 // element strides k0, k1, k2 (k3 in QkShape), all Nk of them read.
@@ -236,32 +211,51 @@ struct PagedKeys {
   }
 };
 
-// ratio_from_qk with each key read once per KV head: grid (B*Hkv, splits), warps * 32
-// threads. Block (bg, s) holds the R rows of the group's G query heads (row i = gi * R + r)
-// in shared memory; a warp takes one key of split s of the sample's keys (`Keys`: DenseKeys
-// or PagedKeys) at a time, each lane holding up to kMaxPerLane of its elements in
-// registers, and updates the running statistics of every row of positive weight (row_weights
-// null: every row, weight 1). Writes
-// the same partial[((b*H + h) * R + r) * splits + s] as ratio_from_qk_kernel, for
-// ratio_from_qk_combine_kernel.
-template <typename T, typename M, typename Keys>
-__global__ void ratio_from_qk_group_kernel(const T* __restrict__ q, Keys keys, const M* __restrict__ mask,
+// S_v's softmax statistics with each key read once per KV head: grid (B*Hkv, splits, passes),
+// kThreads threads, group_shared_bytes(D, sizeof(T)) of dynamic shared memory.
+// Block (bg, s, z) takes pass z of KV head g's query rows of positive weight (row i = gi * R + r
+// over the group's G query heads gi; rows of weight <= 0 are skipped, row_weights null: every
+// row, weight 1), up to kRowsPerPass of them, and keeps their query rows in shared memory. Each
+// thread takes one key of split s of the sample's keys (`Keys`: DenseKeys or PagedKeys) at a
+// time, reads it once (16-byte loads when Wide, kPacksPerStep of them in flight), scores it against every row of the pass and
+// updates that row's running statistics, all in registers; the threads merge once, at the end,
+// by warp shuffles and then through shared memory, into
+// partial[((b*H + h) * R + r) * splits + s] for ratio_from_qk_combine_kernel. mask may be
+// null (every key allowed). A NaN score makes its row's statistics NaN.
+template <typename T, typename M, typename Keys, bool Wide>
+__global__ void __launch_bounds__(kThreads, 2) ratio_from_qk_group_kernel(const T* __restrict__ q, Keys keys, const M* __restrict__ mask,
                                            const bool* __restrict__ visual, const float* __restrict__ row_weights,
                                            QkShape p, Stats* __restrict__ partial) {
-  extern __shared__ float smem[];
+  constexpr int n = Pack<T>::n;
+  extern __shared__ __align__(16) float qs[];  // the pass's query rows, kRowsPerPass x padded_dim(D, n)
+  __shared__ int64_t pass_rows[kRowsPerPass], mask_rows[kRowsPerPass];  // the rows, the offsets of their mask rows
+  __shared__ int pass_count;
+  __shared__ Stats warp_stats[kThreads / kWarp][kRowsPerPass];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  const int64_t G = p.group, Hkv = p.H / G, rows = G * p.R, bg = blockIdx.x, b = bg / Hkv, g = bg % Hkv;
-  float* qs = smem;                   // rows x D
-  float* st_all = qs + rows * p.D;    // warps x rows x 3
-  for (int64_t i = threadIdx.x; i < rows * p.D; i += blockDim.x) {
-    const int64_t row = i / p.D, gi = row / p.R, r = row % p.R, d = i % p.D;
-    qs[i] = Convert<T>::load(q[b * p.q0 + (g * G + gi) * p.q1 + r * p.q2 + d * p.q3]);
+  const int64_t G = p.group, Hkv = p.H / G, b = blockIdx.x / Hkv, g = blockIdx.x % Hkv, Dp = padded_dim(p.D, n);
+  if (threadIdx.x == 0) {  // the rows of positive weight from the (z * kRowsPerPass)-th on
+    int count = 0;
+    int64_t seen = 0;
+    for (int64_t row = 0; row < G * p.R && count < kRowsPerPass; ++row) {
+      if (!(row_weight(row_weights, b * p.R + row % p.R) > 0.f)) continue;
+      if (seen++ < static_cast<int64_t>(blockIdx.z) * kRowsPerPass) continue;
+      mask_rows[count] = b * p.m0 + (row % p.R) * p.m1;
+      pass_rows[count++] = row;
+    }
+    pass_count = count;
   }
-  float* st = st_all + warp * rows * 3;
-  for (int64_t i = lane; i < rows; i += kWarp) {
-    st[3 * i] = -CUDART_INF_F;
-    st[3 * i + 1] = 0.f;
-    st[3 * i + 2] = 0.f;
+  __syncthreads();
+  const int rows = pass_count;
+  if (rows == 0) return;  // the same in every thread: no barrier is left waiting
+  for (int64_t i = threadIdx.x; i < rows * Dp; i += blockDim.x) {  // zero past D: the scalar loads' padding
+    const int64_t row = pass_rows[i / Dp], d = i % Dp, gi = row / p.R, r = row % p.R;
+    qs[i] = d < p.D ? Convert<T>::load(q[b * p.q0 + (g * G + gi) * p.q1 + r * p.q2 + d * p.q3]) : 0.f;
+  }
+  float mx[kRowsPerPass], sum[kRowsPerPass], vis_sum[kRowsPerPass];
+#pragma unroll
+  for (int i = 0; i < kRowsPerPass; ++i) {
+    mx[i] = -CUDART_INF_F;
+    sum[i] = vis_sum[i] = 0.f;
   }
   __syncthreads();
 
@@ -269,53 +263,74 @@ __global__ void ratio_from_qk_group_kernel(const T* __restrict__ q, Keys keys, c
   const int64_t first = valid ? keys.first(b) : 0, last = valid ? keys.last(b) : 0;
   const int64_t per = (last - first + gridDim.y - 1) / gridDim.y;
   const int64_t j0 = first + blockIdx.y * per, j1 = min(last, j0 + per);
-  for (int64_t j = j0 + warp; j < j1; j += warps) {  // uniform within a warp
+  for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
     const T* kj = keys.key(b, g, j);
-    if (kj == nullptr) {  // a block the cache does not have: this warp's statistics become NaN
-      for (int64_t i = lane; i < rows; i += kWarp) st[3 * i] = 0.f, st[3 * i + 1] = st[3 * i + 2] = CUDART_NAN_F;
-      __syncwarp();
-      continue;
-    }
-    float kr[kMaxPerLane];
+    float dot[kRowsPerPass] = {};
+    if (kj != nullptr) {
+      for (int64_t d0 = 0; d0 < Dp; d0 += kPacksPerStep * n) {
+        Pack<T> kp[kPacksPerStep];
 #pragma unroll
-    for (int t = 0; t < kMaxPerLane; ++t) {
-      const int64_t d = lane + t * kWarp;
-      kr[t] = d < p.D ? Convert<T>::load(kj[d * p.k3]) : 0.f;
+        for (int u = 0; u < kPacksPerStep; ++u) {
+          if (d0 + u * n < Dp) kp[u] = load_pack<T, Wide>(kj, d0 + u * n, p.D, p.k3);
+        }
+#pragma unroll
+        for (int u = 0; u < kPacksPerStep; ++u) {
+          if (d0 + u * n >= Dp) break;
+          float kv[n];
+#pragma unroll
+          for (int t = 0; t < n; ++t) kv[t] = Convert<T>::load(kp[u].v[t]);
+#pragma unroll
+          for (int i = 0; i < kRowsPerPass; ++i) {
+            if (i >= rows) break;
+#pragma unroll
+            for (int c = 0; c < n; c += 4) {  // the query as 16-byte shared loads, the same address in every lane
+              const Pack<float> qv = *reinterpret_cast<const Pack<float>*>(qs + i * Dp + d0 + u * n + c);
+#pragma unroll
+              for (int t = 0; t < 4; ++t) dot[i] += qv.v[t] * kv[c + t];
+            }
+          }
+        }
+      }
     }
     const float vis = visual[b * keys.visual_row() + j] ? 1.f : 0.f;
-    for (int64_t row = 0; row < rows; ++row) {
-      const int64_t r = row % p.R;
-      if (!(row_weight(row_weights, b * p.R + r) > 0.f)) continue;  // rows of weight <= 0 are skipped
-      float dot = 0.f;
 #pragma unroll
-      for (int t = 0; t < kMaxPerLane; ++t) {
-        const int64_t d = lane + t * kWarp;
-        if (d < p.D) dot += qs[row * p.D + d] * kr[t];
-      }
-      float x = warp_sum(dot) * p.scaling;  // the same in every lane
+    for (int i = 0; i < kRowsPerPass; ++i) {
+      if (i >= rows) break;
+      float x = dot[i] * p.scaling;
       if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
-      if (mask != nullptr) x += mask_bias(mask[b * p.m0 + r * p.m1 + j * p.m2]);
-      if (x == -CUDART_INF_F) continue;
-      const float m = st[3 * row], nm = fmaxf(m, x);
-      const float c = m == -CUDART_INF_F ? 0.f : expf(m - nm), e = expf(x - nm);
-      __syncwarp();  // every lane has read st[3 * row] before lane 0 writes it
-      if (lane == 0) {
-        st[3 * row] = nm;
-        st[3 * row + 1] = st[3 * row + 1] * c + e;
-        st[3 * row + 2] = st[3 * row + 2] * c + e * vis;
+      if (mask != nullptr) x += mask_bias(mask[mask_rows[i] + j * p.m2]);
+      if (kj == nullptr || x != x) {  // a block the cache does not have, or a NaN: the row's statistics become NaN
+        mx[i] = 0.f;
+        sum[i] = vis_sum[i] = CUDART_NAN_F;
+      } else if (x > mx[i]) {
+        const float c = mx[i] == -CUDART_INF_F ? 0.f : expf(mx[i] - x);
+        sum[i] = sum[i] * c + 1.f;
+        vis_sum[i] = vis_sum[i] * c + vis;
+        mx[i] = x;
+      } else if (x != -CUDART_INF_F) {
+        const float e = expf(x - mx[i]);
+        sum[i] += e;
+        vis_sum[i] += e * vis;
       }
-      __syncwarp();
     }
   }
-  __syncthreads();
-  for (int64_t row = threadIdx.x; row < rows; row += blockDim.x) {
-    Stats total = empty_stats();
-    for (int w = 0; w < warps; ++w) {
-      const float* sw = st_all + (w * rows + row) * 3;
-      total = merge(total, Stats{sw[0], sw[1], sw[2]});
+#pragma unroll
+  for (int i = 0; i < kRowsPerPass; ++i) {
+    if (i >= rows) break;  // the same in every thread: the shuffles see whole warps
+    Stats st{mx[i], sum[i], vis_sum[i]};
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+      const Stats other{__shfl_xor_sync(0xffffffffu, st.max, o), __shfl_xor_sync(0xffffffffu, st.sum, o),
+                        __shfl_xor_sync(0xffffffffu, st.vis, o)};
+      st = merge(st, other);
     }
-    const int64_t gi = row / p.R, r = row % p.R;
+    if (lane == 0) warp_stats[warp][i] = st;
+  }
+  __syncthreads();
+  if (threadIdx.x < rows) {
+    Stats total = empty_stats();
+    for (int w = 0; w < warps; ++w) total = merge(total, warp_stats[w][threadIdx.x]);
     if (!valid) total = Stats{0.f, CUDART_NAN_F, CUDART_NAN_F};  // the sample's ratio becomes NaN
+    const int64_t row = pass_rows[threadIdx.x], gi = row / p.R, r = row % p.R;
     partial[((b * p.H + g * G + gi) * p.R + r) * gridDim.y + blockIdx.y] = total;
   }
 }
@@ -327,6 +342,8 @@ __global__ void ratio_from_qk_combine_kernel(const Stats* __restrict__ partial, 
                                              int64_t BH, int64_t H, int64_t R, int splits, float* __restrict__ out);
 
 // ---------------------------------------------------------------- decode_attention
+
+constexpr int kMaxPerLane = 8;  // key / value elements a lane holds: head dims up to 8 * 32 = 256
 
 struct DecodeShape {
   int64_t H, Hkv, Nk, D, Dv, group;                     // group = H / Hkv
