@@ -35,7 +35,8 @@ def _sources() -> dict[str, str]:
     """The translation unit's parts: file name -> text."""
     kernels = (CSRC / "cuda" / "headgain_kernels.cuh").read_text()
     kernels = re.sub(r"#include <(cuda_bf16|cuda_fp16|cuda_runtime|math_constants)\.h>", "", kernels)
-    kernels = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?float (\w+)\[\];", r"float* \1 = emu_dynsmem();", kernels)
+    dynamic = r"extern __shared__ (?:__align__\(\d+\) )?float (\w+)\[\];"
+    kernels = re.sub(dynamic, r"float* \1 = emu_dynsmem();", kernels)
     kernels = '#include "runtime.h"\n' + _rename(kernels.replace("__shared__", "static"))
     glue = (CSRC / "cuda" / "headgain_cuda.cu").read_text()
     glue = re.sub(r"#include <c10/cuda/\w+\.h>\n", "", glue)
