@@ -63,6 +63,15 @@ def test_ratio_from_probs_non_finite_gives_nan(cuda):
     torch.testing.assert_close(got[~nan], reference.ratio_from_probs(*args)[~nan])
 
 
+def test_ratio_from_qk_head_dim_limit(cuda):
+    q, k = torch.randn(1, 2, 1, 12296), torch.randn(1, 1, 3, 12296)
+    args = (None, torch.tensor([[True, False, True]]), torch.ones(1, 1), 0.01, 0.0)
+    with pytest.raises(RuntimeError, match="head dims up to 12288, got 12296"):
+        cuda.ratio_from_qk(q, k, *args)
+    got = cuda.ratio_from_qk(q[..., :12288], k[..., :12288], *args)  # one query row per pass
+    torch.testing.assert_close(got, reference.ratio_from_qk(q[..., :12288], k[..., :12288], *args))
+
+
 def test_ratio_from_qk_non_finite_gives_nan(cuda):
     args, nan = T.non_finite_qk_case("cpu")
     got = cuda.ratio_from_qk(*args)

@@ -134,6 +134,8 @@ def sample_ratio_from_qk(device, dtype):
         ("k-offset", (2, 8, 2, 1, 60, 64), None, 0.0),
         # query groups of more rows than CUDA scores a key against at once (8): two passes
         ("g12-two-passes", (2, 24, 2, 1, 130, 64), "bool", 0.0),
+        # heads so wide that CUDA's shared memory holds 6 query rows (float32) or fewer per pass
+        ("d2048-narrow-passes", (1, 14, 2, 1, 40, 2048), None, 0.0),
     ]:
         q = _rand((b, r, h, d), dtype, device, g).transpose(1, 2)  # (B, H, R, D), non-contiguous
         k = _rand((b, hkv, nk, d), dtype, device, g)

@@ -102,11 +102,12 @@ bool wide_rows(const at::Tensor& keys) {
 template <typename T, typename M, typename Keys>
 void launch_group(const at::Tensor& q, const Keys& keys, bool wide, const M* mask, const at::Tensor& visual,
                   const float* row_weights, const hk::QkShape& shape, int64_t groups, int splits, hk::Stats* partial) {
-  const int64_t passes = ceil_div(shape.group * shape.R, hk::kRowsPerPass);
-  TORCH_CHECK(passes <= 65535, "headgain: ratio_from_qk on CUDA takes up to ", 65535 * hk::kRowsPerPass,
-              " query rows per KV head (heads per KV head x rows), got ", shape.group * shape.R);
+  const int64_t passes = ceil_div(shape.group * shape.R, shape.pass);
+  TORCH_CHECK(passes <= 65535, "headgain: ratio_from_qk on CUDA takes up to ", 65535 * shape.pass,
+              " query rows per KV head (heads per KV head x rows) at head dim ", shape.D, ", got ",
+              shape.group * shape.R);
   const dim3 grid(grid_x(groups, "ratio_from_qk"), splits, static_cast<unsigned int>(passes));
-  const size_t shared = hk::group_shared_bytes(shape.D, sizeof(T));
+  const size_t shared = hk::group_shared_bytes(shape.pass, shape.D, sizeof(T));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (wide) {
     hk::ratio_from_qk_group_kernel<T, M, Keys, true><<<grid, hk::kThreads, shared, stream>>>(
@@ -120,9 +121,15 @@ void launch_group(const at::Tensor& q, const Keys& keys, bool wide, const M* mas
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The widest head dim whose query rows (kRowsPerPass of them) fit the default 48 KiB of
-// shared memory, for float32 query rows (16-byte packs of 4).
-constexpr int64_t kMaxGroupHeadDim = 48 * 1024 / (sizeof(float) * hk::kRowsPerPass);
+// Query rows per pass of ratio_from_qk_group_kernel at head dim D and element size `bytes`:
+// as many as the default 48 KiB of shared memory holds, up to kRowsPerPass; an error where not
+// even one fits (head dims over 12288).
+int64_t rows_per_pass(int64_t D, int64_t bytes, const char* op) {
+  const int64_t rows = std::min<int64_t>(hk::kRowsPerPass, 48 * 1024 / hk::group_shared_bytes(1, D, bytes));
+  TORCH_CHECK(rows >= 1, "headgain: ", op, " on CUDA keeps a query row in shared memory and takes head dims up to ",
+              48 * 1024 / sizeof(float), ", got ", D);
+  return rows;
+}
 
 at::Tensor ratio_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                               const at::Tensor& visual, const at::Tensor& row_weights, double scaling,
@@ -132,18 +139,17 @@ at::Tensor ratio_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, const st
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
   auto out = at::empty({B, H}, q.options().dtype(at::kFloat));  // every element is written by the combine kernel
   if (out.numel() == 0 || R == 0 || Nk == 0) return out.zero_();  // no keys: no visual share
-  TORCH_CHECK(D <= kMaxGroupHeadDim, "headgain: ratio_from_qk on CUDA keeps ", hk::kRowsPerPass,
-              " query rows in shared memory and takes head dims up to ", kMaxGroupHeadDim, ", got ", D);
   const auto vis = visual.contiguous();
   const auto w = row_weights.contiguous();
-  hk::QkShape shape{H, R, D, H / Hkv, q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(3), 0, 0, 0,
+  hk::QkShape shape{H, R, D, H / Hkv, rows_per_pass(D, q.element_size(), "ratio_from_qk"),
+                    q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(3), 0, 0, 0,
                     static_cast<float>(scaling), static_cast<float>(softcap)};
   if (mask.has_value()) {
     shape.m0 = mask->stride(0);
     shape.m1 = mask->stride(1);
     shape.m2 = mask->stride(2);
   }
-  const int64_t passes = ceil_div((H / Hkv) * R, hk::kRowsPerPass);
+  const int64_t passes = ceil_div((H / Hkv) * R, shape.pass);
   const int splits = key_splits(B * Hkv * passes, Nk, 256);
   // (B*H*R, splits) statistics of three floats each
   auto partial = at::empty({B * H * R, splits, 3}, out.options());
@@ -178,16 +184,15 @@ at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blo
   const int64_t R = q.size(0), H = q.size(1), D = q.size(2), Hkv = key_blocks.size(1), L = visual.size(1);
   auto out = at::empty({R, H}, q.options().dtype(at::kFloat));  // every element is written by the combine kernel
   if (out.numel() == 0) return out;
-  TORCH_CHECK(D <= kMaxGroupHeadDim, "headgain: ratio_from_blocks on CUDA keeps ", hk::kRowsPerPass,
-              " query rows in shared memory and takes head dims up to ", kMaxGroupHeadDim, ", got ", D);
-  const int64_t passes = ceil_div(H / Hkv, hk::kRowsPerPass);
+  const int64_t pass = rows_per_pass(D, q.element_size(), "ratio_from_blocks");
+  const int64_t passes = ceil_div(H / Hkv, pass);
   const int splits = key_splits(R * Hkv * passes, L, 256);  // L bounds every request's keys: no read of lengths here
   const auto table = block_table.contiguous();  // int32 (vLLM's) or int64, read as it is
   const auto lens = lengths.contiguous();
   const auto vis = visual.contiguous();
   // one query row per request: q (R, H, D) read as (R, H, 1, D)
-  const hk::QkShape shape{H, 1, D, H / Hkv, q.stride(0), q.stride(1), 0, q.stride(2), key_blocks.stride(3), 0, 0, 0,
-                          static_cast<float>(scaling), static_cast<float>(softcap)};
+  const hk::QkShape shape{H, 1, D, H / Hkv, pass, q.stride(0), q.stride(1), 0, q.stride(2), key_blocks.stride(3),
+                          0, 0, 0, static_cast<float>(scaling), static_cast<float>(softcap)};
   auto partial = at::empty({R * H, splits, 3}, out.options());
   auto* stats = reinterpret_cast<hk::Stats*>(partial.data_ptr<float>());
   const bool wide = wide_rows(key_blocks);
@@ -205,7 +210,8 @@ at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blo
     if (table.scalar_type() == at::kInt) launch(int32_t{});
     else launch(int64_t{});
   });
-  hk::ratio_from_qk_combine_kernel<<<ceil_div(R * H, hk::kThreads), hk::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  hk::ratio_from_qk_combine_kernel<<<ceil_div(R * H, hk::kThreads), hk::kThreads, 0, stream>>>(
       stats, static_cast<const float*>(nullptr), R * H, H, 1, splits, out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

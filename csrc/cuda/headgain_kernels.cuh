@@ -124,6 +124,7 @@ __global__ void sum_splits_kernel(const float* __restrict__ partial, int64_t n, 
 
 struct QkShape {
   int64_t H, R, D, group;   // group = H / Hkv
+  int64_t pass;             // query rows per pass of ratio_from_qk_group_kernel (1..kRowsPerPass)
   int64_t q0, q1, q2, q3;   // element strides of the (B, H, R, D) query rows
   int64_t k3;               // element stride of a key row (the keys' other strides are in DenseKeys / PagedKeys)
   int64_t m0, m1, m2;       // element strides of the (B, R, Nk) mask
@@ -136,7 +137,7 @@ __device__ __forceinline__ float row_weight(const float* __restrict__ row_weight
   return row_weights == nullptr ? 1.f : row_weights[i];
 }
 
-constexpr int kRowsPerPass = 8;  // query rows a thread scores each key against, in registers
+constexpr int kRowsPerPass = 8;  // the most query rows a thread scores each key against, in registers
 
 // 16 bytes of elements: what a thread reads of a key row at once where the row allows it.
 template <typename T>
@@ -149,9 +150,9 @@ struct alignas(16) Pack {
 __host__ __device__ inline int64_t padded_dim(int64_t D, int n) { return (D + n - 1) / n * n; }
 
 // Dynamic shared memory of ratio_from_qk_group_kernel for element size `bytes`: the query rows
-// of one pass.
-__host__ __device__ inline size_t group_shared_bytes(int64_t D, int bytes) {
-  return sizeof(float) * kRowsPerPass * static_cast<size_t>(padded_dim(D, 16 / bytes));
+// of one pass of `rows`.
+__host__ __device__ inline size_t group_shared_bytes(int64_t rows, int64_t D, int bytes) {
+  return sizeof(float) * static_cast<size_t>(rows * padded_dim(D, 16 / bytes));
 }
 
 // Elements [d0, d0 + n) of a key row: one 16-byte load when Wide (unit stride along D, the row
@@ -212,33 +213,34 @@ struct PagedKeys {
 };
 
 // S_v's softmax statistics with each key read once per KV head: grid (B*Hkv, splits, passes),
-// kThreads threads, group_shared_bytes(D, sizeof(T)) of dynamic shared memory.
+// kThreads threads, group_shared_bytes(p.pass, D, sizeof(T)) of dynamic shared memory.
 // Block (bg, s, z) takes pass z of KV head g's query rows of positive weight (row i = gi * R + r
 // over the group's G query heads gi; rows of weight <= 0 are skipped, row_weights null: every
-// row, weight 1), up to kRowsPerPass of them, and keeps their query rows in shared memory. Each
+// row, weight 1), up to p.pass of them, and keeps their query rows in shared memory. Each
 // thread takes one key of split s of the sample's keys (`Keys`: DenseKeys or PagedKeys) at a
-// time, reads it once (16-byte loads when Wide, kPacksPerStep of them in flight), scores it against every row of the pass and
-// updates that row's running statistics, all in registers; the threads merge once, at the end,
-// by warp shuffles and then through shared memory, into
+// time, reads it once (16-byte loads when Wide, kPacksPerStep of them in flight), scores it
+// against every row of the pass and updates that row's running statistics, all in registers;
+// the threads merge once, at the end, by warp shuffles and then through shared memory, into
 // partial[((b*H + h) * R + r) * splits + s] for ratio_from_qk_combine_kernel. mask may be
 // null (every key allowed). A NaN score makes its row's statistics NaN.
 template <typename T, typename M, typename Keys, bool Wide>
-__global__ void __launch_bounds__(kThreads, 2) ratio_from_qk_group_kernel(const T* __restrict__ q, Keys keys, const M* __restrict__ mask,
-                                           const bool* __restrict__ visual, const float* __restrict__ row_weights,
-                                           QkShape p, Stats* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads, 2)
+    ratio_from_qk_group_kernel(const T* __restrict__ q, Keys keys, const M* __restrict__ mask,
+                               const bool* __restrict__ visual, const float* __restrict__ row_weights, QkShape p,
+                               Stats* __restrict__ partial) {
   constexpr int n = Pack<T>::n;
-  extern __shared__ __align__(16) float qs[];  // the pass's query rows, kRowsPerPass x padded_dim(D, n)
+  extern __shared__ __align__(16) float qs[];  // the pass's query rows, p.pass x padded_dim(D, n)
   __shared__ int64_t pass_rows[kRowsPerPass], mask_rows[kRowsPerPass];  // the rows, the offsets of their mask rows
   __shared__ int pass_count;
   __shared__ Stats warp_stats[kThreads / kWarp][kRowsPerPass];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   const int64_t G = p.group, Hkv = p.H / G, b = blockIdx.x / Hkv, g = blockIdx.x % Hkv, Dp = padded_dim(p.D, n);
-  if (threadIdx.x == 0) {  // the rows of positive weight from the (z * kRowsPerPass)-th on
+  if (threadIdx.x == 0) {  // the rows of positive weight from the (z * p.pass)-th on
     int count = 0;
     int64_t seen = 0;
-    for (int64_t row = 0; row < G * p.R && count < kRowsPerPass; ++row) {
+    for (int64_t row = 0; row < G * p.R && count < p.pass; ++row) {
       if (!(row_weight(row_weights, b * p.R + row % p.R) > 0.f)) continue;
-      if (seen++ < static_cast<int64_t>(blockIdx.z) * kRowsPerPass) continue;
+      if (seen++ < static_cast<int64_t>(blockIdx.z) * p.pass) continue;
       mask_rows[count] = b * p.m0 + (row % p.R) * p.m1;
       pass_rows[count++] = row;
     }
