@@ -3,8 +3,9 @@
 # it comes (a CUDA build of torch, transformers and pytest installed; no venv, no network):
 #
 #   1. build headgain._C in place with its CUDA kernels, for the visible GPU's architecture
-#   2. the CUDA tests (compiled ops against the reference, attached models on the GPU), and the
-#      CPU kernels at several thread counts (tests/test_threads.py, on this machine's cores)
+#   2. the CUDA tests (compiled ops against the reference, attached models on the GPU, the vLLM
+#      plugin's step plan built without waiting for the GPU), and the CPU kernels at several
+#      thread counts (tests/test_threads.py, on this machine's cores)
 #   3. benchmarks/ops.py on CUDA (Qwen2.5-VL-7B head shapes)
 #   4. benchmarks/overhead.py at the Qwen2.5-VL-7B shape (random weights, bfloat16)
 #
@@ -67,7 +68,7 @@ step build 300 env HEADGAIN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="
   2>&1 | tee -a "$OUT/summary.txt" || exit 1
 step tests 180 env HEADGAIN_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider -rs \
   tests/test_ops.py tests/test_cuda_models.py tests/test_fused_decode.py tests/test_core_api.py \
-  tests/test_ratio_from_blocks.py tests/test_threads.py
+  tests/test_ratio_from_blocks.py tests/test_threads.py tests/test_vllm_rows.py
 step ops 120 "$PY" benchmarks/ops.py --device cuda --full --repeats 10
 step overhead 240 "$PY" benchmarks/overhead.py --shape qwen2.5-vl-7b --rounds 3 --new-tokens 32 \
   --json "$OUT/overhead.json"

@@ -172,40 +172,51 @@ class _RowBatch:
         members: dict[int, list[int]] = {}
         for i, slot in enumerate(slots):
             members.setdefault(id(slot.request.rules), []).append(i)
-        groups = []
-        for idx in members.values():
-            positions = torch.tensor(idx, device=device)
-            groups.append((slots[idx[0]].request.rules, positions, has_visual.index_select(0, positions)))
         spans: list[list[int]] = []  # [start, end, first request, last request + 1] per run of rows
         for i, slot in enumerate(slots):
             if spans and spans[-1][1] == slot.start:
                 spans[-1][1], spans[-1][3] = slot.end, i + 1
             else:
                 spans.append([slot.start, slot.end, i, i + 1])
-        runs = tokens = owner = None
-        if len(spans) <= _MAX_RUNS:
-            runs = [
-                (start, end, slice(a, b))
-                if end - start == b - a  # one row per request
-                else (start, end, torch.tensor(_owners(slots, a, b), device=device, dtype=torch.long))
-                for start, end, a, b in spans
-            ]
+        # every index the step needs, in one host-to-device copy; `take` hands out its parts
+        ints = [slot.end - 1 for slot in slots] + [slot.row for slot in slots] + lengths
+        parts = [len(slots)] * 3
+        for idx in members.values():
+            ints += idx
+            parts.append(len(idx))
+        copied = len(spans) <= _MAX_RUNS
+        if copied:
+            for start, end, a, b in spans:
+                if end - start != b - a:  # requests of several rows: each row's request
+                    ints += _owners(slots, a, b)
+                    parts.append(end - start)
         else:
-            tokens = torch.tensor([t for slot in slots for t in range(slot.start, slot.end)], device=device)
-            owner = torch.tensor(_owners(slots, 0, len(slots)), device=device, dtype=torch.long)
-        return cls(
-            slots,
-            others,
-            torch.tensor([slot.end - 1 for slot in slots], device=device),
-            torch.tensor([slot.row for slot in slots], device=device),
-            in_order,
-            runs,
-            tokens,
-            owner,
-            torch.tensor(lengths, device=device),
-            visual,
-            groups,
-        )
+            rows = [t for slot in slots for t in range(slot.start, slot.end)]
+            ints += rows + _owners(slots, 0, len(slots))
+            parts += [len(rows), len(rows)]
+        take = iter(_to_device(torch.tensor(ints, dtype=torch.long), device).split(parts))
+        last, table_rows, lengths_t = next(take), next(take), next(take)
+        groups = []
+        for idx in members.values():
+            positions = next(take)
+            groups.append((slots[idx[0]].request.rules, positions, has_visual.index_select(0, positions)))
+        runs = tokens = owner = None
+        if copied:
+            runs = [(start, end, slice(a, b) if end - start == b - a else next(take)) for start, end, a, b in spans]
+        else:
+            tokens, owner = next(take), next(take)
+        return cls(slots, others, last, table_rows, in_order, runs, tokens, owner, lengths_t, visual, groups)
+
+
+def _to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU from pinned memory without waiting for the copy
+    (a plain copy from pageable memory would make the CPU wait for the GPU at every step)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 # A batch whose requests' rows lie in more runs than this (requests with and without a config
@@ -336,7 +347,7 @@ class Attachment:
                 flags = no_visual[:n]
             else:  # the request's image and video positions
                 flags = request.placeholders[past : past + n]
-                flags = torch.cat([flags, flags.new_zeros(n - flags.shape[0])]).to(ids.device)
+                flags = _to_device(torch.cat([flags, flags.new_zeros(n - flags.shape[0])]), ids.device)
             request.add_visual(flags)
             prompt_done = past + n >= prompt > past
             if prompt_done and not self._warned_no_visual and not self._prompt_has_visual(request, cached):
