@@ -8,7 +8,7 @@ turned into a call of the runtime's `emu_launch`, and the ops registered as
 thread of a block as a fiber; ``__syncthreads``, ``__syncwarp`` and ``__shfl_xor_sync`` are
 barriers that fail on divergence (a barrier some threads never reach) and on full-mask
 shuffles in incomplete warps; launches are checked against CUDA's limits (empty or oversized
-grids, more than 1024 threads, more dynamic shared memory than the kernel opted in to), and
+grids, more than 1024 threads, more dynamic shared memory than CUDA's default 48 KiB), and
 dynamic shared memory starts as NaN, so reads before writes show. It cannot see data races
 between barriers (the fibers of a block run one at a time) nor anything about speed.
 """

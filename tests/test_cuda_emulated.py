@@ -145,6 +145,23 @@ def test_decode_attention_edges(cuda):
     assert torch.equal(out, torch.zeros(2, 1, 4, 16)) and torch.equal(ratios, torch.zeros(2, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_narrow_loads(cuda, dtype):
+    """Keys and values the kernel reads element by element instead of in packs: widths that are
+    no whole number of packs, keys strided along D, and rows off a pack boundary."""
+    cases = {"narrow": F._case(2, 6, 2, 300, 20, 10, dtype)}
+    q, k, v, visual, mask = F._case(1, 8, 2, 280, 32, 32, dtype, seed=1)
+    cases["k-strided-d"] = (q, k.transpose(2, 3).contiguous().transpose(2, 3), v, visual, mask)
+    flat = torch.cat([torch.zeros(1, dtype=dtype), v.flatten()])
+    cases["v-offset"] = (q, k, flat[1:].view(v.shape), visual, mask)
+    for name, (q, k, v, visual, mask) in cases.items():
+        scaling = q.shape[-1] ** -0.5
+        out, ratios = cuda.decode_attention(q, k, v, mask, visual, scaling, 0.0)
+        want_out, want_ratios = reference.decode_attention(q, k, v, mask, visual, scaling)
+        torch.testing.assert_close(out.float(), want_out.float(), atol=F.TOL[dtype], rtol=F.TOL[dtype], msg=name)
+        torch.testing.assert_close(ratios, want_ratios, atol=2e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("layout", ["dmajor", "nhd"])
 def test_ratio_from_blocks(cuda, layout, setting):
     dtype = setting

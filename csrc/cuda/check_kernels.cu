@@ -19,11 +19,12 @@ void instantiate_per_element_type() {
   (void)&hk::ratio_from_qk_group_kernel<T, __nv_bfloat16, hk::DenseKeys<T>, false>;
   (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::PagedKeys<T, int32_t>, true>;  // ratio_from_blocks
   (void)&hk::ratio_from_qk_group_kernel<T, bool, hk::PagedKeys<T, int64_t>, false>;
-  (void)&hk::decode_attention_kernel<T, bool>;
-  (void)&hk::decode_attention_kernel<T, float>;
-  (void)&hk::decode_attention_kernel<T, double>;
-  (void)&hk::decode_attention_kernel<T, __half>;
-  (void)&hk::decode_attention_kernel<T, __nv_bfloat16>;
+  (void)&hk::decode_attention_kernel<T, bool, true>;
+  (void)&hk::decode_attention_kernel<T, bool, false>;
+  (void)&hk::decode_attention_kernel<T, float, true>;
+  (void)&hk::decode_attention_kernel<T, double, false>;
+  (void)&hk::decode_attention_kernel<T, __half, true>;
+  (void)&hk::decode_attention_kernel<T, __nv_bfloat16, false>;
   (void)&hk::decode_attention_combine_kernel<T>;
   (void)&hk::scale_heads_kernel<T>;
 }

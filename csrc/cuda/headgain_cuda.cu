@@ -219,17 +219,35 @@ at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blo
 
 template <typename T, typename M>
 void launch_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const M* mask,
-                             const at::Tensor& visual, const hk::DecodeShape& shape, int warps, size_t shared,
-                             int splits, hk::Stats* stats, float* partial) {
-  if (shared > 48 * 1024)  // above the default: the kernel must opt in (up to the device's limit, checked before)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(hk::decode_attention_kernel<typename DeviceType<T>::type, M>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(shared)));
-  hk::decode_attention_kernel<<<dim3(grid_x(q.size(0) * shape.Hkv, "decode_attention"), splits), warps * hk::kWarp,
-                                shared, c10::cuda::getCurrentCUDAStream()>>>(
-      device_ptr<T>(q), device_ptr<T>(k), device_ptr<T>(v), mask, visual.const_data_ptr<bool>(), shape, stats,
-      partial);
+                             const at::Tensor& visual, const hk::DecodeShape& shape, bool wide, int splits,
+                             hk::Stats* stats, float* partial) {
+  using DT = typename DeviceType<T>::type;
+  const dim3 grid(grid_x(q.size(0) * shape.Hkv, "decode_attention"), splits,
+                  static_cast<unsigned int>(ceil_div(shape.group, shape.pass)));
+  const size_t shared = hk::decode_shared_bytes(shape.pass, shape.D, sizeof(DT));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (wide) {
+    hk::decode_attention_kernel<DT, M, true><<<grid, hk::kThreads, shared, stream>>>(
+        device_ptr<T>(q), device_ptr<T>(k), device_ptr<T>(v), mask, visual.const_data_ptr<bool>(), shape, stats,
+        partial);
+  } else {
+    hk::decode_attention_kernel<DT, M, false><<<grid, hk::kThreads, shared, stream>>>(
+        device_ptr<T>(q), device_ptr<T>(k), device_ptr<T>(v), mask, visual.const_data_ptr<bool>(), shape, stats,
+        partial);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the rows of (., ., N, Dv) values can be read hk::kValueDims elements at a time (as
+// wide_rows for keys, with packs of kValueDims elements).
+bool wide_value_rows(const at::Tensor& values) {
+  const int64_t n = hk::kValueDims, bytes = n * values.element_size();
+  if (values.size(3) % n != 0 || values.stride(3) != 1 || reinterpret_cast<uintptr_t>(values.const_data_ptr()) % bytes != 0)
+    return false;
+  for (int64_t d = 0; d < 3; ++d) {
+    if (values.size(d) > 1 && values.stride(d) % n != 0) return false;
+  }
+  return true;
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -242,22 +260,13 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   auto ratios = at::empty({B, H}, q.options().dtype(at::kFloat));
   if (B * H == 0) return {out, ratios};
   if (Nk == 0) return {out.zero_(), ratios.zero_()};  // no keys: no output, no visual share (as ratio_from_qk)
-  constexpr int64_t kMaxDim = hk::kMaxPerLane * hk::kWarp;
-  TORCH_CHECK(D <= kMaxDim && Dv <= kMaxDim, "headgain: decode_attention on CUDA keeps a key and a value row in ",
-              "registers and takes head dims up to ", kMaxDim, ", got D=", D, ", Dv=", Dv);
+  TORCH_CHECK(D <= hk::kMaxHeadDim && Dv <= hk::kMaxHeadDim, "headgain: decode_attention on CUDA takes head dims up to ",
+              hk::kMaxHeadDim, ", got D=", D, ", Dv=", Dv);
   const int64_t G = H / Hkv;
-  // as many warps (up to 8) as the default 48 KiB of dynamic shared memory holds; a query group
-  // too large for that with one warp takes what the device allows a block when it opts in
-  int warps = hk::kThreads / hk::kWarp;
-  while (warps > 1 && hk::decode_shared_bytes(G, D, Dv, warps) > 48 * 1024) --warps;
-  const size_t shared = hk::decode_shared_bytes(G, D, Dv, warps);
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()));
-  TORCH_CHECK(shared <= static_cast<size_t>(std::max(optin, 48 * 1024)), "headgain: decode_attention on CUDA needs ",
-              shared, " bytes of shared memory for a query group of ", G, " heads of width ", D, "/", Dv,
-              "; this device gives a block at most ", std::max(optin, 48 * 1024));
+  int64_t value_threads = 1;  // a power of 2 that divides kThreads, kValueDims elements each covering Dv
+  while (value_threads * hk::kValueDims < Dv) value_threads *= 2;
   const auto vis = visual.contiguous();
-  hk::DecodeShape shape{H, Hkv, Nk, D, Dv, G,
+  hk::DecodeShape shape{H, Hkv, Nk, D, Dv, G, std::min<int64_t>(G, hk::kRowsPerPass), value_threads,
                         q.stride(0), q.stride(1), q.stride(3),
                         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
                         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -266,7 +275,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
     shape.m0 = mask->stride(0);
     shape.m2 = mask->stride(2);
   }
-  const int splits = key_splits(B * Hkv, Nk, 256);
+  const bool wide = wide_rows(k) && wide_value_rows(v);
+  const int splits = key_splits(B * Hkv * ceil_div(G, shape.pass), Nk, 256);
   auto stats_t = at::empty({B * H, splits, 3}, ratios.options());  // (max, sum, visual sum) per split
   auto partial = at::empty({B * H, splits, Dv}, ratios.options());
   auto* stats = reinterpret_cast<hk::Stats*>(stats_t.data_ptr<float>());
@@ -274,14 +284,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
     using T = scalar_t;
     float* part = partial.data_ptr<float>();
     if (!mask.has_value()) {
-      launch_decode_attention<T, bool>(q, k, v, nullptr, vis, shape, warps, shared, splits, stats, part);
+      launch_decode_attention<T, bool>(q, k, v, nullptr, vis, shape, wide, splits, stats, part);
     } else if (mask->scalar_type() == at::kBool) {
-      launch_decode_attention<T, bool>(q, k, v, mask->const_data_ptr<bool>(), vis, shape, warps, shared, splits,
-                                       stats, part);
+      launch_decode_attention<T, bool>(q, k, v, mask->const_data_ptr<bool>(), vis, shape, wide, splits, stats, part);
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask->scalar_type(), "decode_attention_cuda_mask", [&] {
-        launch_decode_attention<T>(q, k, v, device_ptr<scalar_t>(*mask), vis, shape, warps, shared, splits, stats,
-                                   part);
+        launch_decode_attention<T>(q, k, v, device_ptr<scalar_t>(*mask), vis, shape, wide, splits, stats, part);
       });
     }
     const int threads = static_cast<int>(std::clamp<int64_t>(ceil_div(Dv, 32) * 32, 32, hk::kThreads));

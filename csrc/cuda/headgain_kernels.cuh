@@ -139,11 +139,12 @@ __device__ __forceinline__ float row_weight(const float* __restrict__ row_weight
 
 constexpr int kRowsPerPass = 8;  // the most query rows a thread scores each key against, in registers
 
-// 16 bytes of elements: what a thread reads of a key row at once where the row allows it.
-template <typename T>
-struct alignas(16) Pack {
-  static constexpr int n = 16 / static_cast<int>(sizeof(T));
-  T v[n];
+// N elements loaded at once (16 bytes by default: what a thread reads of a key row at once
+// where the row allows it).
+template <typename T, int N = 16 / static_cast<int>(sizeof(T))>
+struct alignas(N * sizeof(T)) Pack {
+  static constexpr int n = N;
+  T v[N];
 };
 
 // A head dim rounded up to whole packs of n elements: the width of a query row in shared memory.
@@ -155,21 +156,54 @@ __host__ __device__ inline size_t group_shared_bytes(int64_t rows, int64_t D, in
   return sizeof(float) * static_cast<size_t>(rows * padded_dim(D, 16 / bytes));
 }
 
-// Elements [d0, d0 + n) of a key row: one 16-byte load when Wide (unit stride along D, the row
-// 16-byte aligned, D a multiple of n), else n loads `stride` apart, 0 from D on.
-template <typename T, bool Wide>
-__device__ __forceinline__ Pack<T> load_pack(const T* row, int64_t d0, int64_t D, int64_t stride) {
+// Elements [d0, d0 + N) of a row: one load of N * sizeof(T) bytes when Wide (unit stride, the
+// row aligned to that, its length D a multiple of N), else N loads `stride` apart, 0 from D on.
+template <int N, bool Wide, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* row, int64_t d0, int64_t D, int64_t stride) {
   if constexpr (Wide) {
-    return *reinterpret_cast<const Pack<T>*>(row + d0);
+    return *reinterpret_cast<const Pack<T, N>*>(row + d0);
   } else {
-    Pack<T> x;
+    Pack<T, N> x;
 #pragma unroll
-    for (int t = 0; t < Pack<T>::n; ++t) x.v[t] = d0 + t < D ? row[(d0 + t) * stride] : Convert<T>::store(0.f);
+    for (int t = 0; t < N; ++t) x.v[t] = d0 + t < D ? row[(d0 + t) * stride] : Convert<T>::store(0.f);
     return x;
   }
 }
 
 constexpr int kPacksPerStep = 2;  // packs of a key row a thread loads before it uses them: a 32-byte sector
+
+// dot[i] = q_i . key for the first `rows` query rows in shared memory (qs: rows of Dp =
+// padded_dim(D, Pack<T>::n) floats, zero from D on); the key row is read once, 16 bytes at a
+// time when Wide (else element by element, `stride` apart). Adds to dot.
+template <bool Wide, typename T>
+__device__ __forceinline__ void dot_rows(const T* key, const float* qs, int rows, int64_t D, int64_t Dp,
+                                         int64_t stride, float (&dot)[kRowsPerPass]) {
+  constexpr int n = Pack<T>::n;
+  for (int64_t d0 = 0; d0 < Dp; d0 += kPacksPerStep * n) {
+    Pack<T> kp[kPacksPerStep];
+#pragma unroll
+    for (int u = 0; u < kPacksPerStep; ++u) {
+      if (d0 + u * n < Dp) kp[u] = load_pack<n, Wide>(key, d0 + u * n, D, stride);
+    }
+#pragma unroll
+    for (int u = 0; u < kPacksPerStep; ++u) {
+      if (d0 + u * n >= Dp) break;
+      float kv[n];
+#pragma unroll
+      for (int t = 0; t < n; ++t) kv[t] = Convert<T>::load(kp[u].v[t]);
+#pragma unroll
+      for (int i = 0; i < kRowsPerPass; ++i) {
+        if (i >= rows) break;
+#pragma unroll
+        for (int c = 0; c < n; c += 4) {  // the query as 16-byte shared loads, the same address in every lane
+          const Pack<float> qv = *reinterpret_cast<const Pack<float>*>(qs + i * Dp + d0 + u * n + c);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) dot[i] += qv.v[t] * kv[c + t];
+        }
+      }
+    }
+  }
+}
 
 // Where ratio_from_qk_group_kernel finds the keys of sample b: (B, Hkv, Nk, D) keys with
 // element strides k0, k1, k2 (k3 in QkShape), all Nk of them read.
@@ -268,32 +302,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
     const T* kj = keys.key(b, g, j);
     float dot[kRowsPerPass] = {};
-    if (kj != nullptr) {
-      for (int64_t d0 = 0; d0 < Dp; d0 += kPacksPerStep * n) {
-        Pack<T> kp[kPacksPerStep];
-#pragma unroll
-        for (int u = 0; u < kPacksPerStep; ++u) {
-          if (d0 + u * n < Dp) kp[u] = load_pack<T, Wide>(kj, d0 + u * n, p.D, p.k3);
-        }
-#pragma unroll
-        for (int u = 0; u < kPacksPerStep; ++u) {
-          if (d0 + u * n >= Dp) break;
-          float kv[n];
-#pragma unroll
-          for (int t = 0; t < n; ++t) kv[t] = Convert<T>::load(kp[u].v[t]);
-#pragma unroll
-          for (int i = 0; i < kRowsPerPass; ++i) {
-            if (i >= rows) break;
-#pragma unroll
-            for (int c = 0; c < n; c += 4) {  // the query as 16-byte shared loads, the same address in every lane
-              const Pack<float> qv = *reinterpret_cast<const Pack<float>*>(qs + i * Dp + d0 + u * n + c);
-#pragma unroll
-              for (int t = 0; t < 4; ++t) dot[i] += qv.v[t] * kv[c + t];
-            }
-          }
-        }
-      }
-    }
+    if (kj != nullptr) dot_rows<Wide>(kj, qs, rows, p.D, Dp, p.k3, dot);
     const float vis = visual[b * keys.visual_row() + j] ? 1.f : 0.f;
 #pragma unroll
     for (int i = 0; i < kRowsPerPass; ++i) {
@@ -345,48 +354,69 @@ __global__ void ratio_from_qk_combine_kernel(const Stats* __restrict__ partial, 
 
 // ---------------------------------------------------------------- decode_attention
 
-constexpr int kMaxPerLane = 8;  // key / value elements a lane holds: head dims up to 8 * 32 = 256
+constexpr int kMaxHeadDim = 256;  // the widest key and value rows decode_attention takes on CUDA
+constexpr int kValueDims = 4;     // value elements a thread accumulates per key (one 8- or 16-byte load)
 
 struct DecodeShape {
   int64_t H, Hkv, Nk, D, Dv, group;                     // group = H / Hkv
+  int64_t pass;                                        // query heads per pass (1..kRowsPerPass)
+  int64_t value_threads;                               // threads per key in the P.V product (a power of 2)
   int64_t q0, q1, q3, k0, k1, k2, k3, v0, v1, v2, v3;  // element strides (q's third dim has size 1)
   int64_t m0, m2;                                      // element strides of the (B, 1, Nk) mask
   float scaling, softcap;
 };
 
-// Dynamic shared memory of decode_attention_kernel with `warps` warps: the group's query
-// rows, then per warp an output row and (max, sum, visual sum) per query head.
-__host__ __device__ inline size_t decode_shared_bytes(int64_t group, int64_t D, int64_t Dv, int warps) {
-  return sizeof(float) * static_cast<size_t>(group * D + warps * group * (Dv + 3));
+// Dynamic shared memory of decode_attention_kernel for element size `bytes`: the query rows of a
+// pass of `rows` heads, then a tile's probabilities, one per row and thread (kThreads >=
+// kMaxHeadDim: at the end the same space holds the pass's output rows).
+__host__ __device__ inline size_t decode_shared_bytes(int64_t rows, int64_t D, int bytes) {
+  return sizeof(float) * static_cast<size_t>(rows * (padded_dim(D, 16 / bytes) + kThreads));
 }
 
-// grid (B*Hkv, splits), warps * 32 threads. Block (bg, s) reads the keys and values of split
-// s of KV head g of sample b once for the whole query group: a warp takes one key at a time,
-// each lane holding up to kMaxPerLane elements of the key and of the value in registers,
-// scores it against every query row of the group (kept in shared memory) and updates that
-// row's online softmax and unnormalised output. The warps are merged at the end into
-// stats[(b*H + h) * splits + s] and partial[((b*H + h) * splits + s) * Dv + e], relative to
-// the split's max. mask may be null (every key allowed).
-template <typename T, typename M>
-__global__ void decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                        const M* __restrict__ mask, const bool* __restrict__ visual, DecodeShape p,
-                                        Stats* __restrict__ stats, float* __restrict__ partial) {
-  extern __shared__ float smem[];
+// One decoding step (one query row per head) of attention and S_v together: grid (B*Hkv,
+// splits, passes), kThreads threads, decode_shared_bytes(p.pass, D, sizeof(T)) of dynamic
+// shared memory. Block (bg, s, z) reads the keys and values of split s of KV head g of sample
+// b once for the pass's query heads (pass z: heads z * p.pass on of the group), a tile of
+// kThreads keys at a time:
+//   1. each thread scores one key of the tile against every head of the pass (dot_rows; the
+//      query rows in shared memory);
+//   2. the tile's max per head (warp shuffles, then across warps) moves the running max;
+//      each thread turns its scores into probabilities in shared memory and keeps its part of
+//      the running sums (all and visual keys), all relative to the running max;
+//   3. the P.V product: p.value_threads threads per key, each holding kValueDims value
+//      elements (one load, Wide: unit stride and aligned), the block's threads in
+//      kThreads / p.value_threads slices that take every slice-th key of the tile.
+// At the end the sums are added over the block and the slices' outputs one slice after
+// another, into stats[(b*H + h) * splits + s] and partial[((b*H + h) * splits + s) * Dv + e],
+// relative to the split's max. mask may be null (every key allowed).
+template <typename T, typename M, bool Wide>
+__global__ void __launch_bounds__(kThreads, 2)
+    decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                            const M* __restrict__ mask, const bool* __restrict__ visual, DecodeShape p,
+                            Stats* __restrict__ stats, float* __restrict__ partial) {
+  extern __shared__ __align__(16) float smem[];
+  __shared__ float warp_part[kThreads / kWarp][kRowsPerPass][2];  // per warp and head: tile max; sums at the end
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  const int64_t G = p.group, bg = blockIdx.x, b = bg / p.Hkv, g = bg % p.Hkv;
-  float* qs = smem;                       // G x D
-  float* acc_all = qs + G * p.D;          // warps x G x Dv
-  float* st_all = acc_all + warps * G * p.Dv;  // warps x G x 3
-  for (int64_t i = threadIdx.x; i < G * p.D; i += blockDim.x) {
-    qs[i] = Convert<T>::load(q[b * p.q0 + (g * G + i / p.D) * p.q1 + (i % p.D) * p.q3]);
+  const int64_t G = p.group, b = blockIdx.x / p.Hkv, g = blockIdx.x % p.Hkv;
+  const int64_t head0 = g * G + blockIdx.z * p.pass;  // the pass's first query head
+  const int rows = static_cast<int>(min(p.pass, G - static_cast<int64_t>(blockIdx.z) * p.pass));
+  const int64_t Dp = padded_dim(p.D, Pack<T>::n);
+  float* qs = smem;                // rows x Dp: the pass's query rows, zero from D on
+  float* probs = qs + rows * Dp;   // rows x kThreads: the tile's probabilities; at the end rows x Dv outputs
+  for (int64_t i = threadIdx.x; i < rows * Dp; i += blockDim.x) {
+    const int64_t d = i % Dp;
+    qs[i] = d < p.D ? Convert<T>::load(q[b * p.q0 + (head0 + i / Dp) * p.q1 + d * p.q3]) : 0.f;
   }
-  float* acc = acc_all + warp * G * p.Dv;
-  float* st = st_all + warp * G * 3;
-  for (int64_t i = lane; i < G * p.Dv; i += kWarp) acc[i] = 0.f;
-  for (int64_t i = lane; i < G; i += kWarp) {
-    st[3 * i] = -CUDART_INF_F;
-    st[3 * i + 1] = 0.f;
-    st[3 * i + 2] = 0.f;
+  const int slices = blockDim.x / static_cast<int>(p.value_threads);
+  const int slice = threadIdx.x / static_cast<int>(p.value_threads);
+  const int64_t e0 = (threadIdx.x % p.value_threads) * kValueDims;  // this thread's value elements
+  float acc[kRowsPerPass][kValueDims], run_max[kRowsPerPass], sum[kRowsPerPass], vis_sum[kRowsPerPass];
+#pragma unroll
+  for (int i = 0; i < kRowsPerPass; ++i) {
+    run_max[i] = -CUDART_INF_F;  // the same in every thread
+    sum[i] = vis_sum[i] = 0.f;   // this thread's keys only
+#pragma unroll
+    for (int e = 0; e < kValueDims; ++e) acc[i][e] = 0.f;
   }
   __syncthreads();
 
@@ -394,64 +424,95 @@ __global__ void decode_attention_kernel(const T* __restrict__ q, const T* __rest
   const int64_t j0 = blockIdx.y * per, j1 = min(p.Nk, j0 + per);
   const T* kb = k + b * p.k0 + g * p.k1;
   const T* vb = v + b * p.v0 + g * p.v1;
-  for (int64_t j = j0 + warp; j < j1; j += warps) {  // uniform within a warp
-    const float bias = mask == nullptr ? 0.f : mask_bias(mask[b * p.m0 + j * p.m2]);
-    if (bias == -CUDART_INF_F) continue;
-    float kr[kMaxPerLane], vr[kMaxPerLane];
+  for (int64_t t0 = j0; t0 < j1; t0 += blockDim.x) {  // the same in every thread: the barriers below see them all
+    const int64_t j = t0 + threadIdx.x;
+    const int tile = static_cast<int>(min(static_cast<int64_t>(blockDim.x), j1 - t0));
+    // 1. this thread's key against every head of the pass
+    const float bias = j < j1 && mask != nullptr ? mask_bias(mask[b * p.m0 + j * p.m2]) : 0.f;
+    const bool live = j < j1 && bias != -CUDART_INF_F;
+    float x[kRowsPerPass] = {};
+    if (live) dot_rows<Wide>(kb + j * p.k2, qs, rows, p.D, Dp, p.k3, x);
 #pragma unroll
-    for (int t = 0; t < kMaxPerLane; ++t) {
-      const int64_t d = lane + t * kWarp;
-      kr[t] = d < p.D ? Convert<T>::load(kb[j * p.k2 + d * p.k3]) : 0.f;
-      vr[t] = d < p.Dv ? Convert<T>::load(vb[j * p.v2 + d * p.v3]) : 0.f;
+    for (int i = 0; i < kRowsPerPass; ++i) {
+      if (i >= rows) break;  // the same in every thread: the shuffles see whole warps
+      x[i] *= p.scaling;
+      if (p.softcap > 0.f) x[i] = p.softcap * tanhf(x[i] / p.softcap);
+      x[i] = live ? x[i] + bias : -CUDART_INF_F;
+      float m = x[i];
+      for (int o = kWarp / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (lane == 0) warp_part[warp][i][0] = m;
     }
-    const float vis = visual[b * p.Nk + j] ? 1.f : 0.f;
-    for (int64_t i = 0; i < G; ++i) {
-      float dot = 0.f;
+    __syncthreads();
+    // 2. the running max, this thread's probabilities and sums
+    const float vis = live && visual[b * p.Nk + j] ? 1.f : 0.f;
 #pragma unroll
-      for (int t = 0; t < kMaxPerLane; ++t) {
-        const int64_t d = lane + t * kWarp;
-        if (d < p.D) dot += qs[i * p.D + d] * kr[t];
-      }
-      float x = warp_sum(dot) * p.scaling;  // the same in every lane
-      if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
-      x += bias;
-      if (x == -CUDART_INF_F) continue;
-      const float m = st[3 * i], nm = fmaxf(m, x);
-      const float c = m == -CUDART_INF_F ? 0.f : expf(m - nm), e = expf(x - nm);
-      float* a = acc + i * p.Dv;
+    for (int i = 0; i < kRowsPerPass; ++i) {
+      if (i >= rows) break;
+      float m = run_max[i];
+      for (int w = 0; w < warps; ++w) m = fmaxf(m, warp_part[w][i][0]);
+      const float c = m == -CUDART_INF_F ? 1.f : expf(run_max[i] - m);  // rescales what came before
+      const float pr = x[i] == -CUDART_INF_F ? 0.f : expf(x[i] - m);
+      run_max[i] = m;
+      probs[i * kThreads + threadIdx.x] = pr;
+      sum[i] = sum[i] * c + pr;
+      vis_sum[i] = vis_sum[i] * c + pr * vis;
 #pragma unroll
-      for (int t = 0; t < kMaxPerLane; ++t) {
-        const int64_t d = lane + t * kWarp;
-        if (d < p.Dv) a[d] = a[d] * c + e * vr[t];
-      }
-      __syncwarp();  // every lane has read st[3 * i] before lane 0 writes it
-      if (lane == 0) {
-        st[3 * i] = nm;
-        st[3 * i + 1] = st[3 * i + 1] * c + e;
-        st[3 * i + 2] = st[3 * i + 2] * c + e * vis;
-      }
-      __syncwarp();
+      for (int e = 0; e < kValueDims; ++e) acc[i][e] *= c;
     }
+    __syncthreads();
+    // 3. this thread's value elements over its slice's keys of the tile
+    if (e0 < p.Dv) {
+      for (int t = slice; t < tile; t += slices) {
+        const Pack<T, kValueDims> vp = load_pack<kValueDims, Wide>(vb + (t0 + t) * p.v2, e0, p.Dv, p.v3);
+        float vf[kValueDims];
+#pragma unroll
+        for (int e = 0; e < kValueDims; ++e) vf[e] = Convert<T>::load(vp.v[e]);
+#pragma unroll
+        for (int i = 0; i < kRowsPerPass; ++i) {
+          if (i >= rows) break;
+          const float pr = probs[i * kThreads + t];
+#pragma unroll
+          for (int e = 0; e < kValueDims; ++e) acc[i][e] += pr * vf[e];
+        }
+      }
+    }
+    __syncthreads();  // the next tile overwrites the probabilities and the warps' maxima
   }
-  __syncthreads();
-  for (int64_t idx = threadIdx.x; idx < G * p.Dv; idx += blockDim.x) {
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerPass; ++i) {
+    if (i >= rows) break;
+    const float s = warp_sum(sum[i]), vs = warp_sum(vis_sum[i]);
+    if (lane == 0) warp_part[warp][i][0] = s, warp_part[warp][i][1] = vs;
+  }
+  for (int sl = 0; sl < slices; ++sl) {  // the slices' outputs into probs, one slice after another
+    if (slice == sl && e0 < p.Dv) {
+#pragma unroll
+      for (int i = 0; i < kRowsPerPass; ++i) {
+        if (i >= rows) break;
+#pragma unroll
+        for (int e = 0; e < kValueDims; ++e) {
+          if (e0 + e >= p.Dv) break;
+          float* o = probs + i * p.Dv + e0 + e;
+          *o = sl == 0 ? acc[i][e] : *o + acc[i][e];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  for (int64_t idx = threadIdx.x; idx < rows * p.Dv; idx += blockDim.x) {
     const int64_t i = idx / p.Dv, e = idx % p.Dv;
-    float m = -CUDART_INF_F;
-    for (int w = 0; w < warps; ++w) m = fmaxf(m, st_all[(w * G + i) * 3]);
-    float o = 0.f;
-    for (int w = 0; w < warps && m != -CUDART_INF_F; ++w) {
-      const float mw = st_all[(w * G + i) * 3];
-      if (mw != -CUDART_INF_F) o += acc_all[(w * G + i) * p.Dv + e] * expf(mw - m);
-    }
-    partial[((b * p.H + g * G + i) * gridDim.y + blockIdx.y) * p.Dv + e] = o;
+    partial[((b * p.H + head0 + i) * gridDim.y + blockIdx.y) * p.Dv + e] = probs[idx];
   }
-  for (int64_t i = threadIdx.x; i < G; i += blockDim.x) {
-    Stats total = empty_stats();
-    for (int w = 0; w < warps; ++w) {
-      const float* sw = st_all + (w * G + i) * 3;
-      total = merge(total, Stats{sw[0], sw[1], sw[2]});
+  if (threadIdx.x < rows) {
+    const int i = threadIdx.x;
+    Stats total{run_max[0], 0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) {
+      if (r == i) total.max = run_max[r];  // registers are indexed by constants only
     }
-    stats[(b * p.H + g * G + i) * gridDim.y + blockIdx.y] = total;
+    for (int w = 0; w < warps; ++w) total.sum += warp_part[w][i][0], total.vis += warp_part[w][i][1];
+    stats[(b * p.H + head0 + i) * gridDim.y + blockIdx.y] = total;
   }
 }
 

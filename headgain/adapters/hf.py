@@ -345,7 +345,7 @@ _UNFUSED = object()
 # decode_attention compiles in CI but has not yet run on a GPU: models on CUDA keep their
 # backend until `make gpu-check` has passed on one.
 _FUSED_MODEL_DEVICES = ("cpu",)
-# The widest heads the CUDA kernel of decode_attention takes (kMaxPerLane * 32 in csrc/cuda);
+# The widest heads the CUDA kernel of decode_attention takes (kMaxHeadDim in csrc/cuda);
 # wider heads keep the backend there.
 _CUDA_FUSED_MAX_HEAD_DIM = 256
 # Keyword arguments the fused decoding step knows to leave the sdpa backend's result unchanged

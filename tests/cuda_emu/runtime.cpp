@@ -3,7 +3,6 @@
 
 EmuIdx threadIdx, blockIdx;
 dim3 blockDim, gridDim;
-size_t emu_smem_optin = 48 * 1024;
 
 namespace {
 struct Fiber {
@@ -84,8 +83,7 @@ void emu_run(dim3 grid, dim3 block, size_t smem, std::function<void()> b) {
   TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1, "EMU: invalid configuration: empty grid ", grid.x, "x", grid.y, "x", grid.z);
   TORCH_CHECK(grid.x <= 2147483647u && grid.y <= 65535 && grid.z <= 65535, "EMU: grid too large");
   TORCH_CHECK(nt >= 1 && nt <= 1024 && block.x <= 1024 && block.y <= 1024 && block.z <= 64, "EMU: bad block ", nt);
-  TORCH_CHECK(smem <= emu_smem_optin, "EMU: dynamic smem ", smem, " > ", emu_smem_optin, " without opt-in");
-  emu_smem_optin = 48 * 1024;
+  TORCH_CHECK(smem <= 48 * 1024, "EMU: dynamic shared memory ", smem, " > the default 48 KiB");
   body = std::move(b);
   blockDim = block; gridDim = grid;
   const int n = (int)nt;

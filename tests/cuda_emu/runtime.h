@@ -56,4 +56,3 @@ void emu_launch(F f, dim3 grid, dim3 block, size_t smem = 0, int stream = 0) {
   emu_run(grid, block, smem, std::function<void()>(f));
 }
 void emu_check_launch();  // C10_CUDA_KERNEL_LAUNCH_CHECK: a failed launch has already raised
-extern size_t emu_smem_optin;  // dynamic shared memory the next launch may use (cudaFuncSetAttribute)
