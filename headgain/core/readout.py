@@ -8,6 +8,7 @@ the i* row(s) from queries and keys (sdpa, flash and other fused kernels).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -216,5 +217,12 @@ def layer_gains(ratios: torch.Tensor, has_visual: torch.Tensor, rule: LayerRule)
         rule.neutral_gain,
     )
     if rule.order is not None:
-        gains = gains[:, list(rule.order)].contiguous()
+        gains = gains.index_select(1, _order_index(rule.order, gains.device))
     return gains
+
+
+@functools.lru_cache(maxsize=4096)
+def _order_index(order: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(H,) int64 ``order`` on ``device``, made once (a tensor made from a list at every layer
+    and step would be a host-to-device copy each time on a GPU)."""
+    return torch.tensor(order, dtype=torch.long, device=device)
