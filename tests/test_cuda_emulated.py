@@ -56,13 +56,6 @@ def test_ratio_ops(cuda, setting):
         torch.testing.assert_close(got, reference.ratio_from_qk(*args), **T._tol(dtype), msg=name)
 
 
-def test_ratio_from_probs_non_finite_gives_nan(cuda):
-    args, nan = T.non_finite_probs_case("cpu")
-    got = cuda.ratio_from_probs(*args)
-    assert torch.equal(got.isnan(), nan)
-    torch.testing.assert_close(got[~nan], reference.ratio_from_probs(*args)[~nan])
-
-
 def test_ratio_from_qk_head_dim_limit(cuda):
     q, k = torch.randn(1, 2, 1, 12296), torch.randn(1, 1, 3, 12296)
     args = (None, torch.tensor([[True, False, True]]), torch.ones(1, 1), 0.01, 0.0)
@@ -72,11 +65,12 @@ def test_ratio_from_qk_head_dim_limit(cuda):
     torch.testing.assert_close(got, reference.ratio_from_qk(q[..., :12288], k[..., :12288], *args))
 
 
-def test_ratio_from_qk_non_finite_gives_nan(cuda):
-    args, nan = T.non_finite_qk_case("cpu")
-    got = cuda.ratio_from_qk(*args)
+@pytest.mark.parametrize("op", sorted(T.NON_FINITE_CASES))
+def test_non_finite_inputs_give_nan(cuda, op):
+    args, nan = T.NON_FINITE_CASES[op]("cpu")
+    got = getattr(cuda, op)(*args)
     assert torch.equal(got.isnan(), nan)
-    torch.testing.assert_close(got[~nan], reference.ratio_from_qk(*args)[~nan])
+    torch.testing.assert_close(got[~nan], getattr(reference, op)(*args)[~nan])
 
 
 @pytest.mark.parametrize("dtype", T.FLOAT_DTYPES)

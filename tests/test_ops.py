@@ -278,14 +278,6 @@ def non_finite_probs_case(device):
     return (probs, visual, w), nan
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_ratio_from_probs_non_finite_gives_nan(device):
-    args, nan = non_finite_probs_case(device)
-    got = ops.ratio_from_probs(*args)
-    assert torch.equal(got.isnan(), nan) and torch.equal(reference.ratio_from_probs(*args).isnan(), nan)
-    torch.testing.assert_close(got[~nan], reference.ratio_from_probs(*args)[~nan])
-
-
 def non_finite_qk_case(device):
     """Keys with a NaN in a key of KV head 1 of sample 0 and in the last key of KV head 0 of
     sample 1: (args, where the result must be NaN). Every query head of a spoilt KV head reads
@@ -298,12 +290,16 @@ def non_finite_qk_case(device):
     return (q, k, None, _visual(2, 50, device, g), torch.ones((2, 1), device=device), 0.2, 0.0), nan
 
 
+NON_FINITE_CASES = {"ratio_from_probs": non_finite_probs_case, "ratio_from_qk": non_finite_qk_case}
+
+
+@pytest.mark.parametrize("op", sorted(NON_FINITE_CASES))
 @pytest.mark.parametrize("device", DEVICES)
-def test_ratio_from_qk_non_finite_gives_nan(device):
-    args, nan = non_finite_qk_case(device)
-    got = ops.ratio_from_qk(*args)
-    assert torch.equal(got.isnan(), nan) and torch.equal(reference.ratio_from_qk(*args).isnan(), nan)
-    torch.testing.assert_close(got[~nan], reference.ratio_from_qk(*args)[~nan])
+def test_non_finite_inputs_give_nan(op, device):
+    args, nan = NON_FINITE_CASES[op](device)
+    got, want = getattr(ops, op)(*args), getattr(reference, op)(*args)
+    assert torch.equal(got.isnan(), nan) and torch.equal(want.isnan(), nan)
+    torch.testing.assert_close(got[~nan], want[~nan])
 
 
 @pytest.mark.parametrize("device", DEVICES)
