@@ -184,8 +184,8 @@ class _RowBatch:
         for idx in members.values():
             ints += idx
             parts.append(len(idx))
-        copied = len(spans) <= _MAX_RUNS
-        if copied:
+        by_runs = len(spans) <= _MAX_RUNS  # scaled in place, run by run (else through a copy of the rows)
+        if by_runs:
             for start, end, a, b in spans:
                 if end - start != b - a:  # requests of several rows: each row's request
                     ints += _owners(slots, a, b)
@@ -201,7 +201,7 @@ class _RowBatch:
             positions = next(take)
             groups.append((slots[idx[0]].request.rules, positions, has_visual.index_select(0, positions)))
         runs = tokens = owner = None
-        if copied:
+        if by_runs:
             runs = [(start, end, slice(a, b) if end - start == b - a else next(take)) for start, end, a, b in spans]
         else:
             tokens, owner = next(take), next(take)
