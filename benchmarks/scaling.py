@@ -21,7 +21,11 @@ the cache is cropped back after it, so every call sees the same context. `--cach
 `static` (a preallocated cache written in place; the step's cost is then the weights and the
 attention). Prefill: where
 batch x context is at most --prefill-limit tokens, a real prefill of token ids (visual
-placeholders, no pixels) is timed too.
+placeholders, no pixels) is timed too. `--attach once` (default): headgain stays attached to
+a copy of the model for the whole run, as in `generate()`, with two copies of the weights in
+memory; `--attach per-call` (the runs before 2026-11-29 19:30 UTC): one model, headgain
+attached before each timed call and detached after it, so that what the first call after an
+attach does counts in every headgain step.
 
     python benchmarks/overhead.py --scaling                          # CPU grid, ~15 minutes on 2 cores
     python benchmarks/overhead.py --scaling --batches 1,4 --visual-tokens 256,1024 --rounds 3
@@ -30,6 +34,7 @@ placeholders, no pixels) is timed too.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import os
@@ -50,6 +55,7 @@ from headgain.eval.stats import paired_bootstrap
 from headgain.testing.tiny import IMAGE_ID
 
 ARMS = ("vanilla-sdpa", "headgain-fused", "headgain-unfused")
+ATTACH = {"once": "once to a copy of the model", "per-call": "around each call"}
 SECTION = "## Decoding-step scaling (benchmarks/overhead.py --scaling)"
 RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 PREFIX, SUFFIX = 4, 28  # text tokens before and after the visual span
@@ -80,6 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="rounds after a warm-up round (default 5)")
     p.add_argument("--prefill-limit", type=int, default=4096, help="time the prefill up to batch x context tokens")
     p.add_argument("--preset", default="ocean-r1-7b", help="headgain config preset")
+    p.add_argument(
+        "--attach",
+        choices=("once", "per-call"),
+        default="once",
+        help="once (default): headgain stays attached to a copy of the model, as in generate() (two copies of "
+        "the weights); per-call: attached before each timed call and detached after",
+    )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PNG", default=os.path.join(os.path.dirname(RESULTS_MD), "scaling.png"))
     p.add_argument("--results", metavar="PATH", default=RESULTS_MD, help="Markdown file to append an entry to")
@@ -141,12 +154,8 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def decode_time(model, point: Point, arm: str, preset: str) -> float:
-    """Seconds of one decoding call of ``arm`` at ``point`` (headgain attached for the call only)."""
-    handle = None
-    if arm != "vanilla-sdpa":
-        handle = headgain.attach(model, cfg=preset, fused=arm == "headgain-fused")
-        handle.set_visual_mask(point.visual)  # the cached context's visual positions (it was filled before attaching)
+def _timed_step(model, point: Point) -> float:
+    """Seconds of one decoding call of ``model`` at ``point``; the call's token is dropped again."""
     try:
         _sync(point.visual.device)
         start = time.perf_counter()
@@ -156,27 +165,81 @@ def decode_time(model, point: Point, arm: str, preset: str) -> float:
         return time.perf_counter() - start
     finally:
         point.rewind()
-        if handle is not None:
-            handle.detach()
+
+
+def _timed_prefill(model, point: Point) -> float:
+    """Seconds of one prefill of ``point``'s context (token ids, visual placeholders) by ``model``."""
+    ids = torch.full((point.batch, point.context), 9, dtype=torch.long, device=point.visual.device)
+    ids[point.visual] = IMAGE_ID
+    _sync(ids.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    _sync(ids.device)
+    return time.perf_counter() - start
+
+
+def decode_time(model, point: Point, arm: str, preset: str) -> float:
+    """Seconds of one decoding call of ``arm`` at ``point`` (headgain attached for the call only)."""
+    if arm == "vanilla-sdpa":
+        return _timed_step(model, point)
+    handle = headgain.attach(model, cfg=preset, fused=arm == "headgain-fused")
+    try:
+        handle.set_visual_mask(point.visual)  # the cached context's visual positions (it was filled before attaching)
+        return _timed_step(model, point)
+    finally:
+        handle.detach()
 
 
 def prefill_time(model, point: Point, arm: str, preset: str) -> float:
-    """Seconds of one prefill of ``point``'s context (token ids, visual placeholders) under ``arm``."""
-    ids = torch.full((point.batch, point.context), 9, dtype=torch.long, device=point.visual.device)
-    ids[point.visual] = IMAGE_ID
-    handle = None
-    if arm != "vanilla-sdpa":
-        handle = headgain.attach(model, cfg=preset, fused=arm == "headgain-fused")
+    """Seconds of one prefill of ``point``'s context under ``arm`` (headgain attached for the call only)."""
+    if arm == "vanilla-sdpa":
+        return _timed_prefill(model, point)
+    handle = headgain.attach(model, cfg=preset, fused=arm == "headgain-fused")
     try:
-        _sync(ids.device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-        _sync(ids.device)
-        return time.perf_counter() - start
+        return _timed_prefill(model, point)
     finally:
-        if handle is not None:
-            handle.detach()
+        handle.detach()
+
+
+class Runner:
+    """Times the arms' calls. ``attach="once"``: the headgain arms run on a copy of the model
+    that stays attached for the whole run, as in ``generate()`` (the fused and unfused arms
+    switch ``handle.fused``; two copies of the weights in memory, each point's cache filled
+    alike in both); ``"per-call"``: one model, headgain attached before each timed call and
+    detached after it (one copy of the weights; what the first call after an attach does
+    counts in that call)."""
+
+    def __init__(self, model, preset: str, attach: str):
+        self.model, self.preset = model, preset
+        self.copy = copy.deepcopy(model) if attach == "once" else None
+        self.handle = None if self.copy is None else headgain.attach(self.copy, cfg=preset)
+
+    def points(self, batch: int, visual: int, reasoning: int, cache: str) -> dict[str, Point]:
+        """Arm -> its `Point` (the headgain arms share the attached copy's)."""
+        model = self.model
+        plain = Point(model, batch, visual, reasoning, model.device, model.dtype, cache)
+        if self.copy is None:
+            return dict.fromkeys(ARMS, plain)
+        held = Point(self.copy, batch, visual, reasoning, model.device, model.dtype, cache)
+        self.handle.set_visual_mask(held.visual, keep=True)  # the cached context's visual positions
+        return {"vanilla-sdpa": plain, "headgain-fused": held, "headgain-unfused": held}
+
+    def decode(self, points: dict[str, Point], arm: str) -> float:
+        if self.copy is None:
+            return decode_time(self.model, points[arm], arm, self.preset)
+        if arm == "vanilla-sdpa":
+            return _timed_step(self.model, points[arm])
+        self.handle.fused = arm == "headgain-fused"
+        return _timed_step(self.copy, points[arm])
+
+    def prefill(self, points: dict[str, Point], arm: str) -> float:
+        if self.copy is None:
+            return prefill_time(self.model, points[arm], arm, self.preset)
+        if arm == "vanilla-sdpa":
+            return _timed_prefill(self.model, points[arm])
+        self.handle.fused = arm == "headgain-fused"
+        return _timed_prefill(self.copy, points[arm])
 
 
 def _rotated(rnd: int) -> tuple[str, ...]:
@@ -192,27 +255,28 @@ def paired_change(arm: list[float], vanilla: list[float]) -> tuple[float, tuple[
 
 
 def measure(args, model) -> list[dict]:
-    device, dtype = model.device, model.dtype
+    runner = Runner(model, args.preset, args.attach)
     results = []
     points = [(b, v, r) for r in args.reasoning for v in args.visual_tokens for b in args.batches]
     for n, (b, v, r) in enumerate(points, 1):
-        point = Point(model, b, v, r, device, dtype, args.cache)
-        do_prefill = b * point.context <= args.prefill_limit
+        point = runner.points(b, v, r, args.cache)
+        context = point["vanilla-sdpa"].context
+        do_prefill = b * context <= args.prefill_limit
         decode = {a: [] for a in ARMS}
         prefill = {a: [] for a in ARMS}
         for rnd in range(args.rounds + 1):  # round 0 warms up
             steps = {a: [] for a in ARMS}
             for step in range(args.steps):
                 for arm in _rotated(rnd + step):
-                    steps[arm].append(decode_time(model, point, arm, args.preset))
+                    steps[arm].append(runner.decode(point, arm))
             for arm in _rotated(rnd) if do_prefill else ():
-                t = prefill_time(model, point, arm, args.preset)
+                t = runner.prefill(point, arm)
                 if rnd:
                     prefill[arm].append(t)
             if rnd:
                 for arm in ARMS:
                     decode[arm].append(statistics.median(steps[arm]))
-        entry = {"batch": b, "visual_tokens": v, "reasoning": r, "context": point.context, "arms": {}}
+        entry = {"batch": b, "visual_tokens": v, "reasoning": r, "context": context, "arms": {}}
         for arm in ARMS:
             entry["arms"][arm] = {
                 "decode_ms": 1e3 * statistics.median(decode[arm]),
@@ -313,7 +377,8 @@ def main(argv=None) -> int:
                 f"- headgain ops: {common.extension_status(model.device.type)}; revision {common.git_revision()}",
                 f"- Command: `{command}`",
                 f"- Decoding step ({args.cache} cache): per round, the median of {args.steps} calls per arm, "
-                "arms alternating call by call; prefill: one call per arm and round. Change against vanilla "
+                f"arms alternating call by call, headgain attached {ATTACH[args.attach]}; prefill: one call per arm "
+                "and round. Change against vanilla "
                 f"sdpa: median over {args.rounds} rounds of the round's ratio, with a 95% bootstrap interval "
                 f"over rounds; preset {args.preset}",
                 "",

@@ -138,14 +138,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "no such local checkpoint" in proc.stderr
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_scaling_mode(tmp_path, cache):
+@pytest.mark.parametrize("cache, attach", [("dynamic", "once"), ("static", "per-call")])
+def test_scaling_mode(tmp_path, cache, attach):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n## Ops benchmark\n\nkept as is\n")
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
     args = ["--batches", "1,2", "--visual-tokens", "8", "--reasoning", "0,4", "--rounds", "1", "--steps", "1"]
     args += ["--prefill-limit", "60", "--json", str(out), "--plot", str(png), "--results", str(results)]
-    args += ["--cache", cache]
+    args += ["--cache", cache, "--attach", attach]
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--scaling", *args]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=dict(os.environ, PYTHONPATH=ROOT)
@@ -163,6 +163,29 @@ def test_scaling_mode(tmp_path, cache):
     md = results.read_text()
     assert "## Decoding-step scaling (benchmarks/overhead.py --scaling)" in md and "| 2 | 8 | 4 | 44 |" in md
     assert f"Decoding step ({cache} cache)" in md
+    assert ("attached once to a copy of the model" if attach == "once" else "attached around each call") in md
+
+
+def test_scaling_runner_attaches_once_to_a_copy():
+    """With --attach once the headgain arms decode on an attached copy of the model (its own
+    cache, filled as the vanilla one), the fused and unfused arms switching handle.fused; the
+    model itself stays vanilla."""
+    import headgain
+    from benchmarks import common, scaling
+
+    shape = common.SHAPES["cpu-default"]
+    model = common.build_model(dataclasses.replace(shape, text={**shape.text, "num_hidden_layers": 8}), "sdpa")
+    runner = scaling.Runner(model, "ocean-r1-7b", "once")
+    assert headgain.handle_of(model) is None and headgain.handle_of(runner.copy) is runner.handle
+    points = runner.points(2, 8, 0, "static")
+    plain, held = points["vanilla-sdpa"], points["headgain-fused"]
+    assert held is points["headgain-unfused"] and held is not plain
+    assert torch.equal(plain.cache.layers[0].keys, held.cache.layers[0].keys)
+    for arm in scaling.ARMS:
+        assert runner.decode(points, arm) > 0 and runner.prefill(points, arm) > 0
+        assert runner.handle.fused == (arm == "headgain-fused") or arm == "vanilla-sdpa"
+        for point in (plain, held):
+            assert int(point.cache.get_seq_length()) == point.context
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
