@@ -23,7 +23,7 @@ attention). Prefill: where
 batch x context is at most --prefill-limit tokens, a real prefill of token ids (visual
 placeholders, no pixels) is timed too. `--attach once` (default): headgain stays attached to
 a copy of the model for the whole run, as in `generate()`, with two copies of the weights in
-memory; `--attach per-call` (the runs before 2026-11-29 19:30 UTC): one model, headgain
+memory; `--attach per-call` (the runs before 2026-11-29 19:15 UTC): one model, headgain
 attached before each timed call and detached after it, so that what the first call after an
 attach does counts in every headgain step.
 
