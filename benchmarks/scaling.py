@@ -226,20 +226,22 @@ class Runner:
         return {"vanilla-sdpa": plain, "headgain-fused": held, "headgain-unfused": held}
 
     def decode(self, points: dict[str, Point], arm: str) -> float:
-        if self.copy is None:
-            return decode_time(self.model, points[arm], arm, self.preset)
-        if arm == "vanilla-sdpa":
-            return _timed_step(self.model, points[arm])
-        self.handle.fused = arm == "headgain-fused"
-        return _timed_step(self.copy, points[arm])
+        """Seconds of one decoding call of ``arm``."""
+        return self._time(points, arm, decode_time, _timed_step)
 
     def prefill(self, points: dict[str, Point], arm: str) -> float:
+        """Seconds of one prefill of ``arm``."""
+        return self._time(points, arm, prefill_time, _timed_prefill)
+
+    def _time(self, points: dict[str, Point], arm: str, per_call, timed) -> float:
+        """``per_call(model, point, arm, preset)`` (headgain attached around the call), or
+        ``timed(model, point)`` on the vanilla model or the attached copy."""
         if self.copy is None:
-            return prefill_time(self.model, points[arm], arm, self.preset)
+            return per_call(self.model, points[arm], arm, self.preset)
         if arm == "vanilla-sdpa":
-            return _timed_prefill(self.model, points[arm])
+            return timed(self.model, points[arm])
         self.handle.fused = arm == "headgain-fused"
-        return _timed_prefill(self.copy, points[arm])
+        return timed(self.copy, points[arm])
 
 
 def _rotated(rnd: int) -> tuple[str, ...]:
