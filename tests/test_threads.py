@@ -52,15 +52,16 @@ def test_decode_attention(threads):
         torch.testing.assert_close(ratios, want_ratios, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["dmajor", "nhd"])
-def test_ratio_from_blocks(threads, layout):
+def test_ratio_from_blocks(threads, layout, dtype):
     lengths = (2500, 300, 1700, 9, 4000)
-    q, keys, visual = P._case(lengths, 8, 2, 64, torch.float32, seed=threads)
+    q, keys, visual = P._case(lengths, 14, 2, 64, dtype, seed=threads)  # 7 query heads per KV head
     blocks, table, _ = P._paged(keys, 128, layout, seed=threads)
     for window in (0, 1000):
         got = ops.ratio_from_blocks(q, blocks, table, torch.tensor(lengths), visual, 0.125, window=window)
         want = P._explicit(q, keys, visual, 0.125, 0.0, window)
-        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(got, want, atol=P.TOL[dtype], rtol=1e-4)
 
 
 def test_scale_heads(threads):

@@ -2,7 +2,8 @@
 // row per request, read straight from a paged key cache through a block table (a server's
 // decoding step: no copy of the keys is made), in parallel over requests x KV heads x spans
 // of cache blocks. Keys stored with the key index innermost (vLLM's CPU layout: per block
-// and KV head a (D, block_size) array) are scored by score_keys_dmajor; any other strides by
+// and KV head a (D, block_size) array) are scored by score_keys_dmajor_bf16 (bfloat16 on CPUs
+// with AVX512-BF16, ratio_from_qk_x86.cpp) or score_keys_dmajor; any other strides by
 // score_keys (scores.h).
 
 #include <ATen/Parallel.h>
@@ -147,17 +148,34 @@ at::Tensor ratio_from_blocks_cpu(const at::Tensor& q, const at::Tensor& key_bloc
   HG_DISPATCH_ATTN_TYPES(q.scalar_type(), "ratio_from_blocks", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
     const scalar_t* kp = key_blocks.const_data_ptr<scalar_t>();
+#ifdef HG_X86_KERNELS
+    // bfloat16 keys element-major: the AVX512-BF16 dot product, on the query's bfloat16 bits
+    const bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && dmajor && D % 2 == 0 && cpu_has_bf16_dot();
+#else
+    constexpr bool bf16_dot = false;
+#endif
     at::parallel_for(0, R * Hkv * spans_max, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(G * D), kf(2 * D), scores(G * BS), bias(BS, 0.f);
+      std::vector<uint16_t> qb(bf16_dot ? G * D : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t span = task % spans_max, rg = task / spans_max, r = rg / Hkv, g = rg % Hkv;
         const int64_t blk_begin = first[r] / BS + span * span_blocks;
         const int64_t blk_end = std::min((last[r] - 1) / BS + 1, blk_begin + span_blocks);
         if (blk_begin >= blk_end) continue;
         for (int64_t i = 0; i < G; ++i) load_float(qp + r * qs[0] + (g * G + i) * qs[1], qs[2], &qf[i * D], D);
+        if (bf16_dot) {  // bfloat16 elements only: their bits as they are
+          for (int64_t i = 0; i < G; ++i)
+            for (int64_t e = 0; e < D; ++e)
+              std::memcpy(&qb[i * D + e], qp + r * qs[0] + (g * G + i) * qs[1] + e * qs[2], sizeof(uint16_t));
+        }
         for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
           const int64_t j0 = std::max(first[r], blk * BS), n = std::min(last[r], (blk + 1) * BS) - j0;
           const scalar_t* kj = kp + tp(r * MB + blk) * ks[0] + g * ks[1] + (j0 - blk * BS) * ks[2];
+#ifdef HG_X86_KERNELS
+          if (bf16_dot)
+            score_keys_dmajor_bf16(qb.data(), G, reinterpret_cast<const uint16_t*>(kj), ks[3], n, D, scores.data());
+          else
+#endif
           if (dmajor) score_keys_dmajor(qf.data(), G, kj, ks[3], n, D, scores.data(), wide);
           else score_keys(qf.data(), G, kj, ks[2], ks[3], n, D, kf.data(), scores.data());
           for (int64_t i = 0; i < G; ++i) {

@@ -1,12 +1,15 @@
-// The x86-64 score kernels of ratio_from_qk (declared in ratio_from_qk_x86.h), built with
-// per-function target attributes for AVX-512 and AVX512-BF16 whatever the build's baseline;
-// ratio_from_qk.cpp calls them only where the CPU has the instructions.
+// The x86-64 score kernels of ratio_from_qk and ratio_from_blocks (declared in
+// ratio_from_qk_x86.h), built with per-function target attributes for AVX-512 and AVX512-BF16
+// whatever the build's baseline; the ops call them only where the CPU has the instructions.
 
 #include "ratio_from_qk_x86.h"
 
 #ifdef HG_X86_KERNELS
 
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
 
 #include "simd.h"
 
@@ -105,6 +108,62 @@ HG_BF16_TARGET __attribute__((always_inline)) inline void dot_rows_bf16(const ui
   }
 }
 
+// RT query rows (row stride d) against 16 * KT element-major keys (element e of key t at
+// k[e * es + t]; only the keys of `keys` are read and written, 16 bits per tile of 16), d even:
+// each pair of elements of 16 keys is interleaved into one vector of (element e, element e + 1)
+// pairs, and each row's pair of query elements is broadcast against it.
+template <int RT, int KT>
+HG_BF16_TARGET __attribute__((always_inline)) inline void dmajor_tile_bf16(const uint16_t* q, int64_t d,
+                                                                            const uint16_t* k, int64_t es,
+                                                                            const __mmask16 (&keys)[KT], float* out,
+                                                                            int64_t n) {
+  // 16-bit lane 2t of the interleaved vector <- key t of the first row, 2t + 1 <- of the second
+  alignas(64) static const uint16_t pairs[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i index = _mm512_load_si512(pairs);
+  __m512 acc[RT][KT];
+  for (int r = 0; r < RT; ++r)
+    for (int u = 0; u < KT; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < d; e += 2) {
+    __m512bh kv[KT];
+    for (int u = 0; u < KT; ++u) {
+      const __m512i lo = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(keys[u], k + e * es + 16 * u));
+      const __m512i hi = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(keys[u], k + (e + 1) * es + 16 * u));
+      kv[u] = (__m512bh)_mm512_permutex2var_epi16(lo, index, hi);
+    }
+    for (int r = 0; r < RT; ++r) {
+      uint32_t qe;  // query elements e and e + 1 of row r
+      std::memcpy(&qe, q + r * d + e, sizeof qe);
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(static_cast<int>(qe));
+      for (int u = 0; u < KT; ++u) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], qv, kv[u]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int u = 0; u < KT; ++u) _mm512_mask_storeu_ps(out + r * n + 16 * u, keys[u], acc[r][u]);
+}
+
+// dmajor_tile_bf16 over `rows` query rows, up to 8 at a time.
+template <int KT>
+HG_BF16_TARGET __attribute__((always_inline)) inline void dmajor_rows_bf16(const uint16_t* q, int64_t rows, int64_t d,
+                                                                            const uint16_t* k, int64_t es,
+                                                                            const __mmask16 (&keys)[KT], float* out,
+                                                                            int64_t n) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    const uint16_t* qr = q + r * d;
+    float* o = out + r * n;
+    switch (std::min<int64_t>(8, rows - r)) {
+      case 8: dmajor_tile_bf16<8, KT>(qr, d, k, es, keys, o, n); break;
+      case 7: dmajor_tile_bf16<7, KT>(qr, d, k, es, keys, o, n); break;
+      case 6: dmajor_tile_bf16<6, KT>(qr, d, k, es, keys, o, n); break;
+      case 5: dmajor_tile_bf16<5, KT>(qr, d, k, es, keys, o, n); break;
+      case 4: dmajor_tile_bf16<4, KT>(qr, d, k, es, keys, o, n); break;
+      case 3: dmajor_tile_bf16<3, KT>(qr, d, k, es, keys, o, n); break;
+      case 2: dmajor_tile_bf16<2, KT>(qr, d, k, es, keys, o, n); break;
+      default: dmajor_tile_bf16<1, KT>(qr, d, k, es, keys, o, n); break;
+    }
+  }
+}
+
 }  // namespace
 
 // 4 keys x 4 rows per tile; keys past the last multiple of 4 are widened into kf.
@@ -142,6 +201,19 @@ HG_BF16_TARGET void score_keys_bf16(const uint16_t* q, int64_t rows, const uint1
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) dot_rows_bf16<4>(q, rows, d, k + j * key_stride, key_stride, out + j, n);
   for (; j < n; ++j) dot_rows_bf16<1>(q, rows, d, k + j * key_stride, key_stride, out + j, n);
+}
+
+HG_BF16_TARGET void score_keys_dmajor_bf16(const uint16_t* q, int64_t rows, const uint16_t* k, int64_t es,
+                                           int64_t n, int64_t d, float* out) {
+  int64_t t = 0;
+  for (; t + 32 <= n; t += 32) {  // two tiles of 16 keys at once: twice the independent sums per row
+    const __mmask16 both[2] = {0xffff, 0xffff};
+    dmajor_rows_bf16<2>(q, rows, d, k + t, es, both, out + t, n);
+  }
+  for (; t < n; t += 16) {  // the last keys, masked
+    const __mmask16 keys[1] = {static_cast<__mmask16>(n - t >= 16 ? 0xffffu : (1u << (n - t)) - 1)};
+    dmajor_rows_bf16<1>(q, rows, d, k + t, es, keys, out + t, n);
+  }
 }
 
 }  // namespace headgain

@@ -1,4 +1,4 @@
-// Score kernels of ratio_from_qk for x86-64 instructions past the build's baseline
+// Score kernels of ratio_from_qk and ratio_from_blocks for x86-64 instructions past the build's baseline
 // (ratio_from_qk_x86.cpp), chosen at run time by CPU feature: AVX-512 and AVX512-BF16.
 // HG_X86_KERNELS is defined where they are built.
 #pragma once
@@ -33,6 +33,13 @@ HG_AVX512_TARGET void score_keys_avx512(const float* q, int64_t rows, const T* k
 // with the AVX512-BF16 dot-product instruction.
 HG_BF16_TARGET void score_keys_bf16(const uint16_t* q, int64_t rows, const uint16_t* k, int64_t key_stride,
                                     int64_t n, int64_t d, float* out);
+
+// ratio_from_blocks' scores for keys stored element-major (vLLM's CPU cache: element e of key
+// t at k[e * es + t]) with the AVX512-BF16 dot-product instruction: out[row * n + t] =
+// dot(q[row], key t) for n keys and `rows` query rows of even width d (row stride d), query and
+// keys given as bfloat16 bits; 16 keys at a time, the last ones masked.
+HG_BF16_TARGET void score_keys_dmajor_bf16(const uint16_t* q, int64_t rows, const uint16_t* k, int64_t es,
+                                           int64_t n, int64_t d, float* out);
 
 }  // namespace headgain
 
