@@ -162,11 +162,13 @@ at::Tensor ratio_from_blocks_cpu(const at::Tensor& q, const at::Tensor& key_bloc
         const int64_t blk_begin = first[r] / BS + span * span_blocks;
         const int64_t blk_end = std::min((last[r] - 1) / BS + 1, blk_begin + span_blocks);
         if (blk_begin >= blk_end) continue;
-        for (int64_t i = 0; i < G; ++i) load_float(qp + r * qs[0] + (g * G + i) * qs[1], qs[2], &qf[i * D], D);
-        if (bf16_dot) {  // bfloat16 elements only: their bits as they are
-          for (int64_t i = 0; i < G; ++i)
-            for (int64_t e = 0; e < D; ++e)
-              std::memcpy(&qb[i * D + e], qp + r * qs[0] + (g * G + i) * qs[1] + e * qs[2], sizeof(uint16_t));
+        for (int64_t i = 0; i < G; ++i) {
+          const scalar_t* qi = qp + r * qs[0] + (g * G + i) * qs[1];
+          if (bf16_dot) {  // bfloat16 elements only: their bits as they are
+            for (int64_t e = 0; e < D; ++e) std::memcpy(&qb[i * D + e], qi + e * qs[2], sizeof(uint16_t));
+          } else {
+            load_float(qi, qs[2], &qf[i * D], D);
+          }
         }
         for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
           const int64_t j0 = std::max(first[r], blk * BS), n = std::min(last[r], (blk + 1) * BS) - j0;
