@@ -44,6 +44,7 @@ def _args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per request (min = max)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per arm and batch size")
     p.add_argument("--compiled", action="store_true", help="both arms compiled (torch.compile) instead of eager")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the model's and cache's dtype")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
@@ -66,7 +67,7 @@ def _engine(path: str, args, enabled: bool):
     os.environ[hv.ENV_ARCH_MAP] = json.dumps(arch) if enabled else ""
     return LLM(
         path,
-        dtype="float32",
+        dtype=args.dtype,
         enforce_eager=not args.compiled,
         enable_prefix_caching=False,
         enable_chunked_prefill=False,
@@ -158,8 +159,8 @@ def main(argv=None) -> int:
                 f"{os.getloadavg()[0]:.1f} after",
                 f"- Command: `{command.strip()}`",
                 f"- Model: random-weight Qwen2, {args.layers} layers, {args.heads} heads ({args.kv_heads} KV heads) "
-                f"of {args.head_dim}, float32; {'compiled' if args.compiled else 'eager'} mode, no prefix caching, "
-                "no chunked prefill in both arms",
+                f"of {args.head_dim}, {args.dtype}; {'compiled' if args.compiled else 'eager'} mode, no prefix "
+                "caching, no chunked prefill in both arms",
                 f"- Workload: per request {args.prompt} prompt tokens ({args.visual} visual), {args.new_tokens} "
                 f"generated tokens (greedy, min = max), all requests of a row in one generate call; headgain arm: "
                 f"every request with config {CFG}; median of {args.rounds} interleaved rounds after a warm-up",
