@@ -83,17 +83,23 @@ at::Tensor ratio_from_probs_cuda(const at::Tensor& probs, const at::Tensor& visu
   return out;
 }
 
-// Whether a kernel can read the rows of a (., ., N, D) key tensor 16 bytes at a time: unit
-// stride along D, D a whole number of 16-byte packs, the data and every row 16-byte aligned.
-bool wide_rows(const at::Tensor& keys) {
-  const int64_t n = 16 / static_cast<int64_t>(keys.element_size());
-  if (keys.size(3) % n != 0 || keys.stride(3) != 1 || reinterpret_cast<uintptr_t>(keys.const_data_ptr()) % 16 != 0)
+// Whether a kernel can read the rows of a (., ., N, D) tensor n elements at a time (Pack<T, n>):
+// unit stride along D, D a multiple of n, the data and every row aligned to n elements.
+bool rows_in_packs(const at::Tensor& t, int64_t n) {
+  const int64_t bytes = n * t.element_size();
+  if (t.size(3) % n != 0 || t.stride(3) != 1 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes != 0)
     return false;
   for (int64_t d = 0; d < 3; ++d) {
-    if (keys.size(d) > 1 && keys.stride(d) % n != 0) return false;
+    if (t.size(d) > 1 && t.stride(d) % n != 0) return false;
   }
   return true;
 }
+
+// Key rows read 16 bytes at a time (dot_rows' packs).
+bool wide_rows(const at::Tensor& keys) { return rows_in_packs(keys, 16 / keys.element_size()); }
+
+// Passes of ratio_from_qk_group_kernel over a KV head's G * R query rows, p.pass rows each.
+int64_t group_passes(const hk::QkShape& p) { return ceil_div(p.group * p.R, p.pass); }
 
 // The softmax statistics of S_v per query row and key split, into `partial` for
 // ratio_from_qk_combine_kernel: ratio_from_qk_group_kernel over `groups` (sample, KV head)
@@ -102,7 +108,7 @@ bool wide_rows(const at::Tensor& keys) {
 template <typename T, typename M, typename Keys>
 void launch_group(const at::Tensor& q, const Keys& keys, bool wide, const M* mask, const at::Tensor& visual,
                   const float* row_weights, const hk::QkShape& shape, int64_t groups, int splits, hk::Stats* partial) {
-  const int64_t passes = ceil_div(shape.group * shape.R, shape.pass);
+  const int64_t passes = group_passes(shape);
   TORCH_CHECK(passes <= 65535, "headgain: ratio_from_qk on CUDA takes up to ", 65535 * shape.pass,
               " query rows per KV head (heads per KV head x rows) at head dim ", shape.D, ", got ",
               shape.group * shape.R);
@@ -149,8 +155,7 @@ at::Tensor ratio_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, const st
     shape.m1 = mask->stride(1);
     shape.m2 = mask->stride(2);
   }
-  const int64_t passes = ceil_div((H / Hkv) * R, shape.pass);
-  const int splits = key_splits(B * Hkv * passes, Nk, 256);
+  const int splits = key_splits(B * Hkv * group_passes(shape), Nk, 256);
   // (B*H*R, splits) statistics of three floats each
   auto partial = at::empty({B * H * R, splits, 3}, out.options());
   auto* stats = reinterpret_cast<hk::Stats*>(partial.data_ptr<float>());
@@ -184,15 +189,14 @@ at::Tensor ratio_from_blocks_cuda(const at::Tensor& q, const at::Tensor& key_blo
   const int64_t R = q.size(0), H = q.size(1), D = q.size(2), Hkv = key_blocks.size(1), L = visual.size(1);
   auto out = at::empty({R, H}, q.options().dtype(at::kFloat));  // every element is written by the combine kernel
   if (out.numel() == 0) return out;
-  const int64_t pass = rows_per_pass(D, q.element_size(), "ratio_from_blocks");
-  const int64_t passes = ceil_div(H / Hkv, pass);
-  const int splits = key_splits(R * Hkv * passes, L, 256);  // L bounds every request's keys: no read of lengths here
   const auto table = block_table.contiguous();  // int32 (vLLM's) or int64, read as it is
   const auto lens = lengths.contiguous();
   const auto vis = visual.contiguous();
   // one query row per request: q (R, H, D) read as (R, H, 1, D)
-  const hk::QkShape shape{H, 1, D, H / Hkv, pass, q.stride(0), q.stride(1), 0, q.stride(2), key_blocks.stride(3),
-                          0, 0, 0, static_cast<float>(scaling), static_cast<float>(softcap)};
+  const hk::QkShape shape{H, 1, D, H / Hkv, rows_per_pass(D, q.element_size(), "ratio_from_blocks"), q.stride(0),
+                          q.stride(1), 0, q.stride(2), key_blocks.stride(3), 0, 0, 0, static_cast<float>(scaling),
+                          static_cast<float>(softcap)};
+  const int splits = key_splits(R * Hkv * group_passes(shape), L, 256);  // L bounds every request's keys
   auto partial = at::empty({R * H, splits, 3}, out.options());
   auto* stats = reinterpret_cast<hk::Stats*>(partial.data_ptr<float>());
   const bool wide = wide_rows(key_blocks);
@@ -238,18 +242,6 @@ void launch_decode_attention(const at::Tensor& q, const at::Tensor& k, const at:
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether the rows of (., ., N, Dv) values can be read hk::kValueDims elements at a time (as
-// wide_rows for keys, with packs of kValueDims elements).
-bool wide_value_rows(const at::Tensor& values) {
-  const int64_t n = hk::kValueDims, bytes = n * values.element_size();
-  if (values.size(3) % n != 0 || values.stride(3) != 1 || reinterpret_cast<uintptr_t>(values.const_data_ptr()) % bytes != 0)
-    return false;
-  for (int64_t d = 0; d < 3; ++d) {
-    if (values.size(d) > 1 && values.stride(d) % n != 0) return false;
-  }
-  return true;
-}
-
 std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                          const at::Tensor& visual, double scaling, double softcap) {
@@ -260,8 +252,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   auto ratios = at::empty({B, H}, q.options().dtype(at::kFloat));
   if (B * H == 0) return {out, ratios};
   if (Nk == 0) return {out.zero_(), ratios.zero_()};  // no keys: no output, no visual share (as ratio_from_qk)
-  TORCH_CHECK(D <= hk::kMaxHeadDim && Dv <= hk::kMaxHeadDim, "headgain: decode_attention on CUDA takes head dims up to ",
-              hk::kMaxHeadDim, ", got D=", D, ", Dv=", Dv);
+  TORCH_CHECK(D <= hk::kMaxHeadDim && Dv <= hk::kMaxHeadDim,
+              "headgain: decode_attention on CUDA takes head dims up to ", hk::kMaxHeadDim, ", got D=", D, ", Dv=", Dv);
   const int64_t G = H / Hkv;
   int64_t value_threads = 1;  // a power of 2 that divides kThreads, kValueDims elements each covering Dv
   while (value_threads * hk::kValueDims < Dv) value_threads *= 2;
@@ -275,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
     shape.m0 = mask->stride(0);
     shape.m2 = mask->stride(2);
   }
-  const bool wide = wide_rows(k) && wide_value_rows(v);
+  const bool wide = wide_rows(k) && rows_in_packs(v, hk::kValueDims);
   const int splits = key_splits(B * Hkv * ceil_div(G, shape.pass), Nk, 256);
   auto stats_t = at::empty({B * H, splits, 3}, ratios.options());  // (max, sum, visual sum) per split
   auto partial = at::empty({B * H, splits, Dv}, ratios.options());

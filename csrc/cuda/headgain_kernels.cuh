@@ -504,15 +504,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t i = idx / p.Dv, e = idx % p.Dv;
     partial[((b * p.H + head0 + i) * gridDim.y + blockIdx.y) * p.Dv + e] = probs[idx];
   }
-  if (threadIdx.x < rows) {
-    const int i = threadIdx.x;
-    Stats total{run_max[0], 0.f, 0.f};
+  if (threadIdx.x == 0) {  // run_max is the same in every thread
 #pragma unroll
-    for (int r = 0; r < kRowsPerPass; ++r) {
-      if (r == i) total.max = run_max[r];  // registers are indexed by constants only
+    for (int i = 0; i < kRowsPerPass; ++i) {
+      if (i >= rows) break;
+      Stats total{run_max[i], 0.f, 0.f};
+      for (int w = 0; w < warps; ++w) total.sum += warp_part[w][i][0], total.vis += warp_part[w][i][1];
+      stats[(b * p.H + head0 + i) * gridDim.y + blockIdx.y] = total;
     }
-    for (int w = 0; w < warps; ++w) total.sum += warp_part[w][i][0], total.vis += warp_part[w][i][1];
-    stats[(b * p.H + head0 + i) * gridDim.y + blockIdx.y] = total;
   }
 }
 
